@@ -1,0 +1,6 @@
+"""vocab_parallel_cce: memory-efficient, vocabulary-parallel fused linear cross-entropy."""
+
+from .api import LinearCrossEntropy, VocabParallelOptions, linear_cross_entropy
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "VocabParallelOptions"]
+__version__ = "0.1.0"

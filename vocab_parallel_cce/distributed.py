@@ -1,0 +1,76 @@
+"""Cross-rank pieces of the vocabulary-parallel loss (torch.distributed).
+
+Each rank holds vocabulary rows [s_r, s_r + V_r). Its kernel gives per-token partial statistics
+(lse_r, x_r, s_r); they combine as
+    lse = log Σ_r exp(lse_r)   (max first),   x = Σ_r x_r,   s = Σ_r s_r
+in ONE all-gather of a [3, N] float32 block per rank (never logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def _wait(work, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as err:  # timeouts and peer failures surface here
+        raise RuntimeError(
+            f"vocab_parallel_cce: collective '{what}' failed (a rank did not join in time, "
+            f"or ranks passed different token counts): {err}"
+        ) from err
+
+
+def all_gather_along_dim0(t: torch.Tensor, group, what: str) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0 (equal shapes on every rank)."""
+    world = group_size(group)
+    out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
+    _wait(dist.all_gather_into_tensor(out, t.contiguous(), group=group, async_op=True), what)
+    return out
+
+
+def combine_shard_stats(lse: torch.Tensor, x: torch.Tensor, s: torch.Tensor, group):
+    """Global (lse, x, s) from each rank's partial values, [N] each (float32, or float64)."""
+    stacked = torch.stack([lse, x, s])  # [3, N]
+    gathered = all_gather_along_dim0(stacked[None], group, "combine per-token LSE")  # [world, 3, N]
+    g_lse = torch.logsumexp(gathered[:, 0], dim=0)
+    return g_lse, gathered[:, 1].sum(0), gathered[:, 2].sum(0)
+
+
+def all_reduce_sum(t: torch.Tensor, group, what: str) -> torch.Tensor:
+    _wait(dist.all_reduce(t, group=group, async_op=True), what)
+    return t
+
+
+class GatherTokens(torch.autograd.Function):
+    """Sequence parallelism: all-gather along dim 0 in forward, reduce-scatter in backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group):
+        ctx.group = group
+        return all_gather_along_dim0(t, group, "all-gather sequence-parallel hidden states")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = group_size(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
+        work = dist.reduce_scatter_tensor(out, grad, group=ctx.group, async_op=True)
+        _wait(work, "reduce-scatter the hidden-state gradient")
+        return out, None
+
+
+def check_group_membership(group) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialised, but a process group was given")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group: this process is not a member of the given process group")

@@ -1,0 +1,110 @@
+"""Pure-PyTorch backend: exact, any device, bounded memory.
+
+Works on blocks of `block_n` tokens × `block_v` vocabulary rows in float32 (float64 for float64
+inputs), so it never holds the N×V logits. Slow compared with the Triton kernels; it is the
+reference path on CPU and the fallback where Triton cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import ShardSpec
+
+# Elements of one logits block; 2**22 float32 = 16 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(e: torch.Tensor) -> torch.dtype:
+    return torch.float64 if e.dtype == torch.float64 else torch.float32
+
+
+def _blocks(n: int, v: int) -> tuple[int, int]:
+    block_v = max(1, min(v, 4096))
+    block_n = max(1, min(n, _BLOCK_ELEMENTS // block_v))
+    return block_n, block_v
+
+
+def _logits(e_blk, c_blk, b_blk, softcap):
+    """Raw and capped logits of one block, and d(capped)/d(raw) when softcapped."""
+    z = e_blk @ c_blk.T
+    if b_blk is not None:
+        z = z + b_blk
+    if softcap is None:
+        return z, None
+    th = torch.tanh(z / softcap)
+    return softcap * th, 1.0 - th * th
+
+
+def forward_stats(e, c, bias, t_local, spec: ShardSpec):
+    """Per-token (lse, x, s) of this shard, float32 [N] each (see backend.py)."""
+    n, v = e.shape[0], spec.n_valid
+    cdt = _compute_dtype(e)
+    lse = torch.full((n,), float("-inf"), dtype=cdt, device=e.device)
+    x = torch.zeros(n, dtype=cdt, device=e.device)
+    s = torch.zeros(n, dtype=cdt, device=e.device)
+    block_n, block_v = _blocks(n, max(v, 1))
+    for n0 in range(0, n, block_n):
+        n1 = min(n, n0 + block_n)
+        e_blk = e[n0:n1].to(cdt)
+        t_blk = t_local[n0:n1]
+        m = torch.full((n1 - n0,), float("-inf"), dtype=cdt, device=e.device)
+        acc = torch.zeros(n1 - n0, dtype=cdt, device=e.device)
+        for v0 in range(0, v, block_v):
+            v1 = min(v, v0 + block_v)
+            b_blk = None if bias is None else bias[v0:v1].to(cdt)
+            z, _ = _logits(e_blk, c[v0:v1].to(cdt), b_blk, spec.softcap)
+            # online log-sum-exp: S ← S·exp(m − m') + Σ exp(z − m')
+            m_new = torch.maximum(m, z.amax(dim=1))
+            acc = acc * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
+            m = m_new
+            in_blk = (t_blk >= v0) & (t_blk < v1)
+            idx = (t_blk - v0).clamp(0, v1 - v0 - 1)
+            x[n0:n1] += torch.where(in_blk, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+            if spec.need_sum:
+                s[n0:n1] += z.sum(dim=1)
+        if v > 0:
+            lse[n0:n1] = m + torch.log(acc)
+    out = (lse, x, s)
+    return tuple(t.float() if cdt == torch.float32 else t for t in out)
+
+
+def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
+             need_de: bool, need_dc: bool, need_db: bool):
+    """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see backend.py)."""
+    n, d = e.shape
+    v, v_all = spec.n_valid, c.shape[0]
+    cdt = _compute_dtype(e)
+    de = torch.zeros(n, d, dtype=cdt, device=e.device) if need_de else None
+    dc = torch.zeros_like(c) if need_dc else None
+    db = torch.zeros(v_all, dtype=cdt, device=e.device) if need_db else None
+    lse, coef_p, coef_t, coef_u = (t.to(cdt) for t in (lse, coef_p, coef_t, coef_u))
+    block_n, block_v = _blocks(n, max(v, 1))
+    for v0 in range(0, v, block_v):
+        v1 = min(v, v0 + block_v)
+        c_blk = c[v0:v1].to(cdt)
+        b_blk = None if bias is None else bias[v0:v1].to(cdt)
+        dc_blk = torch.zeros(v1 - v0, d, dtype=cdt, device=e.device) if need_dc else None
+        for n0 in range(0, n, block_n):
+            n1 = min(n, n0 + block_n)
+            e_blk = e[n0:n1].to(cdt)
+            z, dcap = _logits(e_blk, c_blk, b_blk, spec.softcap)
+            p = torch.exp(z - lse[n0:n1, None])
+            g = coef_p[n0:n1, None] * p + coef_u[n0:n1, None]
+            cols = torch.arange(v0, v1, device=e.device)
+            g = g + torch.where(cols[None, :] == t_local[n0:n1, None], coef_t[n0:n1, None], 0.0)
+            if dcap is not None:
+                g = g * dcap
+            if need_de:
+                de[n0:n1] += g @ c_blk
+            if need_dc:
+                dc_blk += g.T @ e_blk
+            if need_db:
+                db[v0:v1] += g.sum(dim=0)
+        if need_dc:
+            dc[v0:v1] = dc_blk.to(c.dtype)
+    return (
+        None if de is None else de.to(e.dtype),
+        dc,
+        None if db is None else db.to(bias.dtype),
+    )
