@@ -1,0 +1,36 @@
+"""Test set-up for running the Triton kernels on CPU under TRITON_INTERPRET=1.
+
+Import this module before anything imports `triton` kernels: it turns the interpreter on.
+`patch_bf16_dot()` mends an interpreter gap (not a kernel change): the interpreter keeps bfloat16
+values as their raw uint16 bits and hands those bits to np.matmul in `tl.dot`; the patch decodes
+bfloat16 operands to float32 first, which is what the GPU's tensor cores compute with.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+def patch_bf16_dot() -> None:
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_vpcce_bf16_patched", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def decode(h):
+                if h.dtype.scalar != tl.bfloat16:
+                    return h.data.astype(np.float32)
+                return interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+
+            out = np.matmul(decode(a), decode(b), dtype=np.float32).astype(d.data.dtype) + d.data
+            return interpreter.TensorHandle(out, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    builder._vpcce_bf16_patched = True

@@ -1,0 +1,243 @@
+"""Triton backend: launches the kernels of triton_kernels.py (contract: backend.py).
+
+Forward: one launch over (vocabulary split, token tile) → [3, splits, N] partials, reduced with a
+logsumexp over the splits (a few floats per token).
+
+Backward, per chunk of `width` vocabulary rows (width sized so the chunk's logit gradient G
+[N, width] fits `G_CHUNK_BYTES`):
+  1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
+  2. dE += G · C_chunk into a float32 accumulator (`sparse_matmul_kernel`, skipping flagged-off
+     tiles); at the end it is narrowed to the input dtype IN PLACE (no second buffer);
+  3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC).
+With filtering on, the vocabulary is visited in descending order of mean logit
+(score_j = mean_i(e_i)·c_j + b_j), so negligible tiles cluster and are skipped in both products.
+
+Both entry points are registered as torch custom ops, opaque to torch.compile and free of host
+synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from . import triton_kernels as K
+from .backend import ShardSpec
+
+G_CHUNK_BYTES = 32 << 20  # budget for one chunk of the logit gradient
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _env_ints(name: str, default: tuple) -> tuple:
+    raw = os.environ.get(name)
+    return tuple(int(v) for v in raw.split(",")) if raw else default
+
+
+def _forward_config(dtype: torch.dtype) -> tuple:
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); env VPCCE_FWD_CONFIG overrides."""
+    if _interpreting():
+        return (16, 16, 16, 1, 1)
+    default = (128, 64, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
+    return _env_ints("VPCCE_FWD_CONFIG", default)
+
+
+def _grad_config(dtype: torch.dtype) -> tuple:
+    """Logit-gradient tile = keep-flag granularity: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)."""
+    if _interpreting():
+        return (16, 16, 16, 1, 1)
+    default = (128, 128, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
+    return _env_ints("VPCCE_GRAD_CONFIG", default)
+
+
+def _matmul_config(dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, BLOCK_NN, BLOCK_K, GROUP_M, warps, stages); BLOCK_M, BLOCK_K must divide 128."""
+    if _interpreting():
+        return (16, 16, 16, 4, 1, 1)
+    default = (128, 128, 32, 8, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 8, 3)
+    return _env_ints("VPCCE_MM_CONFIG", default)
+
+
+def _dot_precision(dtype: torch.dtype, exact: bool) -> str:
+    return "tf32" if dtype == torch.float32 and not exact else "ieee"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@torch.library.custom_op("vocab_parallel_cce::triton_forward_stats", mutates_args=())
+def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
+                      n_valid: int, softcap: float, need_sum: bool, exact: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = e.shape
+    block_n, block_v, block_d, warps, stages = _forward_config(e.dtype)
+    n_tiles, v_tiles = triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v)
+    if n == 0 or n_valid == 0:
+        return (e.new_full((n,), float("-inf"), dtype=torch.float32),
+                e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
+    # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
+    splits = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
+    splits = int(os.environ.get("VPCCE_SPLITS", splits))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    out = torch.empty(3, splits, n, dtype=torch.float32, device=e.device)
+    K.forward_kernel[(splits, n_tiles)](
+        e, c, c if bias is None else bias, t, out, n, d, n_valid, tiles_per_split,
+        e.stride(0), e.stride(1), c.stride(0), c.stride(1), out.stride(0), out.stride(1),
+        softcap if softcap > 0 else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, NEED_SUM=need_sum,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
+        DOT_PRECISION=_dot_precision(e.dtype, exact), num_warps=warps, num_stages=stages,
+    )
+    return torch.logsumexp(out[0], dim=0), out[1].sum(0), out[2].sum(0)
+
+
+@_forward_stats_op.register_fake
+def _(e, c, bias, t, n_valid, softcap, need_sum, exact):
+    n = e.shape[0]
+    return tuple(e.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert a float32 [n, d] accumulator to `dtype` inside its own storage.
+
+    Row block [r0, r1) of the result occupies bytes of float32 rows < r1, all of which have been
+    read (into `tmp`) by the time it is written, so no second [n, d] buffer is needed.
+    """
+    n, d = acc.shape
+    out = acc.view(-1).view(dtype)[: n * d].view(n, d)
+    rows = max(1, (1 << 22) // max(d, 1))
+    for r0 in range(0, n, rows):
+        tmp = acc[r0:r0 + rows].to(dtype)
+        out[r0:r0 + rows].copy_(tmp)
+    return out
+
+
+def _tile_lists(flags: torch.Tensor):
+    """Per row of `flags` [R, T]: the indices of its non-zero tiles first, and their count."""
+    order = torch.argsort((flags == 0).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return order.contiguous(), flags.sum(dim=1, dtype=torch.int32)
+
+
+def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists, counts,
+                   list_tile_m, list_tile_k, b_rows=None, out_rows=None, accumulate=False, exact=False):
+    block_m, block_nn, block_k, group_m, warps, stages = _matmul_config(a.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(nn, block_nn),)
+    K.sparse_matmul_kernel[grid](
+        a, b, out, b if b_rows is None else b_rows, out if out_rows is None else out_rows,
+        lists, counts, m, nn, k, list_tile_m, list_tile_k,
+        *a_strides, *b_strides, *out_strides, lists.stride(0),
+        HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None, ACCUMULATE=accumulate,
+        BLOCK_M=block_m, BLOCK_NN=block_nn, BLOCK_K=block_k, GROUP_M=group_m,
+        DOT_PRECISION=_dot_precision(a.dtype, exact), num_warps=warps, num_stages=stages,
+    )
+
+
+@torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
+def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
+                 lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
+                 exact: bool, need_de: bool, need_dc: bool, need_db: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = e.shape
+    v_all = c.shape[0]
+    dev = e.device
+    de_acc = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_de else None
+    dc = torch.empty_like(c) if need_dc else c.new_empty(0)
+    if need_dc:
+        dc[n_valid:].zero_()
+    db = torch.zeros(v_all, dtype=torch.float32, device=dev) if need_db else None
+    filtering = filter_eps > 0
+
+    perm = None
+    if filtering and n_valid > 0 and n > 0:
+        # Visit the vocabulary in descending mean logit so negligible tiles cluster.
+        score = torch.mv(c[:n_valid], e.mean(dim=0, dtype=torch.float32).to(c.dtype)).float()
+        if bias is not None:
+            score = score + bias[:n_valid].float()
+        perm = torch.argsort(score, descending=True).to(torch.int32)
+
+    g_dtype = torch.float32 if (exact or e.dtype == torch.float32) else e.dtype
+    block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
+    elt = torch.finfo(g_dtype).bits // 8
+    width = max(block_v, (G_CHUNK_BYTES // max(n * elt, 1)) // block_v * block_v)
+    width = min(width, triton.cdiv(max(n_valid, 1), block_v) * block_v)
+    n_tiles = triton.cdiv(n, block_n)
+    g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
+    flags = torch.ones(n_tiles, triton.cdiv(width, block_v), dtype=torch.int8, device=dev)
+    dense_n = dense_v = None
+    precision = _dot_precision(e.dtype, exact)
+
+    for v_begin in range(0, n_valid if n > 0 else 0, width):
+        w = min(width, n_valid - v_begin)
+        v_tiles = triton.cdiv(w, block_v)
+        K.logit_grad_kernel[(n_tiles, v_tiles)](
+            e, c, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, flags,
+            n, d, n_valid, v_begin, w,
+            e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
+            softcap if softcap > 0 else 1.0, filter_eps,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_PERM=perm is not None,
+            FILTER=filtering, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
+        )
+        fl = flags[:, :v_tiles]
+        if filtering:
+            list_n, count_n = _tile_lists(fl)  # per token tile: its kept vocabulary tiles
+            list_v, count_v = _tile_lists(fl.T)  # per vocabulary tile: its kept token tiles
+        else:
+            if dense_n is None:
+                dense_n = _tile_lists(torch.ones_like(flags))
+                dense_v = _tile_lists(torch.ones_like(flags.T))
+            list_n, count_n = dense_n[0], torch.full_like(dense_n[1], v_tiles)
+            list_v, count_v = dense_v[0][:v_tiles], dense_v[1][:v_tiles]
+        rows = None if perm is None else perm[v_begin:]
+        if need_de:  # dE[n, :] += Σ_j G[n, j] · C[row_j, :]
+            _sparse_matmul(g, (g.stride(0), 1), c if rows is not None else c[v_begin:], c.stride(),
+                           de_acc, de_acc.stride(), n, d, w, list_n, count_n, block_n, block_v,
+                           b_rows=rows, accumulate=True, exact=exact)
+        if need_dc:  # dC[row_j, :] = Σ_n G[n, j] · E[n, :]
+            _sparse_matmul(g, (1, g.stride(0)), e, e.stride(),
+                           dc if rows is not None else dc[v_begin:], dc.stride(), w, d, n,
+                           list_v, count_v, block_v, block_n, out_rows=rows, exact=exact)
+        if need_db:
+            col_sums = g[:, :w].sum(dim=0, dtype=torch.float32)
+            if rows is None:
+                db[v_begin:v_begin + w] += col_sums
+            else:
+                db.index_add_(0, rows[:w].long(), col_sums)
+
+    if need_de:
+        de = de_acc if e.dtype == torch.float32 else _narrow_in_place(de_acc, e.dtype)
+    else:
+        de = e.new_empty(0)
+    return de, dc, (db.to(bias.dtype) if need_db else e.new_empty(0))
+
+
+@_backward_op.register_fake
+def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, exact, need_de, need_dc, need_db):
+    return (torch.empty_like(e) if need_de else e.new_empty(0),
+            torch.empty_like(c) if need_dc else c.new_empty(0),
+            bias.new_empty(bias.shape) if need_db else e.new_empty(0))
+
+
+def forward_stats(e, c, bias, t_local, spec: ShardSpec):
+    """See backend.py. Returns float32 (lse, x, s) [N] of this shard."""
+    return _forward_stats_op(e, c, bias, t_local, spec.n_valid, spec.softcap or 0.0,
+                             spec.need_sum, spec.exact)
+
+
+def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
+             need_de: bool, need_dc: bool, need_db: bool):
+    """See backend.py. Filtering needs u = 0 (it is off with label smoothing)."""
+    coef = torch.stack([coef_p, coef_t, coef_u]).float().contiguous()
+    filter_eps = 0.0 if (spec.filter_eps is None or spec.need_sum) else spec.filter_eps
+    de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, spec.n_valid,
+                              spec.softcap or 0.0, filter_eps, spec.exact, need_de, need_dc, need_db)
+    return (de if need_de else None, dc if need_dc else None, db if need_db else None)

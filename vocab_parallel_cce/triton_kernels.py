@@ -1,0 +1,189 @@
+"""Triton kernels of the fused linear cross-entropy (launchers live in triton_backend.py).
+
+Notation: E [N, D] hidden states, C [V, D] classifier (rows = vocabulary), z = E·Cᵀ (+ b),
+optionally softcapped z ← cap·tanh(z/cap). All accumulation is float32.
+
+- `forward_kernel`: per (vocabulary split, token tile) the partial LSE, correct logit and logit
+  sum over the split's vocabulary tiles (online log-sum-exp, no N×V writes).
+- `logit_grad_kernel`: recomputes one chunk of logit tiles and writes the logit gradient
+  G = a·p + b·[j = t] + u  (× (1 − tanh²) when softcapped) plus a flag per tile saying whether
+  any softmax value in it reaches `filter_eps` (or it holds a target).
+- `sparse_matmul_kernel`: OUT (+)= A·B visiting, for each row tile of A, only the K tiles listed
+  as non-negligible; optional row gather of B and row scatter of OUT (vocabulary ordering).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 − 2 / (exp(2x) + 1): saturates to ±1 without overflow.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logit_tile(E, C, BIAS, offs_n, rows, mask_n, mask_v, D,
+                stride_en, stride_ed, stride_cv, stride_cd,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_V] tile of E[offs_n] · C[rows]ᵀ (+ bias[rows])."""
+    offs_d = tl.arange(0, BLOCK_D)
+    e_ptrs = E + offs_n[:, None].to(tl.int64) * stride_en + offs_d[None, :] * stride_ed
+    c_ptrs = C + rows[None, :].to(tl.int64) * stride_cv + offs_d[:, None] * stride_cd
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            e = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
+            c = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
+        else:
+            mask_d = (d0 + offs_d) < D
+            e = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            c = tl.load(c_ptrs, mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+        e_ptrs += BLOCK_D * stride_ed
+        c_ptrs += BLOCK_D * stride_cd
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rows, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
+                   stride_en, stride_ed, stride_cv, stride_cd, stride_oq, stride_os, softcap,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """OUT[0|1|2, split, n] = partial (lse, correct logit, Σ logits) over the split's V tiles."""
+    pid_s = tl.program_id(0)  # fastest: concurrent programs share token tiles (E stays in L2)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    x = tl.zeros((BLOCK_N,), tl.float32)
+    zsum = tl.zeros((BLOCK_N,), tl.float32)
+    first = pid_s * tiles_per_split
+    for vt in range(first, first + tiles_per_split):
+        offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logit_tile(E, C, BIAS, offs_n, offs_v, mask_n, mask_v, D,
+                        stride_en, stride_ed, stride_cv, stride_cd,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        is_target = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]
+        x += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        if NEED_SUM:
+            zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        # online LSE: s ← s·exp(m − m') + Σ_j exp(z_j − m'), guarded for m' = −inf
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        m = m_new
+    out = OUT + pid_s * stride_os + offs_n
+    tl.store(out, m + tl.log(s), mask=mask_n)
+    tl.store(out + stride_oq, x, mask=mask_n)
+    tl.store(out + 2 * stride_oq, zsum, mask=mask_n)
+
+
+@triton.jit
+def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
+                      N, D, V, v_begin, width,
+                      stride_en, stride_ed, stride_cv, stride_cd, stride_gn, stride_fn,
+                      softcap, filter_eps,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
+                      FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """G[n, j] for chunk positions j in [0, width) (vocabulary row PERM[v_begin + j])."""
+    pid_n = tl.program_id(0)  # fastest: concurrent programs share the chunk's C tile
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = (pos < width) & (v_begin + pos < V)
+    if HAS_PERM:
+        rows = tl.load(PERM + v_begin + pos, mask=mask_v, other=0)
+    else:
+        rows = v_begin + pos
+    z = _logit_tile(E, C, BIAS, offs_n, rows, mask_n, mask_v, D,
+                    stride_en, stride_ed, stride_cv, stride_cd,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    if HAS_SOFTCAP:
+        th = _tanh(z / softcap)
+        z = softcap * th
+    tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    a = tl.load(COEF + offs_n, mask=mask_n, other=0.0)
+    b = tl.load(COEF + N + offs_n, mask=mask_n, other=0.0)
+    u = tl.load(COEF + 2 * N + offs_n, mask=mask_n, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    valid = mask_n[:, None] & mask_v[None, :]
+    is_target = (rows[None, :] == tgt[:, None]) & valid
+    g = a[:, None] * p + tl.where(is_target, b[:, None], 0.0) + u[:, None]
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    g = tl.where(valid, g, 0.0)
+    g_ptrs = G + offs_n[:, None].to(tl.int64) * stride_gn + pos[None, :]
+    tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=mask_n[:, None] & (pos < width)[None, :])
+    if FILTER:
+        weighted = tl.where(valid & (a[:, None] != 0.0), p, 0.0)
+        keep = (tl.max(tl.max(weighted, axis=1), axis=0) >= filter_eps) | \
+               (tl.max(tl.max(is_target.to(tl.int32), axis=1), axis=0) > 0)
+        tl.store(FLAGS + pid_n * stride_fn + pid_v, keep.to(tl.int8))
+
+
+@triton.jit
+def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
+                         M, NN, K, list_tile_m, list_tile_k,
+                         stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_list,
+                         HAS_B_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
+                         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """OUT[rows_m, :] (+)= A[m, k] · B[rows_k, :] over the K tiles listed for this row tile.
+
+    K_LIST[r, :K_COUNT[r]] are the indices of the non-negligible K tiles (of size list_tile_k) of
+    row tile r (of size list_tile_m, a multiple of BLOCK_M); list_tile_k is a multiple of BLOCK_K.
+    """
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(NN, BLOCK_NN)
+    # grouped ordering: GROUP_M row tiles share each B column tile while it is in L2
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_nn = pid_n * BLOCK_NN + tl.arange(0, BLOCK_NN)
+    mask_m = offs_m < M
+    mask_nn = offs_nn < NN
+    row_tile = (pid_m * BLOCK_M) // list_tile_m
+    count = tl.load(K_COUNT + row_tile)
+    sub = list_tile_k // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_NN), dtype=tl.float32)
+    for i in range(0, count * sub):
+        k_tile = tl.load(K_LIST + row_tile * stride_list + i // sub)
+        offs_k = k_tile * list_tile_k + (i % sub) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_B_ROWS:
+            b_rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
+        else:
+            b_rows = offs_k
+        b = tl.load(B + b_rows[:, None].to(tl.int64) * stride_bk + offs_nn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_nn[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_OUT_ROWS:
+        out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
+    else:
+        out_rows = offs_m
+    out_ptrs = OUT + out_rows[:, None].to(tl.int64) * stride_om + offs_nn[None, :] * stride_on
+    mask = mask_m[:, None] & mask_nn[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
