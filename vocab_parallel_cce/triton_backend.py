@@ -27,7 +27,16 @@ import triton
 from . import triton_kernels as K
 from .backend import ShardSpec
 
-G_CHUNK_BYTES = 32 << 20  # budget for one chunk of the logit gradient
+# The backward's working memory beyond dE and dC is held to ~8% of their size: the float32 dE
+# surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk, and small buffers.
+WORKSPACE_FRACTION = 0.08
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 32 << 20, 512 << 20
+
+
+def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
+    grads = (n * d + v * d) * elt
+    surplus = n * d * 2 if elt == 2 else 0
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, WORKSPACE_FRACTION * grads - surplus)))
 
 
 def _interpreting() -> bool:
@@ -43,7 +52,7 @@ def _forward_config(dtype: torch.dtype) -> tuple:
     """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); env VPCCE_FWD_CONFIG overrides."""
     if _interpreting():
         return (16, 16, 16, 1, 1)
-    default = (128, 64, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
+    default = (128, 64, 32, 8, 3) if dtype == torch.float32 else (128, 256, 64, 8, 3)
     return _env_ints("VPCCE_FWD_CONFIG", default)
 
 
@@ -114,7 +123,7 @@ def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     n, d = acc.shape
     out = acc.view(-1).view(dtype)[: n * d].view(n, d)
-    rows = max(1, (1 << 22) // max(d, 1))
+    rows = max(1, (1 << 20) // max(d, 1))
     for r0 in range(0, n, rows):
         tmp = acc[r0:r0 + rows].to(dtype)
         out[r0:r0 + rows].copy_(tmp)
@@ -127,18 +136,39 @@ def _tile_lists(flags: torch.Tensor):
     return order.contiguous(), flags.sum(dim=1, dtype=torch.int32)
 
 
-def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists, counts,
-                   list_tile_m, list_tile_k, b_rows=None, out_rows=None, accumulate=False, exact=False):
+def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists=None, counts=None,
+                   list_tile_m=1, list_tile_k=1, b_rows=None, out_rows=None, accumulate=False, exact=False):
+    """OUT (+)= A·B with the Triton kernel; dense when `lists` is None."""
     block_m, block_nn, block_k, group_m, warps, stages = _matmul_config(a.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(nn, block_nn),)
+    dense = lists is None
     K.sparse_matmul_kernel[grid](
         a, b, out, b if b_rows is None else b_rows, out if out_rows is None else out_rows,
-        lists, counts, m, nn, k, list_tile_m, list_tile_k,
-        *a_strides, *b_strides, *out_strides, lists.stride(0),
+        out if dense else lists, out if dense else counts, m, nn, k, list_tile_m, list_tile_k,
+        *a_strides, *b_strides, *out_strides, 0 if dense else lists.stride(0),
         HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None, ACCUMULATE=accumulate,
-        BLOCK_M=block_m, BLOCK_NN=block_nn, BLOCK_K=block_k, GROUP_M=group_m,
+        DENSE=dense, BLOCK_M=block_m, BLOCK_NN=block_nn, BLOCK_K=block_k, GROUP_M=group_m,
         DOT_PRECISION=_dot_precision(a.dtype, exact), num_warps=warps, num_stages=stages,
     )
+
+
+_CUBLAS_FP32_OUT: dict = {}  # device → whether torch.addmm(..., out_dtype=float32) runs there
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool) -> None:
+    """acc [M, NN] float32 += a [M, K] · b [K, NN], accumulated in float32 without a temporary.
+
+    cuBLAS through `addmm(..., out_dtype=float32)` where torch provides it (CUDA), else Triton.
+    """
+    if a.dtype == b.dtype != torch.float32 and _CUBLAS_FP32_OUT.get(acc.device, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _CUBLAS_FP32_OUT[acc.device] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _CUBLAS_FP32_OUT[acc.device] = False
+    _sparse_matmul(a, a.stride(), b, b.stride(), acc, acc.stride(), a.shape[0], b.shape[1], a.shape[1],
+                   accumulate=True, exact=exact)
 
 
 @torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
@@ -154,12 +184,13 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     if need_dc:
         dc[n_valid:].zero_()
     db = torch.zeros(v_all, dtype=torch.float32, device=dev) if need_db else None
-    filtering = filter_eps > 0
+    filtering = filter_eps > 0 and need_dc
 
     perm = None
     if filtering and n_valid > 0 and n > 0:
         # Visit the vocabulary in descending mean logit so negligible tiles cluster.
-        score = torch.mv(c[:n_valid], e.mean(dim=0, dtype=torch.float32).to(c.dtype)).float()
+        mean_e = torch.mv(e.T, e.new_full((n,), 1.0 / n))  # GEMV, no float32 copy of e
+        score = torch.mv(c[:n_valid], mean_e).float()
         if bias is not None:
             score = score + bias[:n_valid].float()
         perm = torch.argsort(score, descending=True).to(torch.int32)
@@ -167,18 +198,17 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     g_dtype = torch.float32 if (exact or e.dtype == torch.float32) else e.dtype
     block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
     elt = torch.finfo(g_dtype).bits // 8
-    width = max(block_v, (G_CHUNK_BYTES // max(n * elt, 1)) // block_v * block_v)
+    budget = _chunk_bytes(n, d, v_all, c.element_size())
+    width = max(block_v, (budget // max(n * elt, 1)) // block_v * block_v)
     width = min(width, triton.cdiv(max(n_valid, 1), block_v) * block_v)
     n_tiles = triton.cdiv(n, block_n)
     g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
     flags = torch.ones(n_tiles, triton.cdiv(width, block_v), dtype=torch.int8, device=dev)
-    dense_n = dense_v = None
     precision = _dot_precision(e.dtype, exact)
 
     for v_begin in range(0, n_valid if n > 0 else 0, width):
         w = min(width, n_valid - v_begin)
-        v_tiles = triton.cdiv(w, block_v)
-        K.logit_grad_kernel[(n_tiles, v_tiles)](
+        K.logit_grad_kernel[(triton.cdiv(w, block_v), n_tiles)](
             e, c, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, flags,
             n, d, n_valid, v_begin, w,
             e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
@@ -187,31 +217,27 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
             FILTER=filtering, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
             EVEN_D=d % block_d == 0, DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
         )
-        fl = flags[:, :v_tiles]
-        if filtering:
-            list_n, count_n = _tile_lists(fl)  # per token tile: its kept vocabulary tiles
-            list_v, count_v = _tile_lists(fl.T)  # per vocabulary tile: its kept token tiles
-        else:
-            if dense_n is None:
-                dense_n = _tile_lists(torch.ones_like(flags))
-                dense_v = _tile_lists(torch.ones_like(flags.T))
-            list_n, count_n = dense_n[0], torch.full_like(dense_n[1], v_tiles)
-            list_v, count_v = dense_v[0][:v_tiles], dense_v[1][:v_tiles]
-        rows = None if perm is None else perm[v_begin:]
-        if need_de:  # dE[n, :] += Σ_j G[n, j] · C[row_j, :]
-            _sparse_matmul(g, (g.stride(0), 1), c if rows is not None else c[v_begin:], c.stride(),
-                           de_acc, de_acc.stride(), n, d, w, list_n, count_n, block_n, block_v,
-                           b_rows=rows, accumulate=True, exact=exact)
-        if need_dc:  # dC[row_j, :] = Σ_n G[n, j] · E[n, :]
-            _sparse_matmul(g, (1, g.stride(0)), e, e.stride(),
-                           dc if rows is not None else dc[v_begin:], dc.stride(), w, d, n,
+        g_chunk = g[:, :w]
+        rows = None if perm is None else perm[v_begin:v_begin + w]
+        if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
+            c_chunk = c[v_begin:v_begin + w] if rows is None else c.index_select(0, rows)
+            _add_product_fp32(de_acc, g_chunk, c_chunk, exact)
+        if need_dc and filtering:  # dC[rows] = Gᵀ · E, skipping tiles whose softmax is negligible
+            list_v, count_v = _tile_lists(flags[:, : triton.cdiv(w, block_v)].T)
+            _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc, dc.stride(), w, d, n,
                            list_v, count_v, block_v, block_n, out_rows=rows, exact=exact)
+        elif need_dc:  # dC_chunk = Gᵀ · E, complete over tokens: one GEMM straight into dC
+            if dev.type == "cuda" and g_dtype == c.dtype != torch.float32:
+                torch.mm(g_chunk.T, e, out=dc[v_begin:v_begin + w])
+            else:
+                _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n,
+                               exact=exact)
         if need_db:
-            col_sums = g[:, :w].sum(dim=0, dtype=torch.float32)
+            col_sums = g_chunk.sum(dim=0, dtype=torch.float32)
             if rows is None:
                 db[v_begin:v_begin + w] += col_sums
             else:
-                db.index_add_(0, rows[:w].long(), col_sums)
+                db.index_add_(0, rows.long(), col_sums)
 
     if need_de:
         de = de_acc if e.dtype == torch.float32 else _narrow_in_place(de_acc, e.dtype)

@@ -98,8 +98,8 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
                       FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """G[n, j] for chunk positions j in [0, width) (vocabulary row PERM[v_begin + j])."""
-    pid_n = tl.program_id(0)  # fastest: concurrent programs share the chunk's C tile
-    pid_v = tl.program_id(1)
+    pid_v = tl.program_id(0)  # fastest: concurrent programs share token tiles; the chunk of C
+    pid_n = tl.program_id(1)  # (width × D) stays in L2 while E streams through once
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pos = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
@@ -140,9 +140,9 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
                          M, NN, K, list_tile_m, list_tile_k,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_list,
                          HAS_B_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
-                         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
+                         ACCUMULATE: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """OUT[rows_m, :] (+)= A[m, k] · B[rows_k, :] over the K tiles listed for this row tile.
+    """OUT[rows_m, :] (+)= A[m, k] · B[rows_k, :] over all K (DENSE) or the listed K tiles.
 
     K_LIST[r, :K_COUNT[r]] are the indices of the non-negligible K tiles (of size list_tile_k) of
     row tile r (of size list_tile_m, a multiple of BLOCK_M); list_tile_k is a multiple of BLOCK_K.
@@ -161,13 +161,19 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
     offs_nn = pid_n * BLOCK_NN + tl.arange(0, BLOCK_NN)
     mask_m = offs_m < M
     mask_nn = offs_nn < NN
-    row_tile = (pid_m * BLOCK_M) // list_tile_m
-    count = tl.load(K_COUNT + row_tile)
-    sub = list_tile_k // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_NN), dtype=tl.float32)
-    for i in range(0, count * sub):
-        k_tile = tl.load(K_LIST + row_tile * stride_list + i // sub)
-        offs_k = k_tile * list_tile_k + (i % sub) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if DENSE:  # every K tile: a plain loop the compiler can software-pipeline
+        n_iter = tl.cdiv(K, BLOCK_K)
+    else:
+        row_tile = (pid_m * BLOCK_M) // list_tile_m
+        sub = list_tile_k // BLOCK_K
+        n_iter = tl.load(K_COUNT + row_tile) * sub
+    for i in range(0, n_iter):
+        if DENSE:
+            offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+        else:
+            k_tile = tl.load(K_LIST + row_tile * stride_list + i // sub)
+            offs_k = k_tile * list_tile_k + (i % sub) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
