@@ -1,0 +1,144 @@
+"""The Triton kernels on CPU under TRITON_INTERPRET=1, through the public API, against float64.
+
+Sizes are small (the interpreter runs each program in numpy) but deliberately not multiples of
+the interpreter's 16-wide blocks, so every masked edge of the kernels is exercised.
+"""
+
+from __future__ import annotations
+
+import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
+
+import pytest
+import torch
+
+from reference import reference_loss, rel_err
+from vocab_parallel_cce import linear_cross_entropy
+
+triton_interpreter.patch_bf16_dot()
+
+# Tolerances on ‖out − ref‖/‖ref‖: 16-bit gradients are stored in their dtype (G, dE, dC).
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3), torch.bfloat16: (1e-5, 2e-2)}
+
+
+def _inputs(n, d, v, dtype, bias=False, scale=1.0):
+    e = torch.randn(n, d) * scale
+    c = torch.randn(v, d) / d**0.5
+    b = torch.randn(v) * 0.5 if bias else None
+    return [x.to(dtype).requires_grad_() if x is not None else None for x in (e, c, b)]
+
+
+def _compare(ins, targets, dtype, **kw):
+    e, c, b = ins
+    loss = linear_cross_entropy(e, c, targets, b, impl=kw.pop("impl", "triton"), **kw)
+    leaves = [x for x in (e, c, b) if x is not None]
+    out = loss.sum() if loss.dim() else loss
+    grads = torch.autograd.grad(out, leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    re, rc = ref_leaves[:2]
+    rb = ref_leaves[2] if b is not None else None
+    kw.pop("filter_eps", None)
+    ref = reference_loss(re, rc, targets, rb, **kw)
+    ref_grads = torch.autograd.grad(ref.sum() if ref.dim() else ref, ref_leaves)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == torch.float32
+    assert rel_err(loss.double(), ref) < max(loss_tol, 1e-6), (loss, ref)
+    for name, g, rg in zip("e c bias".split(), grads, ref_grads):
+        assert g.dtype == dtype, name
+        assert rel_err(g.double(), rg) < grad_tol, (name, rel_err(g.double(), rg))
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_plain_mean_every_dtype(dtype, seed):
+    n, d, v = 37, 40, 83
+    ins = _inputs(n, d, v, dtype)
+    t = torch.randint(0, v, (n,))
+    t[::5] = -100
+    _compare(ins, t, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_all_options_together(reduction, seed):
+    n, d, v = 29, 24, 50
+    ins = _inputs(n, d, v, torch.float32, bias=True, scale=3.0)
+    t = torch.randint(0, v, (n,), dtype=torch.int32)
+    t[3] = -100
+    _compare(ins, t, torch.float32, reduction=reduction, softcap=4.0, label_smoothing=0.15, z_loss=1e-2)
+
+
+def test_3d_shift_and_lse(seed):
+    b, s, d, v = 2, 9, 20, 45
+    e, c, _ = _inputs(b * s, d, v, torch.float32)
+    e = e.detach().view(b, s, d).requires_grad_()
+    t = torch.randint(0, v, (b, s))
+    loss, lse = linear_cross_entropy(e, c, t, shift=2, reduction="none", return_lse=True, impl="triton")
+    ref, ref_lse = reference_loss(e.double(), c.double(), t, shift=2, reduction="none", return_lse=True)
+    assert loss.shape == lse.shape == (b, s - 2)
+    assert rel_err(loss.double(), ref) < 1e-5 and rel_err(lse.double(), ref_lse) < 1e-5
+    # gradient through both outputs
+    g = torch.autograd.grad((loss * 0.3).sum() + (lse * 0.7).sum(), e)[0]
+    e64 = e.detach().double().requires_grad_()
+    r, rl = reference_loss(e64, c.detach().double(), t, shift=2, reduction="none", return_lse=True)
+    rg = torch.autograd.grad((r * 0.3).sum() + (rl * 0.7).sum(), e64)[0]
+    assert rel_err(g.double(), rg) < 1e-5
+
+
+def test_single_token_and_all_ignored(seed):
+    e, c, _ = _inputs(1, 16, 17, torch.float32)
+    _compare([e, c, None], torch.tensor([5]), torch.float32)
+    t = torch.full((7,), -100)
+    e, c, _ = _inputs(7, 16, 17, torch.float32)
+    loss = linear_cross_entropy(e, c, t, impl="triton")
+    ge, gc = torch.autograd.grad(loss, (e, c))
+    assert loss.item() == 0.0 and not ge.any() and not gc.any()
+
+
+def test_exact_mode_bf16_is_tighter_than_default(seed):
+    n, d, v = 33, 32, 60
+    ins = _inputs(n, d, v, torch.bfloat16, scale=2.0)
+    t = torch.randint(0, v, (n,))
+    _, g_exact = _compare(ins, t, torch.bfloat16, impl="triton_exact")
+    _, g_default = _compare(ins, t, torch.bfloat16)
+    assert all(torch.isfinite(g).all() for g in g_exact + g_default)
+
+
+def test_filtering_skips_negligible_tiles_of_dc_only(seed):
+    """Columns 32.. get logits ≈ −40 for every token: their tiles are skipped (dC rows exactly 0)
+    while dE stays dense; without filtering those dC rows are tiny but non-zero."""
+    n, d, v = 40, 24, 64
+    e = torch.randn(n, d)
+    e[:, 0] = 10.0  # a shared direction, like a trained model's
+    c = torch.randn(v, d) * 0.3
+    c[:, 0] = 0.0
+    c[32:, 0] = -4.0
+    t = torch.randint(0, 32, (n,))
+    for fe, expect_zero in ((2.0**-12, True), (None, False)):
+        ei, ci = e.clone().requires_grad_(), c.clone().requires_grad_()
+        loss = linear_cross_entropy(ei, ci, t, impl="triton", filter_eps=fe)
+        ge, gc = torch.autograd.grad(loss, (ei, ci))
+        assert bool((gc[32:] == 0).all()) == expect_zero
+        e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
+        rge, rgc = torch.autograd.grad(reference_loss(e64, c64, t), (e64, c64))
+        assert rel_err(ge.double(), rge) < 1e-5  # dE is never filtered
+        assert rel_err(gc.double(), rgc) < 1e-5
+
+
+def test_padded_vocabulary_rows_are_left_out(seed):
+    n, d, v = 21, 16, 40
+    e, c, b = _inputs(n, d, v, torch.float32, bias=True)
+    t = torch.randint(0, 33, (n,))
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", label_smoothing=0.1, vocab_size=33)
+    ref = reference_loss(e.double(), c.double(), t, b.double(), label_smoothing=0.1, vocab_size=33)
+    assert rel_err(loss.double(), ref) < 1e-5
+    ge, gc = torch.autograd.grad(loss, (e, c))
+    assert not gc[33:].any()
+
+
+def test_narrow_in_place_matches_a_copy():
+    from vocab_parallel_cce.triton_backend import _narrow_in_place
+
+    for n, d in ((5, 3), (1000, 7), (3, 5000)):
+        acc = torch.randn(n, d)
+        expect = acc.to(torch.bfloat16)
+        out = _narrow_in_place(acc, torch.bfloat16)
+        assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
