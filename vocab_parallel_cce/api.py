@@ -66,6 +66,14 @@ def _resolve_impl(impl: str, e: torch.Tensor):
     return triton_backend, impl == "triton_exact"
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False for device types autocast does not know (e.g. 'meta')."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -98,7 +106,7 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
     for name, t in (("c", c), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != e.device:
             raise ValueError(f"{name}: is on {t.device} but e is on {e.device}; all tensors must share a device")
-    if not torch.is_autocast_enabled(e.device.type):
+    if not _autocast_enabled(e.device.type):
         if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
             raise TypeError(
                 f"c/bias: dtype must match e's ({e.dtype}), got c {c.dtype}"
@@ -264,7 +272,7 @@ def linear_cross_entropy(
 
     # Autocast: the classifier matmul runs in the autocast dtype, as nn.Linear would.
     device_type = e.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
         e, c = e.to(dt), c.to(dt)
         bias = None if bias is None else bias.to(dt)

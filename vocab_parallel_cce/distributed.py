@@ -12,6 +12,13 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.13 deprecates the *_tensor names in favour of *_single; older torch lacks the latter.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_SHAPE_HEADER = 9  # ndim + up to 8 sizes
+
+
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -30,11 +37,35 @@ def _wait(work, what: str) -> None:
         ) from err
 
 
+def _check_same_shape(t: torch.Tensor, group, what: str) -> None:
+    """CPU tensors only: raise on every rank if the ranks' shapes differ.
+
+    gloo aborts the whole process (SIGABRT, "Received data size doesn't match expected size") on a
+    size mismatch, so check first with one tiny fixed-size all-gather. Skipped for accelerator
+    tensors, where reading the result back would cost a host sync.
+    """
+    if t.device.type != "cpu" or t.dim() >= _SHAPE_HEADER:
+        return
+    world = group_size(group)
+    header = torch.full((_SHAPE_HEADER,), -1, dtype=torch.int64)
+    header[0] = t.dim()
+    header[1 : 1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    out = header.new_empty((world * _SHAPE_HEADER,))
+    _wait(_all_gather_single(out, header, group=group, async_op=True), what + " (shape check)")
+    shapes = [tuple(h[1 : 1 + int(h[0])].tolist()) for h in out.view(world, _SHAPE_HEADER)]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(
+            f"e/targets: the ranks passed tensors of different shapes to collective '{what}' "
+            f"(by group rank: {shapes}); every rank must pass the same number of tokens"
+        )
+
+
 def all_gather_along_dim0(t: torch.Tensor, group, what: str) -> torch.Tensor:
     """Concatenate every rank's `t` along dim 0 (equal shapes on every rank)."""
     world = group_size(group)
+    _check_same_shape(t, group, what)
     out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
-    _wait(dist.all_gather_into_tensor(out, t.contiguous(), group=group, async_op=True), what)
+    _wait(_all_gather_single(out, t.contiguous(), group=group, async_op=True), what)
     return out
 
 
@@ -47,6 +78,7 @@ def combine_shard_stats(lse: torch.Tensor, x: torch.Tensor, s: torch.Tensor, gro
 
 
 def all_reduce_sum(t: torch.Tensor, group, what: str) -> torch.Tensor:
+    _check_same_shape(t, group, what)
     _wait(dist.all_reduce(t, group=group, async_op=True), what)
     return t
 
@@ -64,7 +96,7 @@ class GatherTokens(torch.autograd.Function):
         world = group_size(ctx.group)
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, grad, group=ctx.group, async_op=True)
+        work = _reduce_scatter_single(out, grad, group=ctx.group, async_op=True)
         _wait(work, "reduce-scatter the hidden-state gradient")
         return out, None
 

@@ -1,0 +1,35 @@
+"""Shared pytest setup: tests/ on sys.path (for `reference`, `dist_utils`, also in spawned workers)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed derived from the test's id, so every test draws its own fresh inputs, reproducibly."""
+    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _no_autocast_leak():
+    yield
+    assert not torch.is_autocast_enabled("cpu"), "a test left CPU autocast enabled"

@@ -1,0 +1,107 @@
+"""Spawn a gloo process group from pytest and collect each rank's results.
+
+`run_group(fn, world_size)` starts `world_size` processes (start method "spawn"), each runs
+`fn(rank, world_size, *args)` inside an initialised gloo group and returns a list of
+(case name, ok, message) tuples; the parent gets {rank: results} (a rank that crashed or hung
+appears with a single failing entry). Ports are chosen at runtime, so `pytest -n auto` is safe.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+PG_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, env, out_q):
+    os.environ.update(env)  # before anything imports triton (TRITON_INTERPRET is read at import/jit time)
+    results = []
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        )
+        try:
+            results = list(fn(rank, world_size, *args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 -- report everything to the parent
+        results.append(("<worker>", False, traceback.format_exc()))
+    out_q.put((rank, results))
+
+
+def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0):
+    """Run `fn` on `world_size` gloo ranks; return {rank: [(name, ok, message), ...]}.
+
+    Retried once with a new port if the rendezvous port was taken in the meantime.
+    """
+    for attempt in range(2):
+        results = _run_group_once(fn, world_size, args, env, timeout_s)
+        port_taken = any("address already in use" in str(msg).lower()
+                         for res in results.values() for name, ok, msg in res if name == "<worker>")
+        if not port_taken:
+            break
+    return results
+
+
+def _run_group_once(fn, world_size, args, env, timeout_s):
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, list] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world_size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            rank, res = out_q.get(timeout=min(left, 1.0))
+            results[rank] = res
+        except queue_mod.Empty:
+            if all(not p.is_alive() for p in procs) and out_q.empty():
+                break
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()) if len(results) == world_size else 1.0)
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+        if r not in results:
+            results[r] = [("<worker>", False, f"rank {r} gave no result (exit code {p.exitcode}; hung or crashed)")]
+    return results
+
+
+def failures(results: dict) -> list[str]:
+    out = []
+    for rank in sorted(results):
+        for name, ok, msg in results[rank]:
+            if not ok:
+                out.append(f"[rank {rank}] {name}: {msg}")
+    return out
+

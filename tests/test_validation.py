@@ -1,0 +1,132 @@
+"""Bad inputs raise ValueError/TypeError whose message names the offending argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy
+
+N, D, V = 6, 8, 11
+
+
+def inputs(dtype=torch.float32):
+    e = torch.randn(N, D, dtype=dtype)
+    c = torch.randn(V, D, dtype=dtype)
+    t = torch.randint(0, V, (N,))
+    return e, c, t
+
+
+def call(**overrides):
+    e, c, t = inputs()
+    kw = dict(e=e, c=c, targets=t, impl="torch")
+    kw.update(overrides)
+    return linear_cross_entropy(**kw)
+
+
+def test_valid_call_works():
+    assert torch.isfinite(call())
+
+
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        # shapes
+        ({"c": torch.randn(V, D + 1)}, ValueError, r"^c: hidden size"),
+        ({"c": torch.randn(V, D, 1)}, ValueError, r"^c: expected a 2-D"),
+        ({"c": torch.randn(V * D)}, ValueError, r"^c: expected a 2-D"),
+        ({"c": torch.randn(0, D)}, ValueError, r"^c: .*no rows"),
+        ({"e": torch.tensor(1.0)}, ValueError, r"^e: "),
+        ({"targets": torch.randint(0, V, (N + 1,))}, ValueError, r"^targets: expected shape"),
+        ({"targets": torch.randint(0, V, (N, 1))}, ValueError, r"^targets: expected shape"),
+        ({"bias": torch.randn(V + 1)}, ValueError, r"^bias: expected shape"),
+        ({"bias": torch.randn(1, V)}, ValueError, r"^bias: expected shape"),
+        # types
+        ({"targets": torch.zeros(N)}, TypeError, r"^targets: .*int32 or int64"),
+        ({"targets": torch.zeros(N, dtype=torch.int16)}, TypeError, r"^targets: "),
+        ({"targets": [0] * N}, TypeError, r"^targets: "),
+        ({"e": torch.ones(N, D, dtype=torch.int64)}, TypeError, r"^e: .*floating"),
+        ({"e": [[0.0] * D] * N}, TypeError, r"^e: .*torch.Tensor"),
+        ({"c": torch.ones(V, D, dtype=torch.int32)}, TypeError, r"^c: .*floating"),
+        ({"bias": torch.ones(V, dtype=torch.int64)}, TypeError, r"^bias: "),
+        ({"c": torch.randn(V, D, dtype=torch.float64)}, TypeError, r"^c/bias: dtype"),
+        ({"c": torch.randn(V, D, dtype=torch.bfloat16)}, TypeError, r"^c/bias: dtype"),
+        ({"bias": torch.randn(V, dtype=torch.float16)}, TypeError, r"^c/bias: dtype"),
+        # devices
+        ({"c": torch.randn(V, D, device="meta")}, ValueError, r"^c: is on meta"),
+        ({"targets": torch.zeros(N, dtype=torch.long, device="meta")}, ValueError, r"^targets: is on meta"),
+        ({"bias": torch.randn(V, device="meta")}, ValueError, r"^bias: is on meta"),
+        # options
+        ({"reduction": "avg"}, ValueError, r"^reduction: "),
+        ({"reduction": None}, ValueError, r"^reduction: "),
+        ({"impl": "cuda"}, ValueError, r"^impl: expected one of"),
+        ({"softcap": 0}, ValueError, r"^softcap: "),
+        ({"softcap": -1.0}, ValueError, r"^softcap: "),
+        ({"softcap": "30"}, ValueError, r"^softcap: "),
+        ({"label_smoothing": -0.1}, ValueError, r"^label_smoothing: "),
+        ({"label_smoothing": 1.0}, ValueError, r"^label_smoothing: "),
+        ({"label_smoothing": 2}, ValueError, r"^label_smoothing: "),
+        ({"z_loss": -1e-4}, ValueError, r"^z_loss: "),
+        ({"filter_eps": -1.0}, ValueError, r"^filter_eps: "),
+        ({"filter_eps": "high"}, ValueError, r"^filter_eps: "),
+        ({"shift": N}, ValueError, r"^shift: "),
+        ({"shift": N + 3}, ValueError, r"^shift: "),
+        ({"shift": -1}, ValueError, r"^shift: "),
+        ({"shift": 1.5}, TypeError, r"^shift: "),
+        # vocabulary layout without a group
+        ({"vocab_start": 3}, ValueError, r"^vocab_start: "),
+        ({"vocab_size": 0}, ValueError, r"^vocab_size: "),
+        ({"vocab_size": V + 1}, ValueError, r"^vocab_size: "),
+        ({"vocab_size": -2}, ValueError, r"^vocab_size: "),
+        ({"vocab_size": 5.0}, ValueError, r"^vocab_size: "),
+        ({"sequence_parallel": True}, ValueError, r"^sequence_parallel: "),
+        ({"group": object()}, ValueError, r"^group: "),
+        ({"vocab_parallel_options": VocabParallelOptions(0, V - 1)}, ValueError, r"^vocab_parallel_options: "),
+        ({"vocab_parallel_options": VocabParallelOptions(0, V), "vocab_start": 0}, ValueError,
+         r"^vocab_parallel_options: "),
+    ],
+    ids=lambda x: None,
+)
+def test_bad_input(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**overrides)
+
+
+def test_shift_on_3d_checks_sequence_dim():
+    e = torch.randn(2, 4, D)
+    c = torch.randn(V, D)
+    t = torch.randint(0, V, (2, 4))
+    assert torch.isfinite(linear_cross_entropy(e, c, t, shift=3, impl="torch"))
+    with pytest.raises(ValueError, match=r"^shift: .*sequence length 4"):
+        linear_cross_entropy(e, c, t, shift=4, impl="torch")
+
+
+def test_vocab_start_zero_without_group_is_allowed():
+    assert torch.isfinite(call(vocab_start=0))
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for impl in ("triton", "triton_exact", "cce", "cce_exact"):
+        with pytest.raises(ValueError, match=r"impl='triton' needs a CUDA tensor"):
+            call(impl=impl)
+
+
+def test_triton_rejects_float64(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    e, c, t = inputs(torch.float64)
+    with pytest.raises(TypeError, match=r"impl='triton' supports float32"):
+        linear_cross_entropy(e, c, t, impl="triton")
+
+
+def test_triton_rejects_meta_device():
+    e, c, t = (x.to("meta") for x in inputs())
+    with pytest.raises(ValueError, match=r"impl='triton' does not support device type 'meta'"):
+        linear_cross_entropy(e, c, t, impl="triton")
+
+
+def test_dtype_mismatch_allowed_under_autocast():
+    e, c, t = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(e, c.to(torch.bfloat16), t, impl="torch")
+    assert torch.isfinite(loss)
