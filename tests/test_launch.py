@@ -1,0 +1,265 @@
+"""The launcher (launch/train_gpt.py, launch/run.sh, launch/data.py) on CPU with 2 gloo ranks.
+
+The end-to-end tests start torchrun as a subprocess: one short training run with --loss both
+(or native alone while vocab_parallel_cce.megatron is missing) is shared by several tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("matplotlib")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+TRAIN = os.path.join(LAUNCH, "train_gpt.py")
+TIMEOUT = 900  # generous: a loaded 2-core machine imports megatron-core slowly
+
+# A small config: ~3,000-word vocabulary, 30 steps; the loss falls by several nats.
+TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--ffn-hidden", "128", "--seq-len", "32",
+        "--micro-batch", "8", "--lexicon", "3000", "--corpus-tokens", "60000", "--lr", "1e-2", "--warmup", "3"]
+STEPS = 30
+
+
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_gpt = _load("train_gpt", TRAIN)
+data = sys.modules["data"]  # train_gpt imports launch/data.py as `data`
+
+
+def fused_available() -> bool:
+    try:
+        import vocab_parallel_cce.megatron  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), TRAIN, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("launch") / "run"
+    loss = "both" if fused_available() else "native"
+    proc = torchrun([*TINY, "--steps", str(STEPS), "--loss", loss, "--out", str(out)])
+    assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return out, proc
+
+
+def test_writes_log_and_plot(run_dir):
+    out, proc = run_dir
+    assert sorted(os.listdir(out)) == ["log.json", "loss.png"]
+    with open(out / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    log = json.loads((out / "log.json").read_text())
+    cfg = log["config"]
+    assert (cfg["world"], cfg["tp"], cfg["dp"], cfg["backend"]) == (2, 2, 1, "gloo")
+    assert cfg["sequence_parallel"] is True
+    assert cfg["padded_vocab_size"] % 256 == 0 and cfg["padded_vocab_size"] >= cfg["vocab_size"] > 2000
+    for run in log["runs"].values():
+        assert len(run["steps"]) == STEPS
+        for rec in run["steps"]:
+            assert rec["tokens_per_s"] > 0 and len(rec["peak_mem_mb"]) == 2 and min(rec["peak_mem_mb"]) > 0
+    # The progress bar, the loss, tokens/s and the per-rank peak memory are printed.
+    assert f"{STEPS}/{STEPS}" in proc.stdout and "tok/s" in proc.stdout and "peak MB/rank" in proc.stdout
+    # Nothing left behind next to the output folder.
+    assert [p.name for p in out.parent.iterdir()] == ["run"]
+
+
+def test_loss_falls(run_dir):
+    log = json.loads((run_dir[0] / "log.json").read_text())
+    for name, run in log["runs"].items():
+        losses = [r["loss"] for r in run["steps"]]
+        first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+        assert last < first - 1.0, f"{name}: the loss did not fall: {losses}"
+
+
+def test_fused_and_native_agree_first_steps(run_dir):
+    if not fused_available():
+        pytest.skip("vocab_parallel_cce.megatron is not importable")
+    log = json.loads((run_dir[0] / "log.json").read_text())
+    fused, native = log["runs"]["fused"]["steps"], log["runs"]["native"]["steps"]
+    for a, b in zip(fused[:5], native[:5]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a["loss"], b["loss"])
+    assert fused[0]["loss"] == pytest.approx(native[0]["loss"], rel=1e-5)
+
+
+def test_bad_argument_exits_nonzero_under_torchrun(tmp_path):
+    out = tmp_path / "never"
+    proc = torchrun([*TINY, "--steps", "2", "--loss", "native", "--tp", "3", "--out", str(out)])
+    assert proc.returncode != 0
+    assert "train_gpt.py: error: --tp 3 does not divide the number of processes (2)" in proc.stderr
+    assert not out.exists()
+
+
+def test_unreachable_rendezvous_exits_nonzero(tmp_path):
+    # Rank 1 of 2 looks for rank 0's store on a local port where nothing listens.
+    env = child_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, TRAIN, *TINY, "--loss", "native", "--tp", "1", "--out", str(out),
+                           "--dist-timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "could not form the process group of 2 rank(s) through 127.0.0.1:" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_reports_unreachable_rendezvous():
+    # Two nodes expected, only this one comes: torchrun's rendezvous times out; run.sh says so.
+    env = child_env(PYTHON=sys.executable, NNODES="2", NPROC="1", RDZV_TIMEOUT="3",
+                    RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="test-unreachable")
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), "--loss", "native"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "run.sh: error: the nodes could not meet at the rendezvous 127.0.0.1:" in proc.stderr
+
+
+# ------------------------------------------------------------------------------- in process
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+
+
+SMALL_DATA = ["--lexicon", "500", "--corpus-tokens", "5000"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "3"], "--tp 3 does not divide the number of processes (2)"),
+    (["--heads", "3", "--hidden", "48"], "--tp 2 does not divide the 3 attention heads"),
+    (["--ffn-hidden", "63"], "does not divide the MLP hidden size 63"),
+    (["--seq-len", "33"], "sequence parallelism needs --tp 2 to divide --seq-len 33"),
+    (["--hidden", "30"], "--heads 8 does not divide --hidden 30"),
+    (["--vocab-size", "100"], "--vocab-size 100 is smaller than the data's ids"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--corpus", "/nonexistent/text.txt"], "--corpus /nonexistent/text.txt: no such file"),
+])
+def test_inconsistent_sizes_exit_2(torchrun_env, tmp_path, capsys, args, message):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "native", "--check", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train_gpt.py: error:" in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_checks(torchrun_env, tmp_path, capsys):
+    base = [*SMALL_DATA, "--loss", "native", "--check"]
+    assert train_gpt.main([*base, "--out", str(tmp_path / "missing" / "o")]) == 2
+    assert "does not exist (create it first)" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert train_gpt.main([*base, "--out", str(tmp_path / "full")]) == 2
+    assert "exists and is not empty (pass --overwrite" in capsys.readouterr().err
+    assert train_gpt.main([*base, "--out", str(tmp_path / "full"), "--overwrite"]) == 0
+    assert "check ok: world 2 (tp 2 x dp 1)" in capsys.readouterr().out
+    assert (tmp_path / "full" / "keep.txt").exists()  # --check writes nothing
+    (tmp_path / "file").write_text("x")
+    assert train_gpt.main([*base, "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def _tiny_log():
+    steps = [{"step": i, "loss": 5.0 - 0.1 * i, "tokens_per_s": 100.0, "step_time_s": 0.1, "lr": 1e-3,
+              "grad_norm": 1.0, "peak_mem_mb": [10.0, 11.0]} for i in range(1, 6)]
+    runs = {k: {"steps": steps, "summary": train_gpt.summarise(steps)} for k in ("fused", "native")}
+    cfg = dict(layers=1, hidden=8, vocab_size=100, tp=2, dp=1, backend="gloo")
+    return {"config": cfg, "runs": runs, "comparison": {"abs_diff_per_step": [0.0] * 5}}
+
+
+def test_outputs_are_all_or_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    train_gpt.write_outputs(str(out), _tiny_log(), overwrite=False)
+    assert sorted(os.listdir(out)) == ["log.json", "loss.png"]
+
+    def broken_plot(log, path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train_gpt, "plot", broken_plot)
+    out2 = tmp_path / "o2"
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_gpt.write_outputs(str(out2), _tiny_log(), overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no o2, no partial folder
+    with pytest.raises(RuntimeError):
+        train_gpt.write_outputs(str(out), _tiny_log(), overwrite=True)
+    assert sorted(os.listdir(out)) == ["log.json", "loss.png"]  # the old output is intact
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def test_corpus_is_deterministic_and_tokenised():
+    a = data.generate_corpus(n_words=300, n_tokens=3000, seed=7)
+    b = data.generate_corpus(n_words=300, n_tokens=3000, seed=7)
+    c = data.generate_corpus(n_words=300, n_tokens=3000, seed=8)
+    assert a == b and a != c
+    corpus = data.build_corpus(None, 300, 3000, 7)
+    tok = corpus.tokenizer
+    assert tok.vocab[0] == "<unk>" and 200 < len(tok) <= 300 + 3  # words, ',' and '.'
+    assert int(corpus.ids.max()) == len(tok) - 1 and int(corpus.ids.min()) >= 1
+    counts = torch.bincount(corpus.ids, minlength=len(tok))
+    assert counts[1] >= counts[2] >= counts[len(tok) - 1]  # ids ordered by frequency
+    words = data.split_words(a)[:20]
+    assert tok.decode(tok.encode(" ".join(words))) == " ".join(words)
+    assert tok.encode("zzzunknownzzz").tolist() == [0]
+
+
+def test_batches_are_shifted_and_reproducible():
+    ids = torch.arange(1000)
+    s1 = data.BatchSampler(ids, seq_len=16, micro_batch=4, seed=3, dp_rank=0)
+    s2 = data.BatchSampler(ids, seq_len=16, micro_batch=4, seed=3, dp_rank=0)
+    s3 = data.BatchSampler(ids, seq_len=16, micro_batch=4, seed=3, dp_rank=1)
+    x1, y1 = s1.next()
+    x2, y2 = s2.next()
+    x3, _ = s3.next()
+    assert x1.shape == y1.shape == (4, 16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.equal(y1[:, :-1], x1[:, 1:]) and torch.equal(y1[:, -1], x1[:, -1] + 1)
+
+
+def test_lr_schedule():
+    cfg = {"lr": 1.0, "warmup": 4, "steps": 20}
+    assert train_gpt.lr_at(2, cfg) == pytest.approx(0.5)
+    assert train_gpt.lr_at(4, cfg) == pytest.approx(1.0)
+    assert train_gpt.lr_at(20, cfg) == pytest.approx(0.1)
