@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "both: fused then native from the same initial weights and batches")
     g.add_argument("--fused-impl", default=None,
                    help="impl= for the fused loss (auto, torch, triton, ...; default: the library's)")
+    g.add_argument("--native-fused-ce", action="store_true",
+                   help="native runs use Megatron's fused vocab-parallel cross-entropy "
+                        "(cross_entropy_loss_fusion=True) instead of its unfused one")
     g.add_argument("--micro-batch", type=int, help="sequences per data-parallel rank per step")
     g.add_argument("--steps", type=int, help="optimizer steps per loss type")
     g.add_argument("--lr", type=float, help="peak learning rate (AdamW; linear warm-up, cosine decay to 10%%)")
@@ -198,6 +201,7 @@ def resolve(args: argparse.Namespace) -> dict:
                sequence_parallel=sp, device=device, backend="nccl" if device == "cuda" else "gloo",
                loss=args.loss, seed=args.seed, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                tie_embeddings=args.tie_embeddings, fused_impl=args.fused_impl, corpus=args.corpus,
+               native_fused_ce=args.native_fused_ce,
                data_seed=args.data_seed, dist_timeout=args.dist_timeout)
     return cfg
 
@@ -363,7 +367,7 @@ def layer_spec(cfg: dict):
     return TransformerBlockSubmodules(layer_specs=[spec] * cfg["layers"], layer_norm=SequenceParallelLayerNorm)
 
 
-def build_model(cfg: dict):
+def build_model(cfg: dict, loss: str = "fused"):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -374,6 +378,7 @@ def build_model(cfg: dict):
         sequence_parallel=cfg["sequence_parallel"], hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=cfg["device"] == "cpu", bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        cross_entropy_loss_fusion=loss == "native" and cfg.get("native_fused_ce", False),
     )
     torch.manual_seed(cfg["seed"])
     model = GPTModel(
@@ -494,7 +499,7 @@ def train(cfg: dict, loss_kind: str, corpus, ps, init_state) -> tuple[list[dict]
     import torch.distributed as dist
 
     device = torch.device("cuda", cfg["local_rank"]) if cfg["device"] == "cuda" else torch.device("cpu")
-    model = build_model(cfg)
+    model = build_model(cfg, loss_kind)
     if init_state is None:
         init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                       if isinstance(v, torch.Tensor)}
@@ -544,9 +549,12 @@ def train(cfg: dict, loss_kind: str, corpus, ps, init_state) -> tuple[list[dict]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
 
+        if cfg["device"] == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # per step; forward+backward read separately
         per_token = model(tokens, position_ids, causal_mask, labels=labels)  # [b, s]
         loss = per_token.float().mean()
         loss.backward()
+        fwd_bwd_peak = peak_memory_mb(cfg["device"])  # the loss's share shows here, not after opt.step
         sync_grads(params, ps, cfg["dp"])
         if masters is not params:
             for m, p in zip(masters, params):
@@ -564,8 +572,8 @@ def train(cfg: dict, loss_kind: str, corpus, ps, init_state) -> tuple[list[dict]
         dt = time.perf_counter() - t0
 
         # One small all-gather per step: every rank's loss, time and peak memory.
-        mine = torch.tensor([loss.item(), dt, peak_memory_mb(cfg["device"])], dtype=torch.float64,
-                            device=device)
+        mine = torch.tensor([loss.item(), dt, peak_memory_mb(cfg["device"]), fwd_bwd_peak],
+                            dtype=torch.float64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         stats = torch.stack(gathered).cpu()
@@ -579,6 +587,7 @@ def train(cfg: dict, loss_kind: str, corpus, ps, init_state) -> tuple[list[dict]
             "step_time_s": float(stats[:, 1].max()),
             "tokens_per_s": tokens_per_step / float(stats[:, 1].max()),
             "peak_mem_mb": [round(float(m), 1) for m in stats[:, 2]],
+            "fwd_bwd_peak_mem_mb": [round(float(m), 1) for m in stats[:, 3]],
         }
         records.append(rec)
         mem = " ".join(f"{m:.0f}" for m in rec["peak_mem_mb"])
@@ -603,6 +612,8 @@ def summarise(records: list[dict]) -> dict:
         "k": k,
         "median_tokens_per_s": tps[len(tps) // 2],
         "peak_mem_mb_per_rank": [max(r["peak_mem_mb"][i] for r in records) for i in range(len(records[0]["peak_mem_mb"]))],
+        "fwd_bwd_peak_mem_mb_per_rank": [max(r["fwd_bwd_peak_mem_mb"][i] for r in records)
+                                         for i in range(len(records[0]["fwd_bwd_peak_mem_mb"]))],
         "total_time_s": sum(r["step_time_s"] for r in records),
     }
 
@@ -730,7 +741,8 @@ def main(argv=None) -> int:
                 sm = runs[kind]["summary"]
                 print(f"{kind:>6}: loss {sm['first_loss']:.4f} -> {sm['final_loss']:.4f}, median "
                       f"{sm['median_tokens_per_s']:,.0f} tokens/s, peak MB per rank "
-                      f"{', '.join(f'{m:.0f}' for m in sm['peak_mem_mb_per_rank'])}", flush=True)
+                      f"{', '.join(f'{m:.0f}' for m in sm['peak_mem_mb_per_rank'])} (forward+backward: "
+                      f"{', '.join(f'{m:.0f}' for m in sm['fwd_bwd_peak_mem_mb_per_rank'])})", flush=True)
         if is0:
             config = {k: v for k, v in cfg.items() if k not in ("rank", "local_rank")}
             config["torch"] = torch.__version__

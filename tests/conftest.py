@@ -9,6 +9,11 @@ import zlib
 import pytest
 import torch
 
+# Without a GPU the Triton kernels can only run in the interpreter, and triton decides that when a
+# kernel is first decorated: switch it on before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)

@@ -1,14 +1,11 @@
 """Test set-up for running the Triton kernels on CPU under TRITON_INTERPRET=1.
 
-Import this module before anything imports `triton` kernels: it turns the interpreter on.
+tests/conftest.py turns the interpreter on for machines without a GPU, before any test module can
+import the kernels; on a GPU machine set TRITON_INTERPRET=1 yourself for these tests.
 `patch_bf16_dot()` mends an interpreter gap (not a kernel change): the interpreter keeps bfloat16
 values as their raw uint16 bits and hands those bits to np.matmul in `tl.dot`; the patch decodes
 bfloat16 operands to float32 first, which is what the GPU's tensor cores compute with.
 """
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 
 def patch_bf16_dot() -> None:

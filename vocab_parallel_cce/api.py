@@ -139,18 +139,26 @@ def _resolve_filter_eps(filter_eps, dtype: torch.dtype, exact: bool) -> float | 
     if exact or filter_eps is None:
         return None
     if filter_eps == "auto":
-        # Softmax values below eps/32 of the dtype cannot move a gradient stored in that dtype.
-        return torch.finfo(dtype).eps / 32 if dtype in (torch.float16, torch.bfloat16) else None
+        # Measured on an H200 (benchmarks/RESULTS.md): the dense backward is faster than the
+        # block-sparse one on both random and trained-like inputs, so "auto" does not filter.
+        return None
     return float(filter_eps) if filter_eps > 0 else None
 
 
 _LAYOUT_CACHE: dict = {}
 
 
+def clear_layout_cache() -> None:
+    """Forget the checked vocabulary layouts (call on every rank after re-sharding a group)."""
+    _LAYOUT_CACHE.clear()
+
+
 def _shard_layout(group, vocab_start: int, v_local: int, device: torch.device) -> int:
     """Check that the ranks' [start, start + V_r) shards tile [0, V_total); return V_total.
 
-    Needs one small collective (and a host sync) the first time a (group, shard) is seen; cached after.
+    Needs one small collective (and a host sync) the first time a (group, shard) is seen; cached after,
+    keyed on what this rank sees: if the shards of OTHER ranks change while this rank's stays the
+    same, call `clear_layout_cache()` on every rank.
     """
     key = (id(group), vp.group_rank(group), vocab_start, v_local)
     if key in _LAYOUT_CACHE:
@@ -210,13 +218,15 @@ def linear_cross_entropy(
             (float32 per-token loss shaped like `targets[..., shift:]`, 0 at ignored tokens).
         shift: k (or True for 1): e[..., :-k, :] predicts targets[..., k:]; e is not copied.
         return_lse: also return the per-token log-sum-exp (float32, same shape as "none" loss).
-        filter_eps: triton backward skips logit-gradient tiles whose softmax is below this;
-            "auto" = finfo(dtype).eps / 32 for 16-bit inputs, none for float32; None disables.
+        filter_eps: if a number, the triton backward skips, in the product for c's gradient only,
+            128×128 logit tiles whose softmax is below it everywhere (vocabulary visited in
+            descending mean logit); e.g. 2**-12 for bf16. "auto" or None: no skipping (dense),
+            which measured faster on the H200 for the shapes in benchmarks/RESULTS.md.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
         z_loss: λ: adds λ·lse² per token.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
-            (no filtering, full-precision dot products and logit gradient), or "torch" (exact,
-            chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile" are aliases.
+            (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
+            or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile" are aliases.
         group: torch.distributed group over which `c` is sharded along the vocabulary.
         vocab_start: first global id of this rank's shard (default rank × V_local).
         vocab_size: true vocabulary size; rows with global id >= vocab_size (padding) are left out

@@ -29,4 +29,4 @@ class ShardSpec:
     softcap: float | None = None
     need_sum: bool = False  # compute Σ_j z_ij (label smoothing)
     filter_eps: float | None = None  # skip gradient tiles whose softmax is below this (triton)
-    exact: bool = False  # no filtering, fp32 dot products, fp32 logit gradient (triton)
+    exact: bool = False  # no filtering; float32 inputs use IEEE (not TF32) dot products (triton)

@@ -30,7 +30,7 @@ from .backend import ShardSpec
 # The backward's working memory beyond dE and dC is held to ~8% of their size: the float32 dE
 # surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk, and small buffers.
 WORKSPACE_FRACTION = 0.08
-MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 32 << 20, 512 << 20
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 512 << 20
 
 
 def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
@@ -73,7 +73,9 @@ def _matmul_config(dtype: torch.dtype) -> tuple:
 
 
 def _dot_precision(dtype: torch.dtype, exact: bool) -> str:
-    return "tf32" if dtype == torch.float32 and not exact else "ieee"
+    """float32 dots use TF32 only where torch's own float32 matmuls would (and never when exact)."""
+    tf32 = dtype == torch.float32 and not exact and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -160,6 +162,9 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact
 
     cuBLAS through `addmm(..., out_dtype=float32)` where torch provides it (CUDA), else Triton.
     """
+    if acc.device.type == "cuda" and a.dtype == b.dtype == torch.float32:
+        torch.addmm(acc, a, b, out=acc)  # cuBLAS SGEMM (TF32 only if the user enabled it)
+        return
     if a.dtype == b.dtype != torch.float32 and _CUBLAS_FP32_OUT.get(acc.device, True):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -195,11 +200,16 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
             score = score + bias[:n_valid].float()
         perm = torch.argsort(score, descending=True).to(torch.int32)
 
-    g_dtype = torch.float32 if (exact or e.dtype == torch.float32) else e.dtype
+    # G is stored in the input dtype, as the unfused layer's logit gradient would be, except for
+    # float16: G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero.
+    g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
     block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
     elt = torch.finfo(g_dtype).bits // 8
     budget = _chunk_bytes(n, d, v_all, c.element_size())
-    width = max(block_v, (budget // max(n * elt, 1)) // block_v * block_v)
+    per_row = n * elt + (d * c.element_size() if filtering else 0)  # G column (+ gathered C row)
+    # ≥ 1024 columns: narrower chunks make the loop launch-bound (measured: 501 chunks of 256 at
+    # N=16384 ran 208 ms where 1024-wide chunks of N=8192 ran 67 ms).
+    width = max(1024 if not _interpreting() else block_v, (budget // max(per_row, 1)) // block_v * block_v)
     width = min(width, triton.cdiv(max(n_valid, 1), block_v) * block_v)
     n_tiles = triton.cdiv(n, block_n)
     g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
@@ -227,7 +237,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
             _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc, dc.stride(), w, d, n,
                            list_v, count_v, block_v, block_n, out_rows=rows, exact=exact)
         elif need_dc:  # dC_chunk = Gᵀ · E, complete over tokens: one GEMM straight into dC
-            if dev.type == "cuda" and g_dtype == c.dtype != torch.float32:
+            if dev.type == "cuda" and g_dtype == e.dtype:
                 torch.mm(g_chunk.T, e, out=dc[v_begin:v_begin + w])
             else:
                 _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n,
