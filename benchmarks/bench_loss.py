@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(_HERE))  # the repository root: vocab_paralle
 sys.path.insert(0, _HERE)  # common.py (a plain module: no clash with any installed `benchmarks` package)
 
 from common import (  # noqa: E402
+    jsonable,
     DEFAULT_METHODS,
     DTYPES,
     build_method,
@@ -220,16 +221,6 @@ def markdown(results, stats, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return str(x)
-    return x
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -270,7 +261,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "bench_loss.md"), "w") as f:
             f.write(md)
         with open(os.path.join(args.out, "bench_loss.json"), "w") as f:
-            json.dump(_jsonable({"meta": meta, "inputs": stats, "results": results}), f, indent=1)
+            json.dump(jsonable({"meta": meta, "inputs": stats, "results": results}), f, indent=1)
         return md
 
     for n, d, v in shapes:

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(_HERE))  # the repository root: vocab_paralle
 sys.path.insert(0, _HERE)  # common.py (a plain module: no clash with any installed `benchmarks` package)
 
 from common import (  # noqa: E402
+    jsonable,
     DTYPES,
     env_info,
     fmt,
@@ -368,16 +369,6 @@ def markdown(results, inputs, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return str(x)
-    return x
-
-
 def main(argv=None):
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
     if argv is None:
@@ -408,7 +399,7 @@ def main(argv=None):
         with open(base + ".md", "w") as f:
             f.write(md)
         with open(base + ".json", "w") as f:
-            json.dump(_jsonable({"meta": meta, "inputs": inputs, "results": results}), f, indent=1)
+            json.dump(jsonable({"meta": meta, "inputs": inputs, "results": results}), f, indent=1)
         return md
 
     for kind in [k for k in args.kinds.split(",") if k]:

@@ -494,3 +494,14 @@ def fmt(x, spec: str = ".1f") -> str:
     if isinstance(x, str):
         return x
     return format(x, spec)
+
+
+def jsonable(x):
+    """`x` with tensors dropped and non-finite floats as strings, for json.dump."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return str(x)
+    return x

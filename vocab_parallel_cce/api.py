@@ -114,14 +114,7 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
             )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
-    if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0):
-        raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
-    if not (filter_eps is None or filter_eps == "auto" or (isinstance(filter_eps, (int, float)) and filter_eps >= 0)):
-        raise ValueError(f"filter_eps: expected 'auto', None or a number >= 0, got {filter_eps!r}")
+    check_loss_options(softcap, label_smoothing, z_loss, filter_eps)
     shift = int(shift) if isinstance(shift, bool) else shift
     if not isinstance(shift, int):
         raise TypeError(f"shift: expected an int or bool, got {type(shift).__name__}")
@@ -133,6 +126,20 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
     elif shift < 0:
         raise ValueError(f"shift: expected >= 0, got {shift}")
     return shift
+
+
+def check_loss_options(softcap, label_smoothing, z_loss, filter_eps="auto", impl="auto") -> None:
+    """ValueError naming the first loss option out of range (shared with the adapters)."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
+    if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0):
+        raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
+    if not (filter_eps is None or filter_eps == "auto" or (isinstance(filter_eps, (int, float)) and filter_eps >= 0)):
+        raise ValueError(f"filter_eps: expected 'auto', None or a number >= 0, got {filter_eps!r}")
+    if IMPL_ALIASES.get(impl, impl) not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS + tuple(IMPL_ALIASES)}, got {impl!r}")
 
 
 def _resolve_filter_eps(filter_eps, dtype: torch.dtype, exact: bool) -> float | None:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch._C import DisableTorchFunctionSubclass
 
-from .api import IMPL_ALIASES, IMPLS, linear_cross_entropy
+from .api import check_loss_options, linear_cross_entropy
 
 SUPPORTED_MIN = (0, 16)  # inclusive
 SUPPORTED_MAX = (0, 20)  # exclusive: 0.16.x .. 0.19.x
@@ -132,14 +132,7 @@ def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, i
         softcap = cfg_cap
     elif cfg_cap is not None and float(softcap) != cfg_cap:
         raise ValueError(f"softcap={softcap} contradicts the model config's final-logit softcap ({cfg_cap})")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
-    if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0):
-        raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
-    if IMPL_ALIASES.get(impl, impl) not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS + tuple(IMPL_ALIASES)}, got {impl!r}")
+    check_loss_options(softcap, label_smoothing, z_loss, filter_eps, impl)
     padded = getattr(model, "vocab_size", None)
     if true_vocab_size is not None:
         if not isinstance(true_vocab_size, int) or true_vocab_size <= 0:
