@@ -222,9 +222,9 @@ def linear_cross_entropy(
         ignore_index: target value whose token contributes no loss and no gradient.
         softcap: if set, logits z ← softcap·tanh(z / softcap).
         reduction: "mean" over non-ignored tokens (0 when all are ignored), "sum", or "none"
-            (float32 per-token loss shaped like `targets[..., shift:]`, 0 at ignored tokens).
+            (per-token loss shaped like `targets[..., shift:]`, 0 at ignored tokens).
         shift: k (or True for 1): e[..., :-k, :] predicts targets[..., k:]; e is not copied.
-        return_lse: also return the per-token log-sum-exp (float32, same shape as "none" loss).
+        return_lse: also return the per-token log-sum-exp (same shape and dtype as the "none" loss).
         filter_eps: if a number, the triton backward skips, in the product for c's gradient only,
             128×128 logit tiles whose softmax is below it everywhere (vocabulary visited in
             descending mean logit); e.g. 2**-12 for bf16. "auto" or None: no skipping (dense),
@@ -247,7 +247,8 @@ def linear_cross_entropy(
             accumulated in float32.
 
     Returns:
-        The loss (float32 scalar, or per token for "none"); with return_lse, (loss, lse).
+        The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
+        return_lse, (loss, lse).
         A target outside [0, vocab_size) that is not ignore_index gives a NaN loss for its token.
     """
     shift = _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps)
