@@ -612,8 +612,9 @@ def summarise(records: list[dict]) -> dict:
         "k": k,
         "median_tokens_per_s": tps[len(tps) // 2],
         "peak_mem_mb_per_rank": [max(r["peak_mem_mb"][i] for r in records) for i in range(len(records[0]["peak_mem_mb"]))],
-        "fwd_bwd_peak_mem_mb_per_rank": [max(r["fwd_bwd_peak_mem_mb"][i] for r in records)
-                                         for i in range(len(records[0]["fwd_bwd_peak_mem_mb"]))],
+        # forward+backward only (the loss's share); absent from logs written before it was recorded
+        "fwd_bwd_peak_mem_mb_per_rank": [max(r.get("fwd_bwd_peak_mem_mb", r["peak_mem_mb"])[i] for r in records)
+                                         for i in range(len(records[0]["peak_mem_mb"]))],
         "total_time_s": sum(r["step_time_s"] for r in records),
     }
 

@@ -96,6 +96,7 @@ def test_writes_log_and_plot(run_dir):
         assert len(run["steps"]) == STEPS
         for rec in run["steps"]:
             assert rec["tokens_per_s"] > 0 and len(rec["peak_mem_mb"]) == 2 and min(rec["peak_mem_mb"]) > 0
+            assert len(rec["fwd_bwd_peak_mem_mb"]) == 2 and min(rec["fwd_bwd_peak_mem_mb"]) > 0
     # The progress bar, the loss, tokens/s and the per-rank peak memory are printed.
     assert f"{STEPS}/{STEPS}" in proc.stdout and "tok/s" in proc.stdout and "peak MB/rank" in proc.stdout
     # Nothing left behind next to the output folder.
