@@ -142,7 +142,7 @@ def check_loss_options(softcap, label_smoothing, z_loss, filter_eps="auto", impl
         raise ValueError(f"impl: expected one of {IMPLS + tuple(IMPL_ALIASES)}, got {impl!r}")
 
 
-def _resolve_filter_eps(filter_eps, dtype: torch.dtype, exact: bool) -> float | None:
+def _resolve_filter_eps(filter_eps, exact: bool) -> float | None:
     if exact or filter_eps is None:
         return None
     if filter_eps == "auto":
@@ -313,7 +313,7 @@ def linear_cross_entropy(
         n_valid=n_valid,
         softcap=None if softcap is None else float(softcap),
         need_sum=label_smoothing > 0,
-        filter_eps=_resolve_filter_eps(filter_eps, e.dtype, exact) if backend is not torch_backend else None,
+        filter_eps=_resolve_filter_eps(filter_eps, exact) if backend is not torch_backend else None,
         exact=exact,
     )
     with torch.autocast(device_type, enabled=False):

@@ -3,14 +3,15 @@
 Forward: one launch over (vocabulary split, token tile) → [3, splits, N] partials, reduced with a
 logsumexp over the splits (a few floats per token).
 
-Backward, per chunk of `width` vocabulary rows (width sized so the chunk's logit gradient G
-[N, width] fits `G_CHUNK_BYTES`):
+Backward, per chunk of `width` vocabulary rows (width from `_chunk_bytes`, at least
+MIN_CHUNK_COLUMNS):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
-  2. dE += G · C_chunk into a float32 accumulator (`sparse_matmul_kernel`, skipping flagged-off
-     tiles); at the end it is narrowed to the input dtype IN PLACE (no second buffer);
-  3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC).
+  2. dE += G · C_chunk into a float32 accumulator, always dense (cuBLAS `addmm(out_dtype=float32)`
+     on CUDA, the Triton kernel elsewhere); at the end it is narrowed to the input dtype IN PLACE;
+  3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC): one
+     cuBLAS GEMM, or, with filtering on, `sparse_matmul_kernel` visiting only the kept token tiles.
 With filtering on, the vocabulary is visited in descending order of mean logit
-(score_j = mean_i(e_i)·c_j + b_j), so negligible tiles cluster and are skipped in both products.
+(score_j = mean_i(e_i)·c_j + b_j), so negligible tiles cluster; dE is never filtered (DESIGN.md).
 
 Both entry points are registered as torch custom ops, opaque to torch.compile and free of host
 synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
