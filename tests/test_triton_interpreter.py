@@ -25,6 +25,18 @@ triton_interpreter.patch_bf16_dot()
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3), torch.bfloat16: (1e-5, 2e-2)}
 
 
+# Both load paths of the kernels (triton_backend): TMA tensor descriptors (emulated by the
+# interpreter) where layouts allow, masked pointer loads otherwise (or with VPCCE_TMA=0).
+PATHS = {"tma": {}, "pointers": {"VPCCE_TMA": "0"}}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    for key, value in PATHS[request.param].items():
+        monkeypatch.setenv(key, value)
+    return request.param
+
+
 def _inputs(n, d, v, dtype, bias=False, scale=1.0):
     e = torch.randn(n, d) * scale
     c = torch.randn(v, d) / d**0.5
@@ -54,7 +66,7 @@ def _compare(ins, targets, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_plain_mean_every_dtype(dtype, seed):
+def test_plain_mean_every_dtype(dtype, seed, path):
     n, d, v = 37, 40, 83
     ins = _inputs(n, d, v, dtype)
     t = torch.randint(0, v, (n,))
@@ -63,7 +75,7 @@ def test_plain_mean_every_dtype(dtype, seed):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_all_options_together(reduction, seed):
+def test_all_options_together(reduction, seed, path):
     n, d, v = 29, 24, 50
     ins = _inputs(n, d, v, torch.float32, bias=True, scale=3.0)
     t = torch.randint(0, v, (n,), dtype=torch.int32)
@@ -71,7 +83,7 @@ def test_all_options_together(reduction, seed):
     _compare(ins, t, torch.float32, reduction=reduction, softcap=4.0, label_smoothing=0.15, z_loss=1e-2)
 
 
-def test_3d_shift_and_lse(seed):
+def test_3d_shift_and_lse(seed, path):
     b, s, d, v = 2, 9, 20, 45
     e, c, _ = _inputs(b * s, d, v, torch.float32)
     e = e.detach().view(b, s, d).requires_grad_()
@@ -88,7 +100,7 @@ def test_3d_shift_and_lse(seed):
     assert rel_err(g.double(), rg) < 1e-5
 
 
-def test_single_token_and_all_ignored(seed):
+def test_single_token_and_all_ignored(seed, path):
     e, c, _ = _inputs(1, 16, 17, torch.float32)
     _compare([e, c, None], torch.tensor([5]), torch.float32)
     t = torch.full((7,), -100)
@@ -128,7 +140,7 @@ def test_filtering_skips_negligible_tiles_of_dc_only(seed):
         assert rel_err(gc.double(), rgc) < 1e-5
 
 
-def test_padded_vocabulary_rows_are_left_out(seed):
+def test_padded_vocabulary_rows_are_left_out(seed, path):
     n, d, v = 21, 16, 40
     e, c, b = _inputs(n, d, v, torch.float32, bias=True)
     t = torch.randint(0, 33, (n,))
@@ -150,15 +162,41 @@ def test_narrow_in_place_matches_a_copy():
 
 
 @pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
-def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, seed, monkeypatch):
+def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, seed, path, monkeypatch):
     """Force 16-column chunks: the chunk loop, the sorted-vocabulary gather of C rows and the
     per-chunk tile lists of the block-sparse dC product all run several times."""
     from vocab_parallel_cce import triton_backend
 
     monkeypatch.setattr(triton_backend, "MIN_CHUNK_COLUMNS", 16)
-    monkeypatch.setattr(triton_backend, "_chunk_bytes", lambda n, d, v, elt: 1)
+    monkeypatch.setattr(triton_backend, "_chunk_bytes", lambda *args, **kwargs: 1)
     n, d, v = 35, 20, 75  # 5 chunks, the last partial
     ins = _inputs(n, d, v, torch.float32, bias=True, scale=2.0)
     t = torch.randint(0, v, (n,))
     t[4] = -100
     _compare(ins, t, torch.float32, z_loss=1e-3, filter_eps=filter_eps)
+
+
+def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):
+    """The `path` fixture is not a no-op: the fused kernels get descriptors for 16-byte aligned
+    rows only, and none at all with VPCCE_TMA=0."""
+    from vocab_parallel_cce import triton_backend as TB
+
+    seen = []
+    real = TB._tma_operands
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out[2])
+        return out
+
+    monkeypatch.setattr(TB, "_tma_operands", spy)
+    t = torch.randint(0, 50, (20,))
+    for tma_env, d, expect in ((None, 24, True), (None, 25, False), ("0", 24, False)):
+        if tma_env is None:
+            monkeypatch.delenv("VPCCE_TMA", raising=False)
+        else:
+            monkeypatch.setenv("VPCCE_TMA", tma_env)
+        seen.clear()
+        e, c, _ = _inputs(20, d, 50, torch.float32)  # d=25: 100-byte rows, not 16-byte aligned
+        torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton"), (e, c))
+        assert seen == [expect, expect], (tma_env, d, seen)  # forward and backward

@@ -3,6 +3,11 @@
 Forward: one launch over (vocabulary split, token tile) → [3, splits, N] partials, reduced with a
 logsumexp over the splits (a few floats per token).
 
+Operands reach the kernels through TMA tensor descriptors on Hopper and newer (and in the
+interpreter) when their rows are 16-byte aligned, through masked pointer loads otherwise
+(VPCCE_TMA=0 forces pointers). Measured on an H200: forward 18.4 → 14.6 ms, logit-gradient kernel
+20.4 → 18.4 ms at (8192, 4096, 128256) bf16.
+
 Backward, per chunk of `width` vocabulary rows (width from `_chunk_bytes`, at least
 MIN_CHUNK_COLUMNS):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
@@ -25,12 +30,17 @@ from typing import Optional
 import torch
 import triton
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4
+    TensorDescriptor = None
+
 from . import triton_kernels as K
 from .backend import ShardSpec
 
-# The backward's working memory beyond dE and dC is held to ~8% of their size: the float32 dE
+# The backward's working memory beyond dE and dC is held to ~9% of their size: the float32 dE
 # surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk, and small buffers.
-WORKSPACE_FRACTION = 0.08
+WORKSPACE_FRACTION = 0.09  # wider chunks = fewer float32 dE read-modify-writes (N·D·8 bytes each)
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 512 << 20
 # Narrower chunks make the backward launch-bound (measured on an H200: 501 chunks of 256 columns
 # at N=16384 took 208 ms, chunks of 1024 took 136 ms).
@@ -38,9 +48,16 @@ MIN_CHUNK_COLUMNS = 1024
 
 
 def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
+    """Bytes for one chunk of logit gradients (plus gathered C rows when filtering)."""
     grads = (n * d + v * d) * elt
     surplus = n * d * 2 if elt == 2 else 0
     return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, WORKSPACE_FRACTION * grads - surplus)))
+
+
+def _round_width(columns: int, n_valid: int, multiple: int = 128) -> int:
+    """Chunk width: at least MIN_CHUNK_COLUMNS, a multiple of `multiple`, no wider than needed."""
+    width = max(multiple, max(MIN_CHUNK_COLUMNS, columns) // multiple * multiple)
+    return min(width, triton.cdiv(max(n_valid, 1), multiple) * multiple)
 
 
 def _interpreting() -> bool:
@@ -64,7 +81,7 @@ def _grad_config(dtype: torch.dtype) -> tuple:
     """Logit-gradient tile = keep-flag granularity: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)."""
     if _interpreting():
         return (16, 16, 16, 1, 1)
-    default = (128, 128, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
+    default = (128, 128, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 4)
     return _env_ints("VPCCE_GRAD_CONFIG", default)
 
 
@@ -88,6 +105,35 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tma_enabled(device: torch.device) -> bool:
+    """TMA descriptors: Hopper or newer (or the interpreter, which emulates them); VPCCE_TMA=0 off."""
+    if TensorDescriptor is None or os.environ.get("VPCCE_TMA") == "0":
+        return False
+    if _interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, shape, strides, block):
+    """A TMA descriptor of the row-major 2-D view (shape, strides) of t's storage, or None when
+    the layout does not allow one (unit last stride, 16-byte aligned base and row stride)."""
+    if strides[1] != 1 or (strides[0] * t.element_size()) % 16 or t.data_ptr() % 16 or min(shape) <= 0:
+        return None
+    return TensorDescriptor(t, list(shape), list(strides), list(block))
+
+
+def _tma_operands(e: torch.Tensor, c: torch.Tensor, block_n: int, block_v: int, block_d: int):
+    """(E, C, True) as TMA descriptors (blocks [block_n, block_d], [block_v, block_d]) where
+    possible, else (e, c, False)."""
+    if not _tma_enabled(e.device):
+        return e, c, False
+    e_desc = _descriptor(e, e.shape, e.stride(), (block_n, block_d))
+    c_desc = _descriptor(c, c.shape, c.stride(), (block_v, block_d))
+    if e_desc is None or c_desc is None:
+        return e, c, False
+    return e_desc, c_desc, True
+
+
 @torch.library.custom_op("vocab_parallel_cce::triton_forward_stats", mutates_args=())
 def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                       n_valid: int, softcap: float, need_sum: bool, exact: bool
@@ -98,6 +144,7 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     if n == 0 or n_valid == 0:
         return (e.new_full((n,), float("-inf"), dtype=torch.float32),
                 e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
+    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
     splits = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
     splits = int(os.environ.get("VPCCE_SPLITS", splits))
@@ -105,12 +152,12 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     splits = triton.cdiv(v_tiles, tiles_per_split)
     out = torch.empty(3, splits, n, dtype=torch.float32, device=e.device)
     K.forward_kernel[(splits, n_tiles)](
-        e, c, c if bias is None else bias, t, out, n, d, n_valid, tiles_per_split,
+        e_arg, c_arg, c if bias is None else bias, t, out, n, d, n_valid, tiles_per_split,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1), out.stride(0), out.stride(1),
         softcap if softcap > 0 else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, NEED_SUM=need_sum,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-        DOT_PRECISION=_dot_precision(e.dtype, exact), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(e.dtype, exact), USE_TMA=tma, num_warps=warps, num_stages=stages,
     )
     return torch.logsumexp(out[0], dim=0), out[1].sum(0), out[2].sum(0)
 
@@ -148,13 +195,23 @@ def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists
     block_m, block_nn, block_k, group_m, warps, stages = _matmul_config(a.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(nn, block_nn),)
     dense = lists is None
+    a_arg, b_arg, tma, a_k_major = a, b, False, a_strides[0] == 1 and a_strides[1] != 1
+    if b_rows is None and _tma_enabled(a.device):
+        if a_k_major:  # A = Gᵀ: describe G [k, m]
+            a_desc = _descriptor(a, (k, m), (a_strides[1], 1), (block_k, block_m))
+        else:
+            a_desc = _descriptor(a, (m, k), a_strides, (block_m, block_k))
+        b_desc = _descriptor(b, (k, nn), b_strides, (block_k, block_nn))
+        if a_desc is not None and b_desc is not None:
+            a_arg, b_arg, tma = a_desc, b_desc, True
     K.sparse_matmul_kernel[grid](
-        a, b, out, b if b_rows is None else b_rows, out if out_rows is None else out_rows,
+        a_arg, b_arg, out, b if b_rows is None else b_rows, out if out_rows is None else out_rows,
         out if dense else lists, out if dense else counts, m, nn, k, list_tile_m, list_tile_k,
         *a_strides, *b_strides, *out_strides, 0 if dense else lists.stride(0),
         HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None, ACCUMULATE=accumulate,
         DENSE=dense, BLOCK_M=block_m, BLOCK_NN=block_nn, BLOCK_K=block_k, GROUP_M=group_m,
-        DOT_PRECISION=_dot_precision(a.dtype, exact), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(a.dtype, exact), USE_TMA=tma, A_K_MAJOR=a_k_major,
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -196,7 +253,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     filtering = filter_eps > 0 and need_dc
 
     perm = None
-    if filtering and n_valid > 0 and n > 0:
+    if filtering and n_valid > 0 and n > 0 and os.environ.get("VPCCE_SORT") != "0":
         # Visit the vocabulary in descending mean logit so negligible tiles cluster.
         mean_e = torch.mv(e.T, e.new_full((n,), 1.0 / n))  # GEMV, no float32 copy of e
         score = torch.mv(c[:n_valid], mean_e).float()
@@ -208,26 +265,28 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     # float16: G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero.
     g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
     block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
-    elt = torch.finfo(g_dtype).bits // 8
     budget = _chunk_bytes(n, d, v_all, c.element_size())
-    per_row = n * elt + (d * c.element_size() if filtering else 0)  # G column (+ gathered C row)
-    width = max(block_v, max(MIN_CHUNK_COLUMNS, budget // max(per_row, 1)) // block_v * block_v)
-    width = min(width, triton.cdiv(max(n_valid, 1), block_v) * block_v)
-    n_tiles = triton.cdiv(n, block_n)
+    per_col = n * torch.finfo(g_dtype).bits // 8 + (d * c.element_size() if filtering else 0)  # G (+ C row)
+    width = _round_width(budget // max(per_col, 1), n_valid, block_v)
     g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
+    n_tiles = triton.cdiv(n, block_n)
     flags = torch.ones(n_tiles, triton.cdiv(width, block_v), dtype=torch.int8, device=dev)
+    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d)
+    if perm is not None:
+        e_arg, c_arg, tma = e, c, False  # gathered rows: pointer loads
     precision = _dot_precision(e.dtype, exact)
 
     for v_begin in range(0, n_valid if n > 0 else 0, width):
         w = min(width, n_valid - v_begin)
         K.logit_grad_kernel[(triton.cdiv(w, block_v), n_tiles)](
-            e, c, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, flags,
+            e_arg, c_arg, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, flags,
             n, d, n_valid, v_begin, w,
             e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
             softcap if softcap > 0 else 1.0, filter_eps,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_PERM=perm is not None,
             FILTER=filtering, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
+            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma,
+            num_warps=warps, num_stages=stages,
         )
         g_chunk = g[:, :w]
         rows = None if perm is None else perm[v_begin:v_begin + w]

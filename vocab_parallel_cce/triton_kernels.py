@@ -23,26 +23,37 @@ def _tanh(x):
 
 
 @triton.jit
-def _logit_tile(E, C, BIAS, offs_n, rows, mask_n, mask_v, D,
+def _logit_tile(E, C, BIAS, n0, v0, offs_n, rows, mask_n, mask_v, D,
                 stride_en, stride_ed, stride_cv, stride_cd,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """float32 [BLOCK_N, BLOCK_V] tile of E[offs_n] · C[rows]ᵀ (+ bias[rows])."""
-    offs_d = tl.arange(0, BLOCK_D)
-    e_ptrs = E + offs_n[:, None].to(tl.int64) * stride_en + offs_d[None, :] * stride_ed
-    c_ptrs = C + rows[None, :].to(tl.int64) * stride_cv + offs_d[:, None] * stride_cd
+                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_V] tile of E[offs_n] · C[rows]ᵀ (+ bias[rows]).
+
+    USE_TMA: E and C are tensor descriptors (blocks [BLOCK_N, BLOCK_D] and [BLOCK_V, BLOCK_D]),
+    reading rows [n0, n0 + BLOCK_N) of E and [v0, v0 + BLOCK_V) of C (out of range: zeros).
+    """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            e = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
-            c = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
-        else:
-            mask_d = (d0 + offs_d) < D
-            e = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            c = tl.load(c_ptrs, mask=mask_d[:, None] & mask_v[None, :], other=0.0)
-        acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
-        e_ptrs += BLOCK_D * stride_ed
-        c_ptrs += BLOCK_D * stride_cd
+    if USE_TMA:
+        for d0 in range(0, D, BLOCK_D):
+            e = E.load([n0, d0])
+            c = C.load([v0, d0])
+            acc = tl.dot(e, c.T, acc, input_precision=DOT_PRECISION)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        e_ptrs = E + offs_n[:, None].to(tl.int64) * stride_en + offs_d[None, :] * stride_ed
+        c_ptrs = C + rows[None, :].to(tl.int64) * stride_cv + offs_d[:, None] * stride_cd
+        for d0 in range(0, D, BLOCK_D):
+            if EVEN_D:
+                e = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
+                c = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
+            else:
+                mask_d = (d0 + offs_d) < D
+                e = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                c = tl.load(c_ptrs, mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+            acc = tl.dot(e, c, acc, input_precision=DOT_PRECISION)
+            e_ptrs += BLOCK_D * stride_ed
+            c_ptrs += BLOCK_D * stride_cd
     if HAS_BIAS:
         acc += tl.load(BIAS + rows, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -53,7 +64,7 @@ def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
                    stride_en, stride_ed, stride_cv, stride_cd, stride_oq, stride_os, softcap,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """OUT[0|1|2, split, n] = partial (lse, correct logit, Σ logits) over the split's V tiles."""
     pid_s = tl.program_id(0)  # fastest: concurrent programs share token tiles (E stays in L2)
     pid_n = tl.program_id(1)
@@ -68,9 +79,9 @@ def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
     for vt in range(first, first + tiles_per_split):
         offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(E, C, BIAS, offs_n, offs_v, mask_n, mask_v, D,
+        z = _logit_tile(E, C, BIAS, pid_n * BLOCK_N, vt * BLOCK_V, offs_n, offs_v, mask_n, mask_v, D,
                         stride_en, stride_ed, stride_cv, stride_cd,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, USE_TMA)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
         is_target = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]
@@ -96,7 +107,8 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
                       softcap, filter_eps,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
                       FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      USE_TMA: tl.constexpr):
     """G[n, j] for chunk positions j in [0, width) (vocabulary row PERM[v_begin + j])."""
     pid_v = tl.program_id(0)  # fastest: concurrent programs share token tiles; the chunk of C
     pid_n = tl.program_id(1)  # (width × D) stays in L2 while E streams through once
@@ -108,9 +120,9 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
         rows = tl.load(PERM + v_begin + pos, mask=mask_v, other=0)
     else:
         rows = v_begin + pos
-    z = _logit_tile(E, C, BIAS, offs_n, rows, mask_n, mask_v, D,
+    z = _logit_tile(E, C, BIAS, pid_n * BLOCK_N, v_begin + pid_v * BLOCK_V, offs_n, rows, mask_n, mask_v, D,
                     stride_en, stride_ed, stride_cv, stride_cd,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, USE_TMA)
     if HAS_SOFTCAP:
         th = _tanh(z / softcap)
         z = softcap * th
@@ -136,16 +148,38 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
 
 
 @triton.jit
+def _pointer_product(A, B, B_ROWS, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
+                     stride_am, stride_ak, stride_bk, stride_bn,
+                     HAS_B_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + A[offs_m, k0:k0+BLOCK_K] · B[rows of k0:k0+BLOCK_K, offs_nn] with masked pointer loads."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    if HAS_B_ROWS:
+        b_rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
+    else:
+        b_rows = offs_k
+    b = tl.load(B + b_rows[:, None].to(tl.int64) * stride_bk + offs_nn[None, :] * stride_bn,
+                mask=mask_k[:, None] & mask_nn[None, :], other=0.0)
+    acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
                          M, NN, K, list_tile_m, list_tile_k,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_list,
                          HAS_B_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
                          ACCUMULATE: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         USE_TMA: tl.constexpr, A_K_MAJOR: tl.constexpr):
     """OUT[rows_m, :] (+)= A[m, k] · B[rows_k, :] over all K (DENSE) or the listed K tiles.
 
     K_LIST[r, :K_COUNT[r]] are the indices of the non-negligible K tiles (of size list_tile_k) of
     row tile r (of size list_tile_m, a multiple of BLOCK_M); list_tile_k is a multiple of BLOCK_K.
+    USE_TMA: A and B are tensor descriptors (no B_ROWS): B over [K, NN], A over [M, K], or over
+    [K, M] when A_K_MAJOR (A = Gᵀ of a row-major G).
     """
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -170,20 +204,21 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
         n_iter = tl.load(K_COUNT + row_tile) * sub
     for i in range(0, n_iter):
         if DENSE:
-            offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+            k0 = i * BLOCK_K
         else:
             k_tile = tl.load(K_LIST + row_tile * stride_list + i // sub)
-            offs_k = k_tile * list_tile_k + (i % sub) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_B_ROWS:
-            b_rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
+            k0 = k_tile * list_tile_k + (i % sub) * BLOCK_K
+        if USE_TMA:
+            if A_K_MAJOR:
+                a = A.load([k0, pid_m * BLOCK_M]).T
+            else:
+                a = A.load([pid_m * BLOCK_M, k0])
+            b = B.load([k0, pid_n * BLOCK_NN])
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
         else:
-            b_rows = offs_k
-        b = tl.load(B + b_rows[:, None].to(tl.int64) * stride_bk + offs_nn[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_nn[None, :], other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            acc = _pointer_product(A, B, B_ROWS, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
+                                   stride_am, stride_ak, stride_bk, stride_bn,
+                                   HAS_B_ROWS, BLOCK_K, DOT_PRECISION)
     if HAS_OUT_ROWS:
         out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
     else:
@@ -193,3 +228,4 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
