@@ -6,6 +6,8 @@ PYTHONPATH=.) or `import common` from inside benchmarks/.
 Inputs (`make_inputs`):
   random  untrained-like: e ~ N(0,1), c ~ N(0, (σ/√D)²) → logits ~ N(0, σ²), σ = 2, uniform targets;
           the softmax is dense (every 128×128 tile matters), loss ≈ log V + σ²/2.
+  random1 the same with σ = 1: few p_ij reach 2^-12 (≈48% of 128×128 tiles at V = 128256, ≈3% at
+          V = 256000), so tile-skipping kernels skip most of the backward.
   zipf    trained-like: a Zipf prior p_j ∝ 1/rank^1.1 over the vocabulary, targets drawn from it,
           and logits  z_ij ≈ a·log p_j + B_i·[j = t_i] + noise_ij  built from vectors:
               c_j = a·log p_j · u + W_j              (u a unit vector, W_j ⟂ u, |W_j| ≈ 1)
@@ -20,6 +22,7 @@ Inputs (`make_inputs`):
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import traceback
@@ -72,13 +75,14 @@ def make_inputs(n: int, d: int, v: int, dtype=torch.bfloat16, kind: str = "rando
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     g = _generator(device, seed)
-    if kind == "random":
+    if kind in ("random", "random1"):
+        std = RANDOM_LOGIT_STD if kind == "random" else 1.0
         e = torch.randn(n, d, device=device, generator=g)
-        c = torch.randn(v, d, device=device, generator=g) * (RANDOM_LOGIT_STD / math.sqrt(d))
+        c = torch.randn(v, d, device=device, generator=g) * (std / math.sqrt(d))
         t = torch.randint(0, v, (n,), device=device, generator=g)
         return e.to(dtype), c.to(dtype), t
     if kind != "zipf":
-        raise ValueError(f"kind: expected 'random' or 'zipf', got {kind!r}")
+        raise ValueError(f"kind: expected 'random', 'random1' or 'zipf', got {kind!r}")
     kw = {**ZIPF_DEFAULTS, **zipf_kw}
     unknown = set(kw) - set(ZIPF_DEFAULTS)
     if unknown:
@@ -357,22 +361,38 @@ class Method:
         return self.fn(e, c, t)
 
 
-def _ours(impl: str) -> Method:
+def _ours(impl: str, filter_eps=None, name: str | None = None, env: dict | None = None) -> Method:
+    """Our function; `filter_eps` a number turns dC tile skipping on; `env` sets triton_backend's
+    switches (e.g. VPCCE_SORT=0) for the duration of each call."""
+    name = name or f"vpcce_{impl}"
     try:
         from vocab_parallel_cce import linear_cross_entropy
     except Exception as err:  # noqa: BLE001
-        return Method(f"vpcce_{impl}", None, skip_reason=short_error(err))
+        return Method(name, None, skip_reason=short_error(err))
+    kw = {} if filter_eps is None else {"filter_eps": filter_eps}
 
     def fn(e, c, t):
-        return linear_cross_entropy(e, c, t, impl=impl)
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            return linear_cross_entropy(e, c, t, impl=impl, **kw)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     if impl.startswith("triton"):
         try:
             import triton  # noqa: F401
         except Exception as err:  # noqa: BLE001
-            return Method(f"vpcce_{impl}", None, skip_reason=f"triton missing ({short_error(err)})")
-        return Method(f"vpcce_{impl}", fn, needs_cuda=True)
-    return Method(f"vpcce_{impl}", fn, max_nv=2.0**28, note="impl=torch (chunked reference path)")
+            return Method(name, None, skip_reason=f"triton missing ({short_error(err)})")
+        note = "" if filter_eps is None else f"filter_eps={filter_eps:g} (dC tiles)"
+        if env:
+            note += " " + " ".join(f"{k}={v}" for k, v in env.items())
+        return Method(name, fn, needs_cuda=True, note=note.strip())
+    return Method(name, fn, max_nv=2.0**28, note="impl=torch (chunked reference path)")
 
 
 def _torch_eager() -> Method:
@@ -447,6 +467,9 @@ METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
     "vpcce_triton": lambda: _ours("triton"),
     "vpcce_triton_exact": lambda: _ours("triton_exact"),
     "vpcce_torch": lambda: _ours("torch"),
+    "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
+    "vpcce_triton_filter_unsorted": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter_unsorted",
+                                                  {"VPCCE_SORT": "0"}),
     "torch_eager": _torch_eager,
     "torch_compile": _torch_compile,
     "liger": _liger,

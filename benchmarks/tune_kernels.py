@@ -22,6 +22,27 @@ from vocab_parallel_cce import triton_backend as TB
 
 ROWS: list[dict] = []
 
+# Kernel paths of triton_backend, chosen through its env switches (read at each call).
+PATHS = {"tma": {"VPCCE_TMA": "1"}, "pointers": {"VPCCE_TMA": "0"}}
+
+
+class env_vars:
+    """Context manager: set env variables, restore them after."""
+
+    def __init__(self, env):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def bench(fn, warmup=3, rep=10):
     for _ in range(warmup):
@@ -102,22 +123,28 @@ def correctness(quick):
         (777, 520, 9999, torch.float32, "triton_exact", True, 20.0, 0.0, 0.0, "random"),
         (1, 256, 5000, torch.float16, "triton", False, None, 0.0, 0.0, "random"),
     ]
-    for n, d, v, dt, impl, has_b, sc, ls, zl, kind in cases[: 3 if quick else None]:
-        e, c, t = (zipf_inputs if kind == "zipf" else random_inputs)(n, d, v, dt, seed=n + v)
-        bias = (torch.randn(v, device="cuda") * 0.5).to(dt) if has_b else None
-        if n > 1:
-            t[::17] = -100
-        ins = [x.clone().requires_grad_() for x in (e, c)] + ([bias.clone().requires_grad_()] if has_b else [])
-        loss = linear_cross_entropy(ins[0], ins[1], t, ins[2] if has_b else None, softcap=sc,
-                                    label_smoothing=ls, z_loss=zl, impl=impl)
-        grads = torch.autograd.grad(loss, ins)
-        keep = t != -100
-        r_loss, r_grads = reference(e[keep], c, t[keep], bias, sc, ls, zl)
-        # the reference saw only kept tokens: its dE rows are for those tokens
-        errs = [rel(loss, r_loss), rel(grads[0][keep], r_grads[0])] + [rel(a, b) for a, b in zip(grads[1:], r_grads[1:])]
-        ROWS.append(dict(part="check", case=f"{n}x{d}x{v} {str(dt)[6:]} {impl} b={has_b} sc={sc} ls={ls} zl={zl} {kind}",
-                         loss_err=errs[0], de_err=errs[1], dc_err=errs[2], db_err=errs[3] if has_b else None))
-        print(ROWS[-1], flush=True)
+    for (n, d, v, dt, impl, has_b, sc, ls, zl, kind), path in [
+            (case, path) for case in cases[: 3 if quick else None] for path in PATHS]:
+        with env_vars(PATHS[path]):
+            check_case(n, d, v, dt, impl, has_b, sc, ls, zl, kind, path)
+
+
+def check_case(n, d, v, dt, impl, has_b, sc, ls, zl, kind, path):
+    e, c, t = (zipf_inputs if kind == "zipf" else random_inputs)(n, d, v, dt, seed=n + v)
+    bias = (torch.randn(v, device="cuda") * 0.5).to(dt) if has_b else None
+    if n > 1:
+        t[::17] = -100
+    ins = [x.clone().requires_grad_() for x in (e, c)] + ([bias.clone().requires_grad_()] if has_b else [])
+    loss = linear_cross_entropy(ins[0], ins[1], t, ins[2] if has_b else None, softcap=sc,
+                                label_smoothing=ls, z_loss=zl, impl=impl)
+    grads = torch.autograd.grad(loss, ins)
+    keep = t != -100
+    r_loss, r_grads = reference(e[keep], c, t[keep], bias, sc, ls, zl)
+    # the reference saw only kept tokens: its dE rows are for those tokens
+    errs = [rel(loss, r_loss), rel(grads[0][keep], r_grads[0])] + [rel(a, b) for a, b in zip(grads[1:], r_grads[1:])]
+    ROWS.append(dict(part="check", case=f"{path} {n}x{d}x{v} {str(dt)[6:]} {impl} b={has_b} sc={sc} ls={ls} zl={zl} {kind}",
+                     loss_err=errs[0], de_err=errs[1], dc_err=errs[2], db_err=errs[3] if has_b else None))
+    print(ROWS[-1], flush=True)
 
 
 def time_loss(e, c, t, impl="triton", **kw):
@@ -166,49 +193,50 @@ def timings(quick):
                 pk = p[:, order][:, : (v // 128) * 128].view(16, 128, v // 128, 128).amax(dim=(1, 3))
                 keep = float((pk >= 2**-12).float().mean())
                 del z, p
-            variants = [("default", {})]
+            variants = [(path, env) for path, env in PATHS.items()]
             if kind == "random" and not quick:
-                variants += [(f"grad {cfg}", {"VPCCE_GRAD_CONFIG": cfg}) for cfg in
-                             ("128,256,64,8,3", "128,128,64,8,4", "128,256,64,8,4")]
-                variants += [(f"mm {cfg}", {"VPCCE_MM_CONFIG": cfg}) for cfg in
-                             ("128,128,64,8,4,4", "128,256,64,8,8,3", "128,128,128,8,8,2", "128,128,64,8,8,4")]
+                tma = PATHS["tma"]
+                variants += [(f"tma fwd {cfg}", {**tma, "VPCCE_FWD_CONFIG": cfg}) for cfg in
+                             ("128,256,64,8,4", "128,128,64,8,4", "256,128,64,8,3", "128,256,128,8,2")]
+                variants += [(f"tma grad {cfg}", {**tma, "VPCCE_GRAD_CONFIG": cfg}) for cfg in
+                             ("128,256,64,8,3", "128,128,64,8,4", "128,256,64,8,4", "256,128,64,8,3")]
             for name, env in variants:
-                os.environ.update(env)
                 try:
-                    f, fb, pk_mb = time_loss(e, c, t)
+                    with env_vars(env):
+                        f, fb, pk_mb = time_loss(e, c, t)
                     ROWS.append(dict(part="time", shape=f"{n}x{d}x{v}", kind=kind, method=f"ours {name}",
                                      fwd_ms=f, fwd_bwd_ms=fb, peak_mb=pk_mb, loss=float(loss), keep=keep,
                                      frac_6ndv=3 * flops / fb / 1e9 / 790e3))
                 except Exception as err:  # record and go on
                     ROWS.append(dict(part="time", shape=f"{n}x{d}x{v}", kind=kind, method=f"ours {name}", error=repr(err)[:300]))
-                for k in env:
-                    del os.environ[k]
                 print(ROWS[-1], flush=True)
             if kind == "random":
                 fb, pk_mb = torch_eager(e, c, t)
                 ROWS.append(dict(part="time", shape=f"{n}x{d}x{v}", kind=kind, method="torch eager", fwd_bwd_ms=fb, peak_mb=pk_mb))
                 print(ROWS[-1], flush=True)
-                f, fb, pk_mb = time_loss(e, c, t, filter_eps=None)
-                ROWS.append(dict(part="time", shape=f"{n}x{d}x{v}", kind=kind, method="ours no filter", fwd_ms=f, fwd_bwd_ms=fb, peak_mb=pk_mb))
-                print(ROWS[-1], flush=True)
             del e, c, t
             torch.cuda.empty_cache()
-        components(n, d, v)
+        for path, env in PATHS.items():
+            with env_vars(env):
+                components(n, d, v, path)
 
 
-def components(n, d, v):
+def components(n, d, v, path):
     """Backward pieces through the op itself: grad kernel only, + dE, + dC (dense / filtered)."""
     e, c, t = random_inputs(n, d, v, torch.bfloat16, seed=3)
     with torch.no_grad():
         lse, _, _ = TB._forward_stats_op(e, c, None, t, v, 0.0, False, False)
     coef = torch.stack([torch.full_like(lse, 1.0 / n), torch.full_like(lse, -1.0 / n), torch.zeros_like(lse)])
     flops = 2 * n * d * v
+    ms = bench(lambda: TB._forward_stats_op(e, c, None, t, v, 0.0, False, False), 1, 5)
+    ROWS.append(dict(part="fwd", shape=f"{n}x{d}x{v}", method=f"{path} forward op", ms=ms, gemm_tflops=flops / ms / 1e9))
+    print(ROWS[-1], flush=True)
     for name, de, dc, fe in (("grad kernel only", False, False, 0.0), ("+dE", True, False, 0.0),
                              ("+dC dense", False, True, 0.0), ("+dC filtered", False, True, 2.0**-12),
                              ("all dense", True, True, 0.0)):
         ms = bench(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, de, dc, False), 1, 5)
         mb = peak_mb(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, de, dc, False))
-        ROWS.append(dict(part="bwd", shape=f"{n}x{d}x{v}", method=name, ms=ms, peak_mb=mb,
+        ROWS.append(dict(part="bwd", shape=f"{n}x{d}x{v}", method=f"{path} {name}", ms=ms, peak_mb=mb,
                          gemm_tflops=flops / ms / 1e9))
         print(ROWS[-1], flush=True)
     ROWS.append(dict(part="bwd", shape=f"{n}x{d}x{v}", method="cublas fp32-out addmm", ok=TB._CUBLAS_FP32_OUT.get(e.device)))
@@ -216,18 +244,70 @@ def components(n, d, v):
     torch.cuda.empty_cache()
 
 
+def sparse_bench():
+    """dC = Gᵀ·E for one chunk (N=8192, w=2048): cuBLAS vs the Triton kernel dense and with a
+    random fraction f of 128×128 (token, vocabulary) tiles kept, per MM config."""
+    n, w = 8192, 2048
+    for d in (4096, 2304):
+        g0 = torch.Generator(device="cuda").manual_seed(d)
+        e = torch.randn(n, d, device="cuda", generator=g0).to(torch.bfloat16)
+        g = (torch.randn(n, w, device="cuda", generator=g0) * 1e-3).to(torch.bfloat16)
+        dc = torch.empty(w, d, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * n * d * w
+        ms = bench(lambda: torch.mm(g.T, e, out=dc))
+        ROWS.append(dict(part="sparse", shape=f"N{n} w{w} D{d}", method="cuBLAS mm", ms=ms, tflops=flops / ms / 1e9))
+        print(ROWS[-1], flush=True)
+        ref = torch.mm(g.T.float(), e.float())
+        for cfg in os.environ.get("SPARSE_CONFIGS", "128,128,64,8,8,3;128,128,128,8,8,3;128,256,128,8,8,2").split(";"):
+            with env_vars({"VPCCE_MM_CONFIG": cfg}):
+                ms = bench(lambda: TB._sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc, dc.stride(), w, d, n))
+                err = rel(dc, ref)
+                ROWS.append(dict(part="sparse", shape=f"N{n} w{w} D{d}", method=f"triton dense {cfg}", ms=ms,
+                                 tflops=flops / ms / 1e9, err=err))
+                print(ROWS[-1], flush=True)
+                for f in (0.0, 0.05, 0.2, 0.5, 1.0):
+                    flags = (torch.rand(n // 128, w // 128, device="cuda", generator=g0) < f).to(torch.int8)
+                    lists, counts = TB._tile_lists(flags.T.contiguous())
+
+                    def run():
+                        TB._sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc, dc.stride(), w, d, n,
+                                          lists, counts, 128, 128)
+                    ms = bench(run)
+                    mask = flags.repeat_interleave(128, 0).repeat_interleave(128, 1).bool()
+                    err = rel(dc, torch.mm((g * mask).T.float(), e.float())) if f > 0 else float(dc.abs().max())
+                    ROWS.append(dict(part="sparse", shape=f"N{n} w{w} D{d}", method=f"triton f={f} {cfg}", ms=ms,
+                                     kept_tflops=f * flops / ms / 1e9, err=err))
+                    print(ROWS[-1], flush=True)
+        del e, g, dc, ref
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sparse-only", action="store_true", help="only the dC sparse-kernel micro-benchmark")
+    ap.add_argument("--components-only", action="store_true", help="only the per-piece breakdown (TMA path)")
     args = ap.parse_args()
     print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name(), flush=True)
     t0 = time.time()
-    if not args.skip_check:
-        correctness(args.quick)
-    print(f"checks done {time.time() - t0:.0f}s", flush=True)
-    timings(args.quick)
+    if args.sparse_only:
+        sparse_bench()
+    elif args.components_only:
+        for n, d, v in ((8192, 4096, 128256), (8192, 2304, 256000)):
+            a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+            ms = bench(lambda: a @ b.T)
+            ROWS.append(dict(part="fwd", shape=f"{n}x{d}x{v}", method="cuBLAS e@c.T bf16", ms=ms,
+                             gemm_tflops=2 * n * d * v / ms / 1e9))
+            del a, b
+            components(n, d, v, "tma")
+    else:
+        if not args.skip_check:
+            correctness(args.quick)
+        print(f"checks done {time.time() - t0:.0f}s", flush=True)
+        timings(args.quick)
     with open(os.path.join(args.out, "tune.json"), "w") as f:
         json.dump(ROWS, f, indent=1)
     print("\n| part | case/shape | method | numbers |\n|---|---|---|---|")
