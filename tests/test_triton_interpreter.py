@@ -161,12 +161,13 @@ def test_narrow_in_place_matches_a_copy():
         assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
 
 
-@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
-def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, seed, path, monkeypatch):
-    """Force 16-column chunks: the chunk loop, the sorted-vocabulary gather of C rows and the
-    per-chunk tile lists of the block-sparse dC product all run several times."""
+@pytest.mark.parametrize("filter_eps,sort", [(None, "0"), (2.0**-12, "0"), (2.0**-12, "1")])
+def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, sort, seed, path, monkeypatch):
+    """Force 16-column chunks: the chunk loop, the sorted-vocabulary gather of C rows (VPCCE_SORT=1)
+    and the per-chunk tile lists of the block-sparse dC product all run several times."""
     from vocab_parallel_cce import triton_backend
 
+    monkeypatch.setenv("VPCCE_SORT", sort)
     monkeypatch.setattr(triton_backend, "MIN_CHUNK_COLUMNS", 16)
     monkeypatch.setattr(triton_backend, "_chunk_bytes", lambda *args, **kwargs: 1)
     n, d, v = 35, 20, 75  # 5 chunks, the last partial
@@ -200,3 +201,53 @@ def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):
         e, c, _ = _inputs(20, d, 50, torch.float32)  # d=25: 100-byte rows, not 16-byte aligned
         torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton"), (e, c))
         assert seen == [expect, expect], (tma_env, d, seen)  # forward and backward
+
+
+def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, monkeypatch):
+    """filter_eps="auto" (16-bit inputs): the first backward of a shape runs dense and measures
+    the kept-tile fraction; later ones skip dC tiles only if few were kept. dE stays dense."""
+    from vocab_parallel_cce import triton_backend as TB
+
+    TB._SKIP_POLICY.state.clear()
+    listed = []
+    real = TB._tile_lists
+    monkeypatch.setattr(TB, "_tile_lists", lambda flags: listed.append(1) or real(flags))
+    n, d, v = 48, 32, 160
+    e = torch.randn(n, d)
+    e[:, 0] = 10.0
+    c = torch.randn(v, d) * 0.3
+    c[:, 0] = 0.0
+    c[16:, 0] = -4.0  # columns 16.. negligible for every token: 9 of 10 vocabulary tiles
+    t = torch.randint(0, 16, (n,))
+    e, c = e.to(torch.bfloat16), c.to(torch.bfloat16)
+
+    def grads():
+        ei, ci = e.clone().requires_grad_(), c.clone().requires_grad_()
+        return torch.autograd.grad(linear_cross_entropy(ei, ci, t, impl="triton"), (ei, ci))
+
+    ge1, gc1 = grads()
+    assert not listed and gc1[16:].any()  # measured, dense
+    ge2, gc2 = grads()
+    assert listed and not gc2[16:].any()  # skipped
+    assert torch.equal(ge1, ge2)  # dE is never filtered
+    e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
+    rge, rgc = torch.autograd.grad(reference_loss(e64, c64, t), (e64, c64))
+    assert rel_err(gc2.double(), rgc) < 2e-2 and rel_err(ge2.double(), rge) < 2e-2
+
+    # dense logits (every tile kept): stays dense call after call, measuring again only every
+    # REMEASURE_EVERY calls; float32 never filters
+    TB._SKIP_POLICY.state.clear()
+    listed.clear()
+    recorded = []
+    real_record = TB._SKIP_POLICY.record
+    monkeypatch.setattr(TB._SKIP_POLICY, "record", lambda *a: recorded.append(1) or real_record(*a))
+    ins = _inputs(n, d, v, torch.bfloat16)
+    t = torch.randint(0, v, (n,))
+    every = TB._SKIP_POLICY.REMEASURE_EVERY
+    for call in range(1, every + 2):
+        torch.autograd.grad(linear_cross_entropy(ins[0], ins[1], t, impl="triton"), ins[:2])
+        assert len(recorded) == (1 if call <= every else 2), call
+    ins32 = _inputs(n, d, 40, torch.float32)
+    for _ in range(2):
+        torch.autograd.grad(linear_cross_entropy(ins32[0], ins32[1], t % 40, impl="triton"), ins32[:2])
+    assert not listed

@@ -29,4 +29,5 @@ class ShardSpec:
     softcap: float | None = None
     need_sum: bool = False  # compute Σ_j z_ij (label smoothing)
     filter_eps: float | None = None  # skip gradient tiles whose softmax is below this (triton)
+    adaptive_filter: bool = False  # skip only while the measured kept-tile fraction is low (triton)
     exact: bool = False  # no filtering; float32 inputs use IEEE (not TF32) dot products (triton)
