@@ -361,15 +361,15 @@ class Method:
         return self.fn(e, c, t)
 
 
-def _ours(impl: str, filter_eps=None, name: str | None = None, env: dict | None = None) -> Method:
-    """Our function; `filter_eps` a number turns dC tile skipping on; `env` sets triton_backend's
-    switches (e.g. VPCCE_SORT=0) for the duration of each call."""
+def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | None = None) -> Method:
+    """Our function with `filter_eps` ("auto": adaptive dC tile skipping, None: dense, a number:
+    always skip); `env` sets triton_backend's switches (e.g. VPCCE_SORT=1) during each call."""
     name = name or f"vpcce_{impl}"
     try:
         from vocab_parallel_cce import linear_cross_entropy
     except Exception as err:  # noqa: BLE001
         return Method(name, None, skip_reason=short_error(err))
-    kw = {} if filter_eps is None else {"filter_eps": filter_eps}
+    kw = {} if filter_eps == "auto" else {"filter_eps": filter_eps}
 
     def fn(e, c, t):
         saved = {k: os.environ.get(k) for k in (env or {})}
@@ -388,7 +388,7 @@ def _ours(impl: str, filter_eps=None, name: str | None = None, env: dict | None 
             import triton  # noqa: F401
         except Exception as err:  # noqa: BLE001
             return Method(name, None, skip_reason=f"triton missing ({short_error(err)})")
-        note = "" if filter_eps is None else f"filter_eps={filter_eps:g} (dC tiles)"
+        note = "" if filter_eps == "auto" else f"filter_eps={filter_eps if filter_eps is None else format(filter_eps, 'g')}"
         if env:
             note += " " + " ".join(f"{k}={v}" for k, v in env.items())
         return Method(name, fn, needs_cuda=True, note=note.strip())
@@ -468,8 +468,10 @@ METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
     "vpcce_triton_exact": lambda: _ours("triton_exact"),
     "vpcce_torch": lambda: _ours("torch"),
     "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
-    "vpcce_triton_filter_unsorted": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter_unsorted",
-                                                  {"VPCCE_SORT": "0"}),
+    "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense"),
+    "vpcce_triton_filter_sorted": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter_sorted",
+                                                {"VPCCE_SORT": "1"}),
+    "vpcce_triton_filter14": lambda: _ours("triton", 2.0**-14, "vpcce_triton_filter14"),
     "torch_eager": _torch_eager,
     "torch_compile": _torch_compile,
     "liger": _liger,

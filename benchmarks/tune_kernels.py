@@ -234,8 +234,8 @@ def components(n, d, v, path):
     for name, de, dc, fe in (("grad kernel only", False, False, 0.0), ("+dE", True, False, 0.0),
                              ("+dC dense", False, True, 0.0), ("+dC filtered", False, True, 2.0**-12),
                              ("all dense", True, True, 0.0)):
-        ms = bench(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, de, dc, False), 1, 5)
-        mb = peak_mb(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, de, dc, False))
+        ms = bench(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, False, de, dc, False), 1, 5)
+        mb = peak_mb(lambda: TB._backward_op(e, c, None, t, lse, coef, v, 0.0, fe, False, False, de, dc, False))
         ROWS.append(dict(part="bwd", shape=f"{n}x{d}x{v}", method=f"{path} {name}", ms=ms, peak_mb=mb,
                          gemm_tflops=flops / ms / 1e9))
         print(ROWS[-1], flush=True)
