@@ -232,10 +232,11 @@ def linear_cross_entropy(
             (per-token loss shaped like `targets[..., shift:]`, 0 at ignored tokens).
         shift: k (or True for 1): e[..., :-k, :] predicts targets[..., k:]; e is not copied.
         return_lse: also return the per-token log-sum-exp (same shape and dtype as the "none" loss).
-        filter_eps: if a number, the triton backward skips, in the product for c's gradient only,
-            128×128 logit tiles whose softmax is below it everywhere (vocabulary visited in
-            descending mean logit); e.g. 2**-12 for bf16. "auto" or None: no skipping (dense),
-            which measured faster on the H200 for the shapes in benchmarks/RESULTS.md.
+        filter_eps: the triton backward may skip, in the product for c's gradient only, 128×128
+            logit tiles whose softmax is below it everywhere. "auto": 2**-12 for bf16/fp16 inputs,
+            applied only while the kept-tile fraction measured in an earlier call of the same
+            shape is below 40% (it pays on trained-like logits, not on dense ones); a number:
+            always; None (and float32 inputs under "auto", and impl="triton_exact"): never.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
         z_loss: λ: adds λ·lse² per token.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"

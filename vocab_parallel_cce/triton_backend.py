@@ -14,9 +14,10 @@ MIN_CHUNK_COLUMNS):
   2. dE += G · C_chunk into a float32 accumulator, always dense (cuBLAS `addmm(out_dtype=float32)`
      on CUDA, the Triton kernel elsewhere); at the end it is narrowed to the input dtype IN PLACE;
   3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC): one
-     cuBLAS GEMM, or, with filtering on, `sparse_matmul_kernel` visiting only the kept token tiles.
-With filtering on, the vocabulary is visited in descending order of mean logit
-(score_j = mean_i(e_i)·c_j + b_j), so negligible tiles cluster; dE is never filtered (DESIGN.md).
+     cuBLAS GEMM, or, when skipping, `sparse_matmul_kernel` visiting only the kept token tiles.
+Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps "auto"
+(`_TileSkipPolicy`). The vocabulary is visited in id order; VPCCE_SORT=1 visits it in descending
+mean logit (score_j = mean_i(e_i)·c_j + b_j) so negligible tiles cluster when ids are shuffled.
 
 Both entry points are registered as torch custom ops, opaque to torch.compile and free of host
 synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
