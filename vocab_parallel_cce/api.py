@@ -234,8 +234,8 @@ def linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp (same shape and dtype as the "none" loss).
         filter_eps: the triton backward may skip, in the product for c's gradient only, 128×128
             logit tiles whose softmax is below it everywhere. "auto": 2**-12 for bf16/fp16 inputs,
-            applied only while the kept-tile fraction measured in an earlier call of the same
-            shape is below 40% (it pays on trained-like logits, not on dense ones); a number:
+            applied only while the kept-tile fraction measured in an earlier call with the same
+            classifier is below 40% (it pays on trained-like logits, not on dense ones); a number:
             always; None (and float32 inputs under "auto", and impl="triton_exact"): never.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
         z_loss: λ: adds λ·lse² per token.

@@ -247,13 +247,14 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact
 
 class _TileSkipPolicy:
     """Adaptive dC tile skipping (filter_eps "auto"): skip when it pays, judged from the fraction
-    of kept 128×128 tiles measured in an earlier backward on this device and shape.
+    of kept 128×128 tiles measured in an earlier backward with the same classifier shape (device,
+    vocabulary rows, D; not the token count, which varies from batch to batch).
 
     Skipping pays on trained-like logits (few tiles kept) and loses on dense ones (a nearly
     untrained model), where the block-sparse kernel is slower than cuBLAS. The fraction travels
     to the host through a pinned buffer and is read once its CUDA event has completed, so no
-    call ever waits for the GPU. The first call of a shape runs dense and measures; while dense,
-    the (cheap but not free) measurement is repeated every REMEASURE_EVERY calls.
+    call ever waits for the GPU. The first call of a classifier shape runs dense and measures;
+    while dense, the (cheap but not free) measurement is repeated every REMEASURE_EVERY calls.
     """
 
     KEEP_THRESHOLD = 0.4  # H200: faster at 34% kept (8192, 4096, 128256), slower at 54%
@@ -309,7 +310,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     # flags are computed whenever filter_eps > 0 (the adaptive policy measures them even when it
     # runs dense); tiles are skipped when `filtering`.
     flagging = filter_eps > 0 and need_dc and n > 0 and n_valid > 0
-    policy_key = (dev, n, n_valid, d)
+    policy_key = (dev, n_valid, d)  # one classifier (shard): the token count may vary per call
     filtering = flagging
     if flagging and adaptive:
         filtering, flagging = _SKIP_POLICY.plan(policy_key)
