@@ -55,7 +55,7 @@ from common import (  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="8192x2304x256000,8192x4096x128256", help="comma list of NxDxV")
-    p.add_argument("--kinds", default="random,zipf")
+    p.add_argument("--kinds", default="random,random1,zipf")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda")
