@@ -237,6 +237,8 @@ def linear_cross_entropy(
             applied only while the kept-tile fraction measured in an earlier call with the same
             classifier is below 40% (it pays on trained-like logits, not on dense ones); a number:
             always; None (and float32 inputs under "auto", and impl="triton_exact"): never.
+            Under "auto" the call at which skipping starts depends on when the measurement
+            reaches the host; pass None or a number for run-to-run identical gradients.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
         z_loss: λ: adds λ·lse² per token.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
