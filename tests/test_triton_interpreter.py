@@ -255,3 +255,35 @@ def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, monkeypatch)
     for _ in range(2):
         torch.autograd.grad(linear_cross_entropy(ins32[0], ins32[1], t % 40, impl="triton"), ins32[:2])
     assert not listed
+
+
+def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monkeypatch):
+    """The CUDA branch of the policy with a stand-in event: a measurement in flight leaves the
+    decision alone (no waiting), a completed one is read, and nothing is queried under capture."""
+    from vocab_parallel_cce.triton_backend import _TileSkipPolicy
+
+    class StandInEvent:
+        def __init__(self):
+            self.done, self.queries = False, 0
+
+        def query(self):
+            self.queries += 1
+            return self.done
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    policy, key = _TileSkipPolicy(), ("cuda:0", 1000, 64)
+    assert policy.plan(key) == (False, True)  # never measured: dense, measure
+    event = StandInEvent()
+    policy.state[key] = {"fraction": None, "pinned": torch.tensor(0.1), "event": event, "since": 0}
+    assert policy.plan(key) == (False, False) and event.queries == 1  # in flight: dense
+    capturing[0], event.done = True, True
+    assert policy.plan(key) == (False, False) and event.queries == 1  # captured: no query
+    capturing[0] = False
+    assert policy.plan(key) == (True, True) and policy.state[key]["event"] is None  # 10% kept: skip
+    # that call measured again (record() restarts the count); its result: 90% kept
+    policy.state[key].update(pinned=torch.tensor(0.9), event=StandInEvent(), since=0)
+    policy.state[key]["event"].done = True
+    for _ in range(policy.REMEASURE_EVERY - 1):
+        assert policy.plan(key) == (False, False)  # dense again, not measuring for a while
+    assert policy.plan(key) == (False, True)  # every REMEASURE_EVERY calls while dense
