@@ -49,13 +49,13 @@ MIN_CHUNK_COLUMNS = 1024
 
 
 def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
-    """Bytes for one chunk of logit gradients (plus gathered C rows when filtering)."""
+    """Bytes for one chunk of logit gradients (plus gathered C rows when sorting, VPCCE_SORT=1)."""
     grads = (n * d + v * d) * elt
     surplus = n * d * 2 if elt == 2 else 0
     return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, WORKSPACE_FRACTION * grads - surplus)))
 
 
-def _round_width(columns: int, n_valid: int, multiple: int = 128) -> int:
+def _round_width(columns: int, n_valid: int, multiple: int) -> int:
     """Chunk width: at least MIN_CHUNK_COLUMNS, a multiple of `multiple`, no wider than needed."""
     width = max(multiple, max(MIN_CHUNK_COLUMNS, columns) // multiple * multiple)
     return min(width, triton.cdiv(max(n_valid, 1), multiple) * multiple)
@@ -330,7 +330,8 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
     block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
     budget = _chunk_bytes(n, d, v_all, c.element_size())
-    per_col = n * torch.finfo(g_dtype).bits // 8 + (d * c.element_size() if perm is not None else 0)  # G (+ C row)
+    # bytes per chunk column: a G column, plus the gathered C row when sorting
+    per_col = n * torch.finfo(g_dtype).bits // 8 + (d * c.element_size() if perm is not None else 0)
     width = _round_width(budget // max(per_col, 1), n_valid, block_v)
     g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
     n_tiles = triton.cdiv(n, block_n)
