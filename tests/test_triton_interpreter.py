@@ -177,6 +177,41 @@ def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, sort, 
     _compare(ins, t, torch.float32, z_loss=1e-3, filter_eps=filter_eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
+def test_logit_gradient_chunks_inside_dc_storage(dtype, filter_eps, seed, path, monkeypatch):
+    """G chunks live in dC's not-yet-written rows while they fit there (shrinking widths), then in
+    the workspace; padded rows, which G may have occupied, end up zero."""
+    from vocab_parallel_cce import triton_backend as TB
+
+    monkeypatch.setattr(TB, "MIN_CHUNK_COLUMNS", 16)
+    monkeypatch.setattr(TB, "_chunk_bytes", lambda *args, **kwargs: 1)
+    placed = []
+    real = TB._g_inside_dc
+
+    def spy(*args):
+        g, w = real(*args)
+        placed.append("dc" if g is not None else "workspace")
+        return g, w
+
+    monkeypatch.setattr(TB, "_g_inside_dc", spy)
+    n, d, v, v_all = 19, 40, 150, 166  # D > N: the first chunks are wide
+    e, c, b = _inputs(n, d, v_all, dtype, bias=True, scale=2.0)
+    t = torch.randint(0, v, (n,))
+    t[3] = -100
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", vocab_size=v, filter_eps=filter_eps)
+    ge, gc, gb = torch.autograd.grad(loss, (e, c, b))
+    assert "dc" in placed and "workspace" in placed, placed
+    ref_in = [x.detach().double().requires_grad_() for x in (e, c, b)]
+    ref = reference_loss(*ref_in[:2], t, ref_in[2], vocab_size=v)
+    rge, rgc, rgb = torch.autograd.grad(ref, ref_in)
+    tol = TOL[dtype][1]
+    assert rel_err(loss.double(), ref) < 1e-5
+    assert not gc[v:].any()
+    for g, rg in ((ge, rge), (gc, rgc), (gb, rgb)):
+        assert rel_err(g.double(), rg) < tol
+
+
 def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):
     """The `path` fixture is not a no-op: the fused kernels get descriptors for 16-byte aligned
     rows only, and none at all with VPCCE_TMA=0."""

@@ -191,6 +191,31 @@ def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _g_inside_dc(dc_bytes: torch.Tensor, v_begin: int, n_valid: int, n: int, dc_row_bytes: int,
+                 g_dtype: torch.dtype, multiple: int, min_width: int):
+    """(G [n, w] view, w) placed at the end of dC's storage, beyond the rows [v_begin, v_begin + w)
+    this chunk writes, for the widest w (a multiple of `multiple`, or the rest of the vocabulary)
+    that fits there; (None, 0) when that is narrower than `min_width` (the workspace's width).
+
+    Bytes [(v_begin + w)·row, end) of dC are unwritten while chunk [v_begin, v_begin + w) is
+    computed, so G [n, w_alloc] fits there when  n·w_alloc·elt ≤ end − (v_begin + w)·row − 256.
+    """
+    g_elt = torch.finfo(g_dtype).bits // 8
+    total = dc_bytes.numel()
+    free = total - v_begin * dc_row_bytes - 256  # 256: room to align G's start
+    w = free // (n * g_elt + dc_row_bytes) // multiple * multiple
+    rest = n_valid - v_begin
+    if w < min(min_width, rest):
+        return None, 0
+    w = min(w, rest)
+    w_alloc = triton.cdiv(w, multiple) * multiple  # row stride: 16-byte aligned rows for TMA
+    start = (total - n * w_alloc * g_elt) // 256 * 256
+    if start < (v_begin + w) * dc_row_bytes:
+        return None, 0
+    g = dc_bytes[start:start + n * w_alloc * g_elt].view(g_dtype).view(n, w_alloc)
+    return g, w
+
+
 def _tile_lists(flags: torch.Tensor):
     """Per row of `flags` [R, T]: the indices of its non-zero tiles first, and their count."""
     order = torch.argsort((flags == 0).to(torch.int8), dim=1, stable=True).to(torch.int32)
@@ -304,8 +329,6 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     dev = e.device
     de_acc = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_de else None
     dc = torch.empty_like(c) if need_dc else c.new_empty(0)
-    if need_dc:
-        dc[n_valid:].zero_()
     db = torch.zeros(v_all, dtype=torch.float32, device=dev) if need_db else None
     # flags are computed whenever filter_eps > 0 (the adaptive policy measures them even when it
     # runs dense); tiles are skipped when `filtering`.
@@ -328,30 +351,43 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     # G is stored in the input dtype, as the unfused layer's logit gradient would be, except for
     # float16: G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero.
     g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
+    g_elt = torch.finfo(g_dtype).bits // 8
     block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
     budget = _chunk_bytes(n, d, v_all, c.element_size())
     # bytes per chunk column: a G column, plus the gathered C row when sorting
-    per_col = n * torch.finfo(g_dtype).bits // 8 + (d * c.element_size() if perm is not None else 0)
+    per_col = n * g_elt + (d * c.element_size() if perm is not None else 0)
     width = _round_width(budget // max(per_col, 1), n_valid, block_v)
-    g = torch.empty(n, width, dtype=g_dtype, device=dev) if n > 0 else None
+    g_buffer = None  # the workspace chunk, allocated once a chunk no longer fits inside dC
+    # dC rows not yet written are free memory: while they can hold a chunk of G wider than the
+    # workspace, G lives there (fewer chunks = fewer float32 dE read-modify-writes).
+    dc_bytes = dc.view(-1).view(torch.uint8) if (need_dc and perm is None and n > 0 and dc.is_contiguous()
+                                                 and os.environ.get("VPCCE_G_IN_DC") != "0") else None
     n_tiles = triton.cdiv(n, block_n)
     flags = torch.ones(n_tiles, triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8, device=dev)
     e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d)
     if perm is not None:
         e_arg, c_arg, tma = e, c, False  # gathered rows: pointer loads
     precision = _dot_precision(e.dtype, exact)
+    group_v = _env_ints("VPCCE_GROUP_V", (12,))[0]
 
-    for v_begin in range(0, n_valid if n > 0 else 0, width):
-        w = min(width, n_valid - v_begin)
+    v_begin = 0
+    while v_begin < (n_valid if n > 0 else 0):
+        g = None
+        if dc_bytes is not None:
+            g, w = _g_inside_dc(dc_bytes, v_begin, n_valid, n, d * c.element_size(), g_dtype, block_v, width)
+        if g is None:
+            if g_buffer is None:
+                g_buffer = torch.empty(n, width, dtype=g_dtype, device=dev)
+            g, w = g_buffer, min(width, n_valid - v_begin)
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
-        K.logit_grad_kernel[(triton.cdiv(w, block_v), n_tiles)](
+        K.logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](
             e_arg, c_arg, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, chunk_flags,
             n, d, n_valid, v_begin, w,
             e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
             softcap if softcap > 0 else 1.0, filter_eps,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_PERM=perm is not None,
             FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma,
+            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=group_v,
             num_warps=warps, num_stages=stages,
         )
         g_chunk = g[:, :w]
@@ -375,7 +411,10 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
                 db[v_begin:v_begin + w] += col_sums
             else:
                 db.index_add_(0, rows.long(), col_sums)
+        v_begin += w
 
+    if need_dc:
+        dc[n_valid:].zero_()  # padding rows (after the loop: G may have lived in them)
     if flagging and adaptive:
         _SKIP_POLICY.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
     if need_de:

@@ -108,10 +108,19 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
                       FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      USE_TMA: tl.constexpr):
+                      USE_TMA: tl.constexpr, GROUP_V: tl.constexpr):
     """G[n, j] for chunk positions j in [0, width) (vocabulary row PERM[v_begin + j])."""
-    pid_v = tl.program_id(0)  # fastest: concurrent programs share token tiles; the chunk of C
-    pid_n = tl.program_id(1)  # (width × D) stays in L2 while E streams through once
+    # Grouped order over (vocabulary tile, token tile): GROUP_V vocabulary tiles (GROUP_V·BLOCK_V
+    # rows of C) stay in L2 while E streams through them once; inside a group the vocabulary tile
+    # varies fastest, so concurrent programs also share token tiles.
+    pid = tl.program_id(0)
+    grid_v = tl.cdiv(width, BLOCK_V)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_V * grid_n)
+    first_v = group * GROUP_V
+    size_v = tl.minimum(grid_v - first_v, GROUP_V)
+    pid_v = first_v + (pid % (GROUP_V * grid_n)) % size_v
+    pid_n = (pid % (GROUP_V * grid_n)) // size_v
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pos = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
