@@ -4,6 +4,7 @@ Every rank holds the same hidden states e [N, D] and targets, and its shard c_r 
 classifier (rows [r·V/tp, (r+1)·V/tp)). Methods, all giving the mean loss over the N tokens:
   vpcce            ours: linear_cross_entropy(e, c_r, t, group=tp, vocab_start=r·V/tp,
                    reduce_grad_e=True), impl triton on GPU (--impl), torch on CPU
+  vpcce_gif        the same with grad_in_forward=True (gradients computed during the forward)
   megatron         Megatron-core tensor_parallel.vocab_parallel_cross_entropy on materialised bf16
                    logits e @ c_r.T; e passes through an identity whose backward all-reduces dE over
                    the group (what ColumnParallelLinear does without sequence parallelism)
@@ -54,7 +55,7 @@ from common import (  # noqa: E402
     time_cuda,
 )
 
-METHODS = ("vpcce", "megatron", "megatron_fused")
+METHODS = ("vpcce", "vpcce_gif", "megatron", "megatron_fused")
 
 
 def parse_args(argv=None):
@@ -140,18 +141,25 @@ def build_methods(names, args, group, rank, world, v_local, v_total):
     dt = DTYPES[args.dtype]
     for name in names:
         try:
-            if name == "vpcce":
+            if name in ("vpcce", "vpcce_gif"):
                 from vocab_parallel_cce import linear_cross_entropy
 
                 if impl.startswith("triton"):
                     import triton  # noqa: F401
+                gif = name == "vpcce_gif"
 
-                def fn(e, c, t, _impl=impl):
+                def fn(e, c, t, _impl=impl, _gif=gif):
                     return linear_cross_entropy(e, c, t, impl=_impl, group=group, vocab_start=start,
-                                                vocab_size=v_total, reduce_grad_e=True)
+                                                vocab_size=v_total, reduce_grad_e=True, grad_in_forward=_gif)
 
-                comm = [("all_gather", (1, 3, n), torch.float32), ("all_reduce", (n, d), dt)]
-                out[name] = (fn, comm, f"impl={impl}")
+                if gif:  # one all-gather per chunk of ≈ D tokens
+                    from vocab_parallel_cce.autograd import grad_in_forward_chunk
+
+                    nc = min(n, grad_in_forward_chunk(d))
+                    comm = [("all_gather", (1, 3, nc), torch.float32)] * -(-n // nc) + [("all_reduce", (n, d), dt)]
+                else:
+                    comm = [("all_gather", (1, 3, n), torch.float32), ("all_reduce", (n, d), dt)]
+                out[name] = (fn, comm, f"impl={impl}" + (" grad_in_forward" if gif else ""))
             elif name in ("megatron", "megatron_fused"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -361,7 +361,8 @@ class Method:
         return self.fn(e, c, t)
 
 
-def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | None = None) -> Method:
+def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | None = None,
+          grad_in_forward: bool = False) -> Method:
     """Our function with `filter_eps` ("auto": adaptive dC tile skipping, None: dense, a number:
     always skip); `env` sets triton_backend's switches (e.g. VPCCE_SORT=1) during each call."""
     name = name or f"vpcce_{impl}"
@@ -370,6 +371,8 @@ def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | Non
     except Exception as err:  # noqa: BLE001
         return Method(name, None, skip_reason=short_error(err))
     kw = {} if filter_eps == "auto" else {"filter_eps": filter_eps}
+    if grad_in_forward:
+        kw["grad_in_forward"] = True
 
     def fn(e, c, t):
         saved = {k: os.environ.get(k) for k in (env or {})}
@@ -391,6 +394,8 @@ def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | Non
         note = "" if filter_eps == "auto" else f"filter_eps={filter_eps if filter_eps is None else format(filter_eps, 'g')}"
         if env:
             note += " " + " ".join(f"{k}={v}" for k, v in env.items())
+        if grad_in_forward:
+            note += " grad_in_forward=True"
         return Method(name, fn, needs_cuda=True, note=note.strip())
     return Method(name, fn, max_nv=2.0**28, note="impl=torch (chunked reference path)")
 
@@ -469,6 +474,7 @@ METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
     "vpcce_torch": lambda: _ours("torch"),
     "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
     "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense"),
+    "vpcce_triton_gif": lambda: _ours("triton", name="vpcce_triton_gif", grad_in_forward=True),
     "vpcce_triton_filter_sorted": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter_sorted",
                                                 {"VPCCE_SORT": "1"}),
     "vpcce_triton_filter14": lambda: _ours("triton", 2.0**-14, "vpcce_triton_filter14"),

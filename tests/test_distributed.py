@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Case:
     all_ignored: bool = False
     int32: bool = False
     impl: str = "torch"
+    gif: bool = False  # grad_in_forward=True, in chunks of 5 tokens (several chunks, one collective each)
 
 
 def _layout(case: Case, grank: int):
@@ -125,6 +127,9 @@ def _run_case(case: Case, seed: int, group, grank: int, gworld: int) -> list[str
 
     kw = dict(ignore_index=ignore_index, reduction=case.reduction, shift=case.shift, return_lse=case.return_lse,
               vocab_size=case.vocab_size, sequence_parallel=case.sp, impl=case.impl, **opts)
+    if case.gif:
+        kw["grad_in_forward"] = True
+        os.environ["VPCCE_GIF_CHUNK"] = "5"
     if case.api == "kwargs":
         kw.update(group=group, vocab_start=start, reduce_grad_e=case.reduce_grad_e)
     elif case.api == "default_start":
@@ -315,6 +320,10 @@ def _cases(world: int) -> list[Case]:
              reduction="none"),
         Case("all-ignored/mean", even, bias=True, opts=ALL_OPTS, all_ignored=True),
         Case("fp32/sp/all", uneven, sp=True, lead=(2 * W,), bias=True, opts=ALL_OPTS, dtype=torch.float32),
+        Case("gif/uneven/padded/all/mean", uneven, order=uneven_order, vocab_size=sum(uneven) - 2, bias=True,
+             opts=ALL_OPTS, gif=True),
+        Case("gif/sp/sum", even, sp=True, lead=(4 * W,), reduction="sum", gif=True),
+        Case("gif/reduce_grad_e=False/all-ignored", uneven, reduce_grad_e=False, all_ignored=True, gif=True),
     ]
     if W == 2:
         cases += [
@@ -337,6 +346,8 @@ def _cases(world: int) -> list[Case]:
             Case("sp/all-ignored/none", even, sp=True, lead=(4,), all_ignored=True, reduction="none"),
             Case("bf16/all/mean", even, bias=True, opts=ALL_OPTS, dtype=torch.bfloat16, lead=(20,)),
             Case("bf16/reduce_grad_e=False", uneven, dtype=torch.bfloat16, reduce_grad_e=False, reduction="sum"),
+            Case("gif/bf16/all/sum", uneven, bias=True, opts=ALL_OPTS, dtype=torch.bfloat16, lead=(20,),
+                 reduction="sum", gif=True),
             Case("vpo/sp/padded", even, vocab_size=13, api="vpo", sp=True, lead=(6,), opts={"label_smoothing": 0.1}),
         ]
     else:
@@ -441,6 +452,8 @@ def _triton_worker(rank: int, world: int, base_seed: int):
         # one case with everything: the interpreter is slow
         Case("triton/uneven/sp/padded/all/none/lse", [5, 11], order=[1, 0], vocab_size=14, bias=True, opts=ALL_OPTS,
              sp=True, lead=(8,), reduction="none", return_lse=True, dtype=torch.float32, impl="triton"),
+        Case("triton/gif/uneven/padded/all/mean", [5, 11], vocab_size=15, bias=True, opts=ALL_OPTS,
+             lead=(12,), dtype=torch.float32, impl="triton", gif=True),
     ]
     for i, case in enumerate(cases):
         _record(results, case.name, lambda: _run_case(case, base_seed + i, dist.group.WORLD, rank, world))

@@ -54,6 +54,7 @@ def _compare(ins, targets, dtype, **kw):
     re, rc = ref_leaves[:2]
     rb = ref_leaves[2] if b is not None else None
     kw.pop("filter_eps", None)
+    kw.pop("grad_in_forward", None)
     ref = reference_loss(re, rc, targets, rb, **kw)
     ref_grads = torch.autograd.grad(ref.sum() if ref.dim() else ref, ref_leaves)
     loss_tol, grad_tol = TOL[dtype]
@@ -210,6 +211,30 @@ def test_logit_gradient_chunks_inside_dc_storage(dtype, filter_eps, seed, path, 
     assert not gc[v:].any()
     for g, rg in ((ge, rge), (gc, rgc), (gb, rgb)):
         assert rel_err(g.double(), rg) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_in_forward_row_kernels(dtype, reduction, seed, path, monkeypatch):
+    """grad_in_forward=True: materialised float32 logit chunks, the row-statistics kernel, G written
+    over the chunk's own storage (16-bit G inside float32 rows), every option, padded vocabulary."""
+    monkeypatch.setenv("VPCCE_GIF_CHUNK", "9")
+    n, d, v = 31, 20, 53
+    ins = _inputs(n, d, v, dtype, bias=True, scale=2.0)
+    t = torch.randint(0, 47, (n,))
+    t[2] = -100
+    _, grads = _compare(ins, t, dtype, reduction=reduction, grad_in_forward=True, softcap=4.0,
+                        label_smoothing=0.1, z_loss=1e-3, vocab_size=47)
+    assert not grads[1][47:].any() and not grads[2][47:].any()
+
+
+def test_grad_in_forward_single_token_and_all_ignored(seed):
+    e, c, b = _inputs(1, 16, 33, torch.bfloat16, bias=True)
+    _compare((e, c, b), torch.tensor([5]), torch.bfloat16, grad_in_forward=True)
+    t = torch.full((1,), -100)
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True)
+    grads = torch.autograd.grad(loss, (e, c, b))
+    assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
 
 def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):

@@ -26,10 +26,15 @@ def _blocks(n: int, v: int) -> tuple[int, int]:
 
 
 def _logits(e_blk, c_blk, b_blk, softcap):
-    """Raw and capped logits of one block, and d(capped)/d(raw) when softcapped."""
+    """Capped logits of one block, and d(capped)/d(raw) when softcapped."""
     z = e_blk @ c_blk.T
     if b_blk is not None:
         z = z + b_blk
+    return _logits_capped(z, softcap)
+
+
+def _logits_capped(z, softcap):
+    """(softcap·tanh(z/softcap), 1 − tanh²) of raw logits z; (z, None) without softcap."""
     if softcap is None:
         return z, None
     th = torch.tanh(z / softcap)
@@ -108,3 +113,38 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
         dc,
         None if db is None else db.to(bias.dtype),
     )
+
+
+# ---- gradient-in-forward mode (precompute.py) ----
+
+def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
+    """Z: the chunk's raw logits (bias included) in the compute dtype, and its rows' (lse, x, s)."""
+    cdt = _compute_dtype(e)
+    v = spec.n_valid
+    z = e.to(cdt) @ c[:v].to(cdt).T
+    if bias is not None:
+        z = z + bias[:v].to(cdt)
+    zc, _ = _logits_capped(z, spec.softcap)
+    lse = torch.logsumexp(zc, dim=1) if v > 0 else zc.new_full((z.shape[0],), float("-inf"))
+    in_shard = (t_local >= 0) & (t_local < v)
+    x = torch.where(in_shard, zc.gather(1, t_local.clamp(0, max(v - 1, 0))[:, None]).squeeze(1), 0.0) \
+        if v > 0 else zc.new_zeros(z.shape[0])
+    s = zc.sum(dim=1) if spec.need_sum else torch.zeros_like(lse)
+    return z, lse, x, s
+
+
+def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec, dtype):
+    """G [n, n_valid] from the chunk's raw logits Z, kept in the compute dtype (exact; `dtype` is
+    the triton backend's storage dtype, unused here)."""
+    zc, dcap = _logits_capped(z, spec.softcap)
+    g = coef_p[:, None] * torch.exp(zc - lse[:, None]) + coef_u[:, None]
+    cols = torch.arange(z.shape[1], device=z.device)
+    g = g + torch.where(cols[None, :] == t_local[:, None], coef_t[:, None], 0.0)
+    if dcap is not None:
+        g = g * dcap
+    return g
+
+
+def accumulate_product_fp32(acc, a, b, exact: bool) -> None:
+    """acc (float32/float64) += a · b, computed in acc's dtype."""
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))

@@ -446,3 +446,65 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
                               spec.softcap or 0.0, filter_eps, spec.adaptive_filter, spec.exact,
                               need_de, need_dc, need_db)
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)
+
+
+# ---- gradient-in-forward mode (precompute.py): passes over a materialised chunk of logits ----
+
+ROW_BLOCK, ROW_WARPS = 2048, 8
+
+
+def _product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool) -> None:
+    """out [M, NN] float32 = a [M, K] · b [K, NN] (cuBLAS with float32 output where torch has it)."""
+    if a.dtype == b.dtype != torch.float32 and _CUBLAS_FP32_OUT.get(out.device, True):
+        try:
+            torch.addmm(out, a, b, beta=0, out_dtype=torch.float32, out=out)
+            _CUBLAS_FP32_OUT[out.device] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _CUBLAS_FP32_OUT[out.device] = False
+    if out.device.type == "cuda" and a.dtype == b.dtype == torch.float32 and not exact:
+        torch.mm(a, b, out=out)
+        return
+    _sparse_matmul(a, a.stride(), b, b.stride(), out, out.stride(), a.shape[0], b.shape[1], a.shape[1],
+                   exact=exact)
+
+
+def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
+    """Z = e·c[:n_valid]ᵀ, float32 [n, n_valid] (rows padded to a multiple of 8), and the rows'
+    float32 (lse, x, s) [n] (bias and softcap applied to Z's values on the fly)."""
+    n, v = e.shape[0], spec.n_valid
+    z = torch.empty(n, triton.cdiv(max(v, 1), 8) * 8, dtype=torch.float32, device=e.device)
+    if v == 0 or n == 0:
+        return z, (e.new_full((n,), float("-inf"), dtype=torch.float32),
+                   e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
+    _product_fp32(z[:, :v], e, c[:v].T, spec.exact)
+    out = torch.empty(3, n, dtype=torch.float32, device=e.device)
+    block = 16 if _interpreting() else ROW_BLOCK
+    K.row_stats_kernel[(n,)](
+        z, c if bias is None else bias, t_local, out, v, z.stride(0), n,
+        spec.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=spec.softcap is not None,
+        NEED_SUM=spec.need_sum, BLOCK=block, num_warps=ROW_WARPS,
+    )
+    return z, out[0], out[1], out[2]
+
+
+def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec, dtype):
+    """G [n, n_valid] in `dtype` (float32 for float32), written over Z's storage (row i of G inside
+    row i of Z)."""
+    n, v = z.shape[0], spec.n_valid
+    g = z if dtype == torch.float32 else z.view(dtype)
+    if v == 0 or n == 0:
+        return g[:, :v]
+    coef = torch.stack([coef_p, coef_t, coef_u]).float().contiguous()
+    block = 16 if _interpreting() else ROW_BLOCK
+    K.row_logit_grad_kernel[(n,)](
+        z, g, z if bias is None else bias, t_local, lse.float().contiguous(), coef, v, z.stride(0), g.stride(0), n,
+        spec.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=spec.softcap is not None,
+        BLOCK=block, num_warps=ROW_WARPS,
+    )
+    return g[:, :v]
+
+
+def accumulate_product_fp32(acc, a, b, exact: bool) -> None:
+    """acc float32 += a · b (see `_add_product_fp32`)."""
+    _add_product_fp32(acc, a, b, exact)

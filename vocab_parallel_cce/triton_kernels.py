@@ -10,6 +10,9 @@ optionally softcapped z ← cap·tanh(z/cap). All accumulation is float32.
   any softmax value in it reaches `filter_eps` (or it holds a target).
 - `sparse_matmul_kernel`: OUT (+)= A·B visiting, for each row tile of A, only the K tiles listed
   as non-negligible; optional row gather of B and row scatter of OUT (vocabulary ordering).
+- `row_stats_kernel`, `row_logit_grad_kernel`: the gradient-in-forward mode's passes over a
+  materialised float32 chunk of logits Z [n_c, V] (one program per token row): the row's
+  (lse, correct logit, Σ logits), then G written over Z's own storage.
 """
 
 import triton
@@ -238,3 +241,73 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
+
+
+@triton.jit
+def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of row `row` of Z (float32 [n_rows, V])."""
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    tgt = tl.load(TGT + row)
+    # per-lane online log-sum-exp, merged across lanes at the end (no reduction inside the loop)
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    x = tl.zeros((BLOCK,), tl.float32)
+    zsum = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        x += tl.where(offs == tgt, z, 0.0)
+        if NEED_SUM:
+            zsum += tl.where(mask, z, 0.0)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, z)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
+        m = m_new
+    m_max = tl.max(m, axis=0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    lse = m_ref + tl.log(tl.sum(s * tl.exp(m - m_ref), axis=0))
+    tl.store(OUT + row, lse)
+    tl.store(OUT + n_rows + row, tl.sum(x, axis=0))
+    tl.store(OUT + 2 * n_rows + row, tl.sum(zsum, axis=0))
+
+
+@triton.jit
+def row_logit_grad_kernel(Z, G, BIAS, TGT, LSE, COEF, V, stride_z, stride_g, n_rows, softcap,
+                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """G[row, j] = a·p + b·[j = t] + u (× (1 − tanh²) when softcapped), p = exp(z − lse), from Z.
+
+    G may occupy Z's own storage (row r of G inside row r of Z, narrower elements): block k of
+    G overwrites Z columns below (k + 1)·BLOCK / 2, all loaded by iteration k; the barrier makes
+    every thread finish its loads of iteration k before any thread stores.
+    """
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    g_row = G + row.to(tl.int64) * stride_g
+    tgt = tl.load(TGT + row)
+    lse = tl.load(LSE + row)
+    a = tl.load(COEF + row)
+    b = tl.load(COEF + n_rows + row)
+    u = tl.load(COEF + 2 * n_rows + row)
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            th = _tanh(z / softcap)
+            z = softcap * th
+        g = a * tl.exp(z - lse) + tl.where(offs == tgt, b, 0.0) + u
+        if HAS_SOFTCAP:
+            g = g * (1.0 - th * th)
+        tl.debug_barrier()
+        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)

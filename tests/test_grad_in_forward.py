@@ -1,0 +1,104 @@
+"""grad_in_forward=True (gradients computed during the forward, token chunks) against the float64
+reference, on impl="torch"; the Triton row kernels of this mode are tested in
+test_triton_interpreter.py, the vocabulary-parallel combination in test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import reference_loss, rel_err
+from test_torch_path import OPTIONS, TOL, make_inputs, split_options
+from vocab_parallel_cce import linear_cross_entropy
+
+
+@pytest.fixture
+def chunk(monkeypatch):
+    """Several token chunks (the production chunk is ≈ D tokens)."""
+    monkeypatch.setenv("VPCCE_GIF_CHUNK", "7")
+
+
+def _check(e, c, t, b, dtype, upstream=0.75, **kw):
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, **kw)
+    leaves = [q for q in (e, c, b) if q is not None]
+    grads = torch.autograd.grad(loss * upstream, leaves)  # upstream != 1: the backward's scaling
+    ref_leaves = [q.detach().double().requires_grad_() for q in leaves]
+    ref = reference_loss(ref_leaves[0], ref_leaves[1], t, ref_leaves[2] if b is not None else None, **kw)
+    ref_grads = torch.autograd.grad(ref * upstream, ref_leaves)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(loss.double(), ref) < loss_tol, (loss, ref)
+    for name, g, rg in zip(("e", "c", "bias"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert rel_err(g.double(), rg) < grad_tol, (name, rel_err(g.double(), rg))
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_reference(seed, chunk, reduction, option, dtype):
+    want_bias, opts = split_options(OPTIONS[option])
+    e, c, t, b = make_inputs(30, 12, 41, dtype, bias=want_bias)
+    _check(e, c, t, b, dtype, reduction=reduction, **opts)
+
+
+@pytest.mark.parametrize("n,d,v", [(1, 5, 3), (7, 3, 2), (22, 9, 130)])
+def test_odd_sizes_and_single_token(seed, chunk, n, d, v):
+    e, c, t, b = make_inputs(n, d, v, torch.float32, bias=True, ignore_frac=0.0)
+    _check(e, c, t, b, torch.float32, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_token_ignored_gives_zero_loss_and_gradients(seed, chunk, reduction):
+    e, c, t, b = make_inputs(15, 8, 20, torch.float32, bias=True)
+    t.fill_(-100)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction=reduction)
+    grads = torch.autograd.grad(loss, (e, c, b))
+    assert loss.item() == 0.0 and all(not g.any() for g in grads)
+
+
+def test_3d_shift_and_padded_vocabulary(seed, chunk):
+    e, c, t, b = make_inputs(0, 10, 33, torch.float32, bias=True, lead=(3, 8))
+    t[t >= 29] = 5
+    loss, (ge, gc, gb) = _check(e, c, t, b, torch.float32, shift=1, vocab_size=29, label_smoothing=0.2)
+    assert not gc[29:].any() and not gb[29:].any()
+
+
+def test_out_of_range_target_is_nan(seed, chunk):
+    e, c, t, b = make_inputs(12, 6, 10, torch.float32, ignore_frac=0.0)
+    t[4] = 10
+    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True)
+    assert torch.isnan(loss)
+
+
+def test_same_loss_as_the_default_path_and_forward_only_use(seed):
+    e, c, t, b = make_inputs(20, 8, 25, torch.float32, bias=True)
+    default = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3)
+    mode = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True)
+    assert torch.allclose(default, mode, rtol=1e-6)
+    with torch.no_grad():  # nothing to differentiate: the default path runs, same value
+        assert torch.allclose(linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True),
+                              default, rtol=1e-6)
+
+
+def test_only_some_inputs_require_grad(seed, chunk):
+    e, c, t, b = make_inputs(16, 8, 21, torch.float32, bias=True)
+    e.requires_grad_(False)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True)
+    gc, = torch.autograd.grad(loss, (c,))
+    ref_c = c.detach().double().requires_grad_()
+    ref = reference_loss(e.double(), ref_c, t, b.detach().double())
+    assert rel_err(gc.double(), torch.autograd.grad(ref, ref_c)[0]) < 2e-5
+
+
+def test_backward_runs_once_and_bad_options_raise(seed):
+    e, c, t, _ = make_inputs(8, 4, 9, torch.float32)
+    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="grad_in_forward=True.*only once"):
+        loss.backward()
+    for bad in ({"reduction": "none"}, {"return_lse": True}):
+        with pytest.raises(ValueError, match=r"^grad_in_forward: needs reduction"):
+            linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, **bad)
