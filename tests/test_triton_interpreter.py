@@ -237,6 +237,23 @@ def test_grad_in_forward_single_token_and_all_ignored(seed):
     assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
 
+def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
+    """The backward multiplies the stored 16-bit gradients by the upstream gradient in float32
+    (scale_kernel): an upstream factor that bfloat16 cannot represent still gives bf16-exact grads."""
+    e, c, b = _inputs(13, 16, 29, torch.bfloat16, bias=True)
+    t = torch.randint(0, 29, (13,))
+    k = 1.0 + 3 * 2.0**-10  # rounds to 1.0 in bfloat16
+    assert torch.tensor(k).to(torch.bfloat16).item() == 1.0
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum")
+    grads = torch.autograd.grad(loss * k, (e, c, b))
+    loss1 = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum")
+    grads1 = torch.autograd.grad(loss1, (e, c, b))
+    for g, g1 in zip(grads, grads1):
+        expect = (g1.float() * k).to(torch.bfloat16)
+        assert not torch.equal(expect, g1)  # k rounded to bfloat16 would be caught
+        assert torch.equal(g, expect)
+
+
 def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):
     """The `path` fixture is not a no-op: the fused kernels get descriptors for 16-byte aligned
     rows only, and none at all with VPCCE_TMA=0."""

@@ -74,7 +74,11 @@ class LossWithGradInForward(torch.autograd.Function):
         need_db = need_db and bias is not None
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
         de = torch.empty(e.shape, dtype=e.dtype, device=e.device) if need_de else None
-        dc_acc = torch.zeros(c.shape, dtype=acc_dtype, device=c.device) if need_dc else None
+        dc_acc = torch.empty(c.shape, dtype=acc_dtype, device=c.device) if need_dc else None
+        if need_dc:
+            dc_acc[v:].zero_()  # padding rows; the first chunk writes rows [0, v) (no zero-fill pass)
+            if n == 0:
+                dc_acc.zero_()
         db = torch.zeros(c.shape[0], dtype=acc_dtype, device=c.device) if need_db else None
         total = torch.zeros((), dtype=acc_dtype, device=e.device)
         scale = None if count is None else 1.0 / count.clamp(min=1).to(acc_dtype)
@@ -102,9 +106,9 @@ class LossWithGradInForward(torch.autograd.Function):
                 else:
                     de[n0:n1] = (g @ c[:v].to(g.dtype)).to(de.dtype)
                 if scale is not None and not fold:
-                    _scale_in_place(de[n0:n1], scale)
+                    backend.scale_in_place(de[n0:n1], scale)
             if need_dc:
-                backend.accumulate_product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), spec.exact)
+                backend.product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), spec.exact, accumulate=n0 > 0)
             if need_db:
                 db[:v] += g.sum(dim=0, dtype=acc_dtype)
             del z, g
@@ -119,7 +123,7 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.group, ctx.reduce_grad_e = group, reduce_grad_e
+        ctx.group, ctx.reduce_grad_e, ctx.backend = group, reduce_grad_e, backend
         return total.float() if acc_dtype == torch.float32 else total
 
     @staticmethod
@@ -130,20 +134,8 @@ class LossWithGradInForward(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         for q in grads:
             if q is not None:
-                _scale_in_place(q, g_loss)
+                ctx.backend.scale_in_place(q, g_loss)
         de = grads[0]
         if de is not None and ctx.reduce_grad_e and vp.group_size(ctx.group) > 1:
             vp.all_reduce_sum(de, ctx.group, "all-reduce the hidden-state gradient")
         return (*grads, None, None, None, None, None, None, None, None, None)
-
-
-def _scale_in_place(t: torch.Tensor, k: torch.Tensor, block: int = 1 << 22) -> None:
-    """t *= k (a 0-d tensor), computed in float32 (at least) in blocks, so neither k nor the
-    product is rounded to a 16-bit dtype before the single final rounding."""
-    if t.dtype in (torch.float32, torch.float64):
-        t.mul_(k.to(t.dtype))
-        return
-    flat = t.view(-1)
-    for i in range(0, flat.numel(), block):
-        blk = flat[i:i + block]
-        blk.copy_(blk.float() * k)

@@ -145,6 +145,21 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardS
     return g
 
 
-def accumulate_product_fp32(acc, a, b, exact: bool) -> None:
-    """acc (float32/float64) += a · b, computed in acc's dtype."""
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+def product_fp32(out, a, b, exact: bool, accumulate: bool) -> None:
+    """out (float32/float64) (+)= a · b, computed in out's dtype."""
+    if accumulate:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def scale_in_place(t: torch.Tensor, k: torch.Tensor, block: int = 1 << 22) -> None:
+    """t (contiguous) *= k (a 0-d tensor), computed in float32 at least, in blocks, so that neither
+    k nor the product is rounded to a 16-bit dtype before the single final rounding."""
+    if t.dtype in (torch.float32, torch.float64):
+        t.mul_(k.to(t.dtype))
+        return
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), block):
+        blk = flat[i:i + block]
+        blk.copy_(blk.float() * k)

@@ -505,6 +505,15 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardS
     return g[:, :v]
 
 
-def accumulate_product_fp32(acc, a, b, exact: bool) -> None:
-    """acc float32 += a · b (see `_add_product_fp32`)."""
-    _add_product_fp32(acc, a, b, exact)
+def product_fp32(out, a, b, exact: bool, accumulate: bool) -> None:
+    """out float32 (+)= a · b."""
+    if accumulate:
+        _add_product_fp32(out, a, b, exact)
+    else:
+        _product_fp32(out, a, b, exact)
+
+
+def scale_in_place(t: torch.Tensor, k: torch.Tensor) -> None:
+    """t (contiguous) *= k (0-d float32 tensor), computed in float32, no host sync."""
+    block = 16 if _interpreting() else 4096
+    K.scale_kernel[(triton.cdiv(t.numel(), block),)](t, k.float().reshape(1), t.numel(), BLOCK=block)

@@ -311,3 +311,13 @@ def row_logit_grad_kernel(Z, G, BIAS, TGT, LSE, COEF, V, stride_z, stride_g, n_r
             g = g * (1.0 - th * th)
         tl.debug_barrier()
         tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_kernel(X, K, numel, BLOCK: tl.constexpr):
+    """X *= K[0] in float32 (one rounding to X's dtype; K is never rounded to it)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    k = tl.load(K).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(X + offs, (x * k).to(X.dtype.element_ty), mask=mask)
