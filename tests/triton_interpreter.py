@@ -31,3 +31,11 @@ def patch_bf16_dot() -> None:
 
     builder.create_dot = create_dot
     builder._vpcce_bf16_patched = True
+
+
+def kernel_bf16(x):
+    """float32 → bfloat16 as a kernel's `.to(tl.bfloat16)` does under the interpreter: it truncates
+    the mantissa (no rounding mode given), where the GPU rounds to nearest even."""
+    import torch
+
+    return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
