@@ -118,11 +118,12 @@ def test_filtering_keeps_bf16_resolution_on_trained_like_data():
     assert errs[0] < 8e-3 and errs[1] < 8e-3, errs
 
 
-def test_torch_compile_gives_the_same_loss_and_grads():
+@pytest.mark.parametrize("gif", [False, True], ids=["default", "grad_in_forward"])
+def test_torch_compile_gives_the_same_loss_and_grads(gif):
     e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=3)
 
     def step(e, c, t):
-        loss = linear_cross_entropy(e, c, t, impl="triton", z_loss=1e-4)
+        loss = linear_cross_entropy(e, c, t, impl="triton", z_loss=1e-4, grad_in_forward=gif)
         return loss, *torch.autograd.grad(loss, (e, c))
 
     ins = [x.clone().requires_grad_() for x in (e, c)]
@@ -173,10 +174,12 @@ def test_no_host_sync_on_the_default_path():
     e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=13)
     e, c = e.requires_grad_(), c.requires_grad_()
     linear_cross_entropy(e, c, t).backward()  # warm caches (cuBLAS probe, compilation)
+    linear_cross_entropy(e, c, t, grad_in_forward=True).backward()
     torch.cuda.set_sync_debug_mode("error")
     try:
         linear_cross_entropy(e, c, t, label_smoothing=0.1).backward()
         linear_cross_entropy(e, c, t).backward()
+        linear_cross_entropy(e, c, t, z_loss=1e-4, grad_in_forward=True).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

@@ -102,3 +102,21 @@ def test_backward_runs_once_and_bad_options_raise(seed):
     for bad in ({"reduction": "none"}, {"return_lse": True}):
         with pytest.raises(ValueError, match=r"^grad_in_forward: needs reduction"):
             linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, **bad)
+
+
+@pytest.mark.slow
+def test_under_torch_compile(seed, chunk):
+    """The mode runs eagerly inside a compiled function (a graph break), with the same results."""
+    torch._dynamo.reset()
+    e, c, t, b = make_inputs(16, 8, 21, torch.float32, bias=True)
+
+    def fn(e, c, t, b):
+        return 2.0 * linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, z_loss=1e-3)
+
+    loss = torch.compile(fn, backend="aot_eager")(e, c, t, b)
+    grads = torch.autograd.grad(loss, (e, c, b))
+    ref_in = [q.detach().double().requires_grad_() for q in (e, c, b)]
+    ref = 2.0 * reference_loss(*ref_in[:2], t, ref_in[2], z_loss=1e-3)
+    assert rel_err(loss.double(), ref) < 2e-6
+    for g, rg in zip(grads, torch.autograd.grad(ref, ref_in)):
+        assert rel_err(g.double(), rg) < 2e-5

@@ -347,8 +347,8 @@ def linear_cross_entropy(
     if grad_in_forward and needs_grad:
         count = (t != ignore_index).sum() if reduction == "mean" else None
         with torch.autocast(device_type, enabled=False):
-            return LossWithGradInForward.apply(e2, c, bias, t, vocab_start, backend, spec, group, reduce_grad_e,
-                                               compose, count, grad_in_forward_chunk(e2.shape[1]))
+            return _loss_with_grad_in_forward(e2, c, bias, t, vocab_start, backend, spec, group, reduce_grad_e,
+                                              compose, count, grad_in_forward_chunk(e2.shape[1]))
 
     with torch.autocast(device_type, enabled=False):
         lse, x, s = ShardStats.apply(e2, c, bias, t - vocab_start, backend, spec, group, reduce_grad_e)
@@ -369,6 +369,11 @@ def linear_cross_entropy(
             lse = lse[..., : out_shape[-1] - shift]
         return loss, lse
     return loss
+
+
+@torch.compiler.disable  # runs eagerly under torch.compile (a graph break): Python loop, collectives
+def _loss_with_grad_in_forward(*args):
+    return LossWithGradInForward.apply(*args)
 
 
 def token_loss(lse, x, s, t, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float):
