@@ -1,5 +1,5 @@
 """Training step of a Hugging Face causal LM: unpatched vs vocab_parallel_cce.transformers.patch
-(vs Liger's patch when installed). One GPU.
+(default, and with grad_in_forward=True) vs Liger's patch when installed. One GPU.
 
     PYTHONPATH=. python3 benchmarks/bench_transformers.py --out $OUT [--layers 2 --seq 8192]
 
@@ -68,13 +68,13 @@ def main():
     labels = ids.clone()
     labels[:, :16] = -100
     rows = []
-    for method in ("unpatched", "vpcce", "liger"):
+    for method in ("unpatched", "vpcce", "vpcce_gif", "liger"):
         model = build(args.layers, seed=0)
         try:
-            if method == "vpcce":
+            if method in ("vpcce", "vpcce_gif"):
                 from vocab_parallel_cce.transformers import patch
 
-                patch(model)
+                patch(model, grad_in_forward=method == "vpcce_gif")
             elif method == "liger":
                 from liger_kernel.transformers import apply_liger_kernel_to_llama
 
