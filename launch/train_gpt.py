@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "both: fused then native from the same initial weights and batches")
     g.add_argument("--fused-impl", default=None,
                    help="impl= for the fused loss (auto, torch, triton, ...; default: the library's)")
+    g.add_argument("--fused-grad-in-forward", action="store_true",
+                   help="the fused loss computes its gradients during the forward (grad_in_forward=True: "
+                        "fewer FLOPs, more memory; this script's loss is a plain mean, which it needs)")
     g.add_argument("--native-fused-ce", action="store_true",
                    help="native runs use Megatron's fused vocab-parallel cross-entropy "
                         "(cross_entropy_loss_fusion=True) instead of its unfused one")
@@ -196,12 +199,14 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(f"--corpus {args.corpus}: no such file")
     if args.fused_impl is not None and args.loss == "native":
         raise UsageError("--fused-impl only applies to --loss fused or both")
+    if args.fused_grad_in_forward and args.loss == "native":
+        raise UsageError("--fused-grad-in-forward only applies to --loss fused or both")
 
     cfg.update(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, dp=world // tp,
                sequence_parallel=sp, device=device, backend="nccl" if device == "cuda" else "gloo",
                loss=args.loss, seed=args.seed, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                tie_embeddings=args.tie_embeddings, fused_impl=args.fused_impl, corpus=args.corpus,
-               native_fused_ce=args.native_fused_ce,
+               native_fused_ce=args.native_fused_ce, fused_grad_in_forward=args.fused_grad_in_forward,
                data_seed=args.data_seed, dist_timeout=args.dist_timeout)
     return cfg
 
@@ -510,6 +515,8 @@ def train(cfg: dict, loss_kind: str, corpus, ps, init_state) -> tuple[list[dict]
         if patch is None:
             raise UsageError(f"--loss fused: {why}")
         options = {} if cfg["fused_impl"] is None else {"impl": cfg["fused_impl"]}
+        if cfg.get("fused_grad_in_forward"):
+            options["grad_in_forward"] = True
         model = patch(model, **options)
     model.train()
 

@@ -99,6 +99,10 @@ def _run_case(case: Case, seed: int, group, grank: int, gworld: int) -> list[str
                          shift=case.shift, vocab_size=case.vocab_size, return_lse=case.return_lse, **opts)
     ref_loss, ref_lse = ref if case.return_lse else (ref, None)
     w_loss = torch.rand(ref_loss.shape, generator=g, dtype=torch.float64) + 0.5
+    if case.gif and case.reduction == "none":  # the mode needs one upstream value on non-ignored tokens
+        shift = int(case.shift)
+        used = targets[..., shift:] if shift else targets
+        w_loss = torch.where(used != ignore_index, 0.75, w_loss)
     w_lse = None if ref_lse is None else torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
 
     def scalar(loss, lse):
@@ -324,6 +328,8 @@ def _cases(world: int) -> list[Case]:
              opts=ALL_OPTS, gif=True),
         Case("gif/sp/sum", even, sp=True, lead=(4 * W,), reduction="sum", gif=True),
         Case("gif/reduce_grad_e=False/all-ignored", uneven, reduce_grad_e=False, all_ignored=True, gif=True),
+        Case("gif/sp/3d/shift1/all/none", even, sp=True, lead=(W, 7), shift=1, bias=True, opts=ALL_OPTS,
+             reduction="none", gif=True),
     ]
     if W == 2:
         cases += [

@@ -89,9 +89,10 @@ def test_triton_matches_float64(case):
 GIF_CASES = [c for c in CASES if c[0] > 1 and c[4] == "triton"]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", GIF_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[5]}")
 def test_grad_in_forward_matches_float64(case, reduction, monkeypatch):
+    """"none": the per-token losses reduced as Megatron's loss function does, sum(loss·mask)/count."""
     n, d, v, dtype, impl, kind, has_bias, softcap, ls, zl = case
     monkeypatch.setenv("VPCCE_GIF_CHUNK", "640")  # several chunks, the last partial
     e, c, t = _inputs(n, d, v, dtype, kind, seed=n + v + 1)
@@ -100,8 +101,11 @@ def test_grad_in_forward_matches_float64(case, reduction, monkeypatch):
     leaves = [x.clone().requires_grad_() for x in (e, c) + (() if bias is None else (bias,))]
     loss = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if has_bias else None, softcap=softcap,
                                 label_smoothing=ls, z_loss=zl, reduction=reduction, grad_in_forward=True)
+    if reduction == "none":
+        mask = (t != -100).float()
+        loss = (loss * mask).sum() / mask.sum()
     grads = torch.autograd.grad(loss * 0.5, leaves)
-    ref, ref_grads = _reference(e, c, t, bias, softcap, ls, zl, reduction)
+    ref, ref_grads = _reference(e, c, t, bias, softcap, ls, zl, "sum" if reduction == "sum" else "mean")
     grad_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
     assert rel_err(loss.double(), ref) < 1e-4
     for g, rg in zip(grads, ref_grads):

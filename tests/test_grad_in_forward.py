@@ -1,5 +1,6 @@
 """grad_in_forward=True (gradients computed during the forward, token chunks) against the float64
-reference, on impl="torch"; the Triton row kernels of this mode are tested in
+reference, on impl="torch" (reduction "none" with an upstream gradient uniform over the non-ignored
+tokens, and the NaN it gives otherwise, included); the Triton row kernels of this mode are tested in
 test_triton_interpreter.py, the vocabulary-parallel combination in test_distributed.py."""
 
 from __future__ import annotations
@@ -99,9 +100,46 @@ def test_backward_runs_once_and_bad_options_raise(seed):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="grad_in_forward=True.*only once"):
         loss.backward()
-    for bad in ({"reduction": "none"}, {"return_lse": True}):
-        with pytest.raises(ValueError, match=r"^grad_in_forward: needs reduction"):
-            linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, **bad)
+    with pytest.raises(ValueError, match=r"^grad_in_forward: needs return_lse=False"):
+        linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_none_with_a_uniform_upstream_gradient(seed, chunk, dtype, option):
+    """Per-token losses whose upstream gradient is one value s on every non-ignored token (what
+    Megatron's `sum(losses * loss_mask) / n` gives when loss_mask marks those tokens); the ignored
+    tokens' upstream values do not matter. 3-D inputs with a shift (the shifted-out positions get 0)."""
+    want_bias, opts = split_options(OPTIONS[option])
+    e, c, t, b = make_inputs(0, 12, 41, dtype, bias=want_bias, lead=(3, 9))
+    kw = dict(reduction="none", shift=1, **opts)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, **kw)
+    assert loss.shape == (3, 8)
+    valid = t[:, 1:] != -100
+    w = torch.where(valid, 0.37, torch.rand(valid.shape, dtype=torch.float64))
+    leaves = [q for q in (e, c, b) if q is not None]
+    grads = torch.autograd.grad((loss * w).sum(), leaves)
+    ref_leaves = [q.detach().double().requires_grad_() for q in leaves]
+    ref = reference_loss(ref_leaves[0], ref_leaves[1], t, ref_leaves[2] if b is not None else None, **kw)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ref_leaves)
+    loss_tol, grad_tol = TOL[dtype]
+    assert rel_err(loss.double(), ref) < loss_tol
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == dtype and rel_err(g.double(), rg) < grad_tol
+
+
+def test_none_with_a_non_uniform_upstream_gradient_gives_nan(seed):
+    e, c, t, b = make_inputs(10, 6, 13, torch.float32, bias=True, ignore_frac=0.0)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none")
+    w = torch.ones(10)
+    w[3] = 0.5  # e.g. a fractional loss mask on a non-ignored token
+    grads = torch.autograd.grad((loss * w).sum(), (e, c, b))
+    assert all(torch.isnan(g).all() for g in grads)
+    # all tokens ignored: any upstream gradient is fine, every gradient is 0
+    t.fill_(-100)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none")
+    grads = torch.autograd.grad((loss * torch.rand(10)).sum(), (e, c, b))
+    assert all(not g.any() for g in grads)
 
 
 @pytest.mark.slow

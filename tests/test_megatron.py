@@ -64,20 +64,23 @@ def _grads(model):
 # --------------------------------------------------------------------------- training equivalence
 
 
-def _train_compare(rank, world, sp, combos, steps, extra):
+def _train_compare(rank, world, sp, combos, steps, extra, patch_opts=None):
     probe = _Probe()
+    gif = (patch_opts or {}).get("grad_in_forward", False)
     with cpu_megatron():
         init_parallel(world)
         for tied, mtp in combos:
             ref = build_gpt(world, sequence_parallel=sp, tied=tied, mtp_layers=mtp, **extra)
             new = build_gpt(world, sequence_parallel=sp, tied=tied, mtp_layers=mtp, **extra)
-            vm.patch_gpt_model(new)
+            vm.patch_gpt_model(new, **(patch_opts or {}))
             opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, new)]
             tag = f"tp={world} sp={sp} tied={tied} mtp={mtp} {extra}"
             before = probe.calls
             for step in range(steps):
                 ids, pos, am, labels, lm = batch(seed=step)
                 labels[0, -3:] = -100  # masked positions may hold any label (Megatron: loss_mask decides)
+                if gif:  # the mode needs the same weight on every position with a label in the vocabulary
+                    lm = (labels != -100).float()
                 losses, grads = [], []
                 for m, opt in zip((ref, new), opts):
                     opt.zero_grad(set_to_none=True)
@@ -104,6 +107,30 @@ def _train_compare(rank, world, sp, combos, steps, extra):
 def test_training_matches_native(tp, sp):
     combos = [(False, 0), (True, 0), (False, 1), (True, 1)]
     spawn(_train_compare, tp, sp, combos, 3, {})
+
+
+@pytest.mark.parametrize("tp,sp", [pytest.param(1, False, id="tp1"), pytest.param(2, True, id="tp2-sp")])
+def test_training_matches_native_grad_in_forward(tp, sp):
+    spawn(_train_compare, tp, sp, [(False, 0), (True, 0)], 3, {}, {"grad_in_forward": True})
+
+
+def _gif_misuse(rank, world):
+    with cpu_megatron():
+        init_parallel(world)
+        m = build_gpt(world, mtp_layers=1)
+        with pytest.raises(ValueError, match="grad_in_forward=True does not support multi-token"):
+            vm.patch_gpt_model(m, grad_in_forward=True)
+        m = vm.patch_gpt_model(build_gpt(world), grad_in_forward=True)
+        ids, pos, am, labels, lm = batch(seed=1)  # lm has zeros on positions whose labels are valid
+        per_token = m(ids, pos, am, labels=labels, loss_mask=lm)
+        ((per_token * lm).sum() / lm.sum()).backward()
+        grads = _grads(m)
+        assert torch.isnan(grads["output_layer.weight"]).all(), "a non-uniform upstream gradient must give NaN"
+    return True
+
+
+def test_grad_in_forward_rejects_mtp_and_flags_non_uniform_loss_masks():
+    spawn(_gif_misuse, 1)
 
 
 @pytest.mark.skipif(not HAS_MUP, reason="this megatron-core has no MuP logit scaling")

@@ -228,6 +228,20 @@ def test_grad_in_forward_row_kernels(dtype, reduction, seed, path, monkeypatch):
     assert not grads[1][47:].any() and not grads[2][47:].any()
 
 
+def test_grad_in_forward_per_token_with_uniform_upstream(seed, path):
+    e, c, b = _inputs(23, 20, 37, torch.bfloat16, bias=True, scale=2.0)
+    t = torch.randint(0, 37, (23,))
+    t[::5] = -100
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="none", z_loss=1e-3)
+    w = torch.where(t != -100, 0.5, 3.0)
+    grads = torch.autograd.grad((loss * w).sum(), (e, c, b))
+    ref_in = [q.detach().double().requires_grad_() for q in (e, c, b)]
+    ref = reference_loss(*ref_in[:2], t, ref_in[2], reduction="none", z_loss=1e-3)
+    assert rel_err(loss.double(), ref) < 1e-5
+    for g, rg in zip(grads, torch.autograd.grad((ref * w).sum(), ref_in)):
+        assert rel_err(g.double(), rg) < TOL[torch.bfloat16][1]
+
+
 def test_grad_in_forward_single_token_and_all_ignored(seed):
     e, c, b = _inputs(1, 16, 33, torch.bfloat16, bias=True)
     _compare((e, c, b), torch.tensor([5]), torch.bfloat16, grad_in_forward=True)

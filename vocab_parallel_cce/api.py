@@ -257,10 +257,12 @@ def linear_cross_entropy(
         accum_e_fp32, accum_c_fp32: accepted for Apple CCE compatibility; gradients are always
             accumulated in float32.
         grad_in_forward: compute the gradients during the forward from materialised chunks of
-            ≈D tokens' logits (6·N·D·V FLOPs instead of 8; filter_eps is not used). Needs reduction
-            "mean" or "sum" and return_lse=False; the backward may run only once (no retain_graph).
-            More memory: a float32 chunk of logits [≈D, V_local] and a float32 dC, together
-            ≈ 4× dC's 16-bit size. Without autograd (no input requires grad) it is the default path.
+            ≈D tokens' logits (6·N·D·V FLOPs instead of 8; filter_eps is not used), for an upstream
+            gradient that is the same for every non-ignored token: "mean"/"sum", or "none" followed
+            by such a reduction (checked on the device: otherwise the gradients are NaN). Needs
+            return_lse=False; the backward may run only once (no retain_graph). More memory: a
+            float32 chunk of logits [≈D, V_local] and a float32 dC, together ≈ 4× dC's 16-bit
+            size. Without autograd (no input requires grad) it is the default path.
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
@@ -268,11 +270,8 @@ def linear_cross_entropy(
         A target outside [0, vocab_size) that is not ignore_index gives a NaN loss for its token.
     """
     shift = _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps)
-    if grad_in_forward and (reduction == "none" or return_lse):
-        raise ValueError(
-            f"grad_in_forward: needs reduction 'mean' or 'sum' and return_lse=False (the upstream gradient "
-            f"must be one scalar), got reduction={reduction!r}, return_lse={return_lse}"
-        )
+    if grad_in_forward and return_lse:
+        raise ValueError("grad_in_forward: needs return_lse=False (lse's gradient would be per token)")
 
     if vocab_parallel_options is not None:
         if group is not None or vocab_start is not None:
@@ -347,13 +346,15 @@ def linear_cross_entropy(
     if grad_in_forward and needs_grad:
         count = (t != ignore_index).sum() if reduction == "mean" else None
         with torch.autocast(device_type, enabled=False):
-            return _loss_with_grad_in_forward(e2, c, bias, t, vocab_start, backend, spec, group, reduce_grad_e,
-                                              compose, count, grad_in_forward_chunk(e2.shape[1]))
-
-    with torch.autocast(device_type, enabled=False):
-        lse, x, s = ShardStats.apply(e2, c, bias, t - vocab_start, backend, spec, group, reduce_grad_e)
+            loss = _loss_with_grad_in_forward(e2, c, bias, t, vocab_start, backend, spec, group, reduce_grad_e,
+                                              compose, reduction, count, grad_in_forward_chunk(e2.shape[1]))
+        if reduction != "none":
+            return loss
+    else:
+        with torch.autocast(device_type, enabled=False):
+            lse, x, s = ShardStats.apply(e2, c, bias, t - vocab_start, backend, spec, group, reduce_grad_e)
+        loss = compose(lse, x, s, t)
     valid = t != ignore_index
-    loss = compose(lse, x, s, t)
 
     if reduction == "mean":
         loss = loss.sum() / valid.sum().clamp(min=1)

@@ -53,21 +53,26 @@ def grad_in_forward_chunk(d: int) -> int:
 
 
 class LossWithGradInForward(torch.autograd.Function):
-    """The scalar loss ("mean"/"sum") with its gradients computed during the forward.
+    """The loss with its gradients computed during the forward, for an upstream gradient that is
+    the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
 
     Chunks of `chunk` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]); its rows give
     the statistics (combined across ranks: one all-gather per chunk), `compose` gives the chunk's
     per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
     G = a·p + b·[j = t] + u, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
     written once), dC_r += Gᵀ·E_c in float32. 6·N·D·V FLOPs instead of the recomputing path's 8.
-    The backward only scales the stored gradients by the upstream gradient, in place (once).
+    The backward only scales the stored gradients by the upstream gradient, in place (once). For
+    "none" the per-token upstream gradient g must be one value s on every token whose G row is not
+    zero (non-ignored, in-range target); the backward uses s and checks max|g_i − s| ≤ 1e-6·max|g_i|
+    on the device: otherwise every gradient is NaN (no host sync, never silently wrong).
     """
 
     @staticmethod
     def forward(ctx, e, c, bias, t, vocab_start: int, backend, spec: ShardSpec, group, reduce_grad_e: bool,
-                compose, count, chunk: int):
+                compose, reduction: str, count, chunk: int):
         """e [N, D], c [V_r, D], bias [V_r] or None, t [N] global ids, count: number of valid tokens
-        (device scalar, "mean") or None ("sum") → scalar loss (float32; float64 for float64 e)."""
+        (device scalar, "mean") → scalar loss ("mean", "sum") or per-token loss [N] ("none"),
+        float32 (float64 for float64 e)."""
         n, d = e.shape
         v = spec.n_valid
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
@@ -81,7 +86,9 @@ class LossWithGradInForward(torch.autograd.Function):
                 dc_acc.zero_()
         db = torch.zeros(c.shape[0], dtype=acc_dtype, device=c.device) if need_db else None
         total = torch.zeros((), dtype=acc_dtype, device=e.device)
-        scale = None if count is None else 1.0 / count.clamp(min=1).to(acc_dtype)
+        per_token = torch.empty(n, dtype=acc_dtype, device=e.device) if reduction == "none" else None
+        active = torch.empty(n, dtype=torch.bool, device=e.device) if reduction == "none" else None
+        scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
         # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
         fold = scale is not None and e.dtype != torch.float16
         distributed = vp.group_size(group) > 1
@@ -96,7 +103,11 @@ class LossWithGradInForward(torch.autograd.Function):
                 stats = [q.detach().requires_grad_() for q in (lse, x, s)]
                 loss_c = compose(*stats, t_c)
                 coef = torch.autograd.grad(loss_c.sum(), stats, allow_unused=True, materialize_grads=True)
-            total += loss_c.detach().sum().to(acc_dtype)
+            if per_token is None:
+                total += loss_c.detach().sum().to(acc_dtype)
+            else:
+                per_token[n0:n1] = loss_c.detach()
+                active[n0:n1] = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
             if fold:
                 coef = [q * scale for q in coef]
             g = backend.grad_from_logits(z, bias, t_local, lse, *coef, spec, e.dtype)
@@ -123,8 +134,9 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.group, ctx.reduce_grad_e, ctx.backend = group, reduce_grad_e, backend
-        return total.float() if acc_dtype == torch.float32 else total
+        ctx.group, ctx.reduce_grad_e, ctx.backend, ctx.active = group, reduce_grad_e, backend, active
+        out = total if per_token is None else per_token
+        return out.float() if acc_dtype == torch.float32 else out
 
     @staticmethod
     def backward(ctx, g_loss):
@@ -132,10 +144,24 @@ class LossWithGradInForward(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
                                "(retain_graph is not supported in this mode)")
         grads, ctx.grads = ctx.grads, None
+        k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active)
         for q in grads:
             if q is not None:
-                ctx.backend.scale_in_place(q, g_loss)
+                ctx.backend.scale_in_place(q, k)
         de = grads[0]
         if de is not None and ctx.reduce_grad_e and vp.group_size(ctx.group) > 1:
             vp.all_reduce_sum(de, ctx.group, "all-reduce the hidden-state gradient")
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def _uniform_upstream(g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The common value s of g [N] over the active tokens (0 when there are none), or NaN when
+    max|g_i − s| > 1e-6·max|g_i| there. A device scalar: no host sync."""
+    if g.numel() == 0:
+        return g.new_zeros(())
+    g = g.float()
+    mask = active.to(g.dtype)
+    s = (g * mask).sum() / mask.sum().clamp(min=1)
+    deviation = ((g - s).abs() * mask).amax()
+    bound = 1e-6 * (g.abs() * mask).amax()
+    return torch.where(deviation <= bound, s, torch.full_like(s, float("nan")))

@@ -8,7 +8,8 @@ interpreter) when their rows are 16-byte aligned, through masked pointer loads o
 (VPCCE_TMA=0 forces pointers). Measured on an H200: forward 18.4 → 14.6 ms, logit-gradient kernel
 20.4 → 18.4 ms at (8192, 4096, 128256) bf16.
 
-Backward, per chunk of `width` vocabulary rows (width from `_chunk_bytes`, at least
+Backward, per chunk of vocabulary rows (G lives in dC's not-yet-written rows while it fits there,
+`_g_inside_dc`; then in a workspace of `width` columns from `_chunk_bytes`, at least
 MIN_CHUNK_COLUMNS):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
   2. dE += G · C_chunk into a float32 accumulator, always dense (cuBLAS `addmm(out_dtype=float32)`
@@ -19,7 +20,10 @@ Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps
 (`_TileSkipPolicy`). The vocabulary is visited in id order; VPCCE_SORT=1 visits it in descending
 mean logit (score_j = mean_i(e_i)·c_j + b_j) so negligible tiles cluster when ids are shuffled.
 
-Both entry points are registered as torch custom ops, opaque to torch.compile and free of host
+The gradient-in-forward mode (autograd.LossWithGradInForward) uses `logits_and_stats`,
+`grad_from_logits`, `product_fp32` and `scale_in_place` at the end of this file.
+
+Both entry points of the default path are registered as torch custom ops, opaque to torch.compile and free of host
 synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
 """
 
