@@ -26,6 +26,16 @@ def _tanh(x):
 
 
 @triton.jit
+def _grouped_tile(pid, grid_m, grid_n, GROUP: tl.constexpr):
+    """(m, n) tile of program `pid` over a grid_m × grid_n grid, in groups of GROUP m-tiles: inside a
+    group m varies fastest, then n; the groups follow each other along m."""
+    group = pid // (GROUP * grid_n)
+    first_m = group * GROUP
+    size_m = tl.minimum(grid_m - first_m, GROUP)
+    return first_m + (pid % (GROUP * grid_n)) % size_m, (pid % (GROUP * grid_n)) // size_m
+
+
+@triton.jit
 def _logit_tile(E, C, BIAS, n0, v0, offs_n, rows, mask_n, mask_v, D,
                 stride_en, stride_ed, stride_cv, stride_cd,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -116,14 +126,7 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
     # Grouped order over (vocabulary tile, token tile): GROUP_V vocabulary tiles (GROUP_V·BLOCK_V
     # rows of C) stay in L2 while E streams through them once; inside a group the vocabulary tile
     # varies fastest, so concurrent programs also share token tiles.
-    pid = tl.program_id(0)
-    grid_v = tl.cdiv(width, BLOCK_V)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_V * grid_n)
-    first_v = group * GROUP_V
-    size_v = tl.minimum(grid_v - first_v, GROUP_V)
-    pid_v = first_v + (pid % (GROUP_V * grid_n)) % size_v
-    pid_n = (pid % (GROUP_V * grid_n)) // size_v
+    pid_v, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(width, BLOCK_V), tl.cdiv(N, BLOCK_N), GROUP_V)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pos = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
@@ -193,15 +196,8 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
     USE_TMA: A and B are tensor descriptors (no B_ROWS): B over [K, NN], A over [M, K], or over
     [K, M] when A_K_MAJOR (A = Gᵀ of a row-major G).
     """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(NN, BLOCK_NN)
     # grouped ordering: GROUP_M row tiles share each B column tile while it is in L2
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NN, BLOCK_NN), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_nn = pid_n * BLOCK_NN + tl.arange(0, BLOCK_NN)
