@@ -117,6 +117,7 @@ def test_none_with_a_uniform_upstream_gradient(seed, chunk, dtype, option):
     assert loss.shape == (3, 8)
     valid = t[:, 1:] != -100
     w = torch.where(valid, 0.37, torch.rand(valid.shape, dtype=torch.float64))
+    w[~valid] = float("inf")  # the ignored tokens' upstream values are not used, not even inf
     leaves = [q for q in (e, c, b) if q is not None]
     grads = torch.autograd.grad((loss * w).sum(), leaves)
     ref_leaves = [q.detach().double().requires_grad_() for q in leaves]

@@ -159,9 +159,9 @@ def _uniform_upstream(g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     max|g_i − s| > 1e-6·max|g_i| there. A device scalar: no host sync."""
     if g.numel() == 0:
         return g.new_zeros(())
-    g = g.float()
-    mask = active.to(g.dtype)
-    s = (g * mask).sum() / mask.sum().clamp(min=1)
-    deviation = ((g - s).abs() * mask).amax()
-    bound = 1e-6 * (g.abs() * mask).amax()
+    g = g if g.dtype == torch.float64 else g.float()
+    g = torch.where(active, g, 0.0)  # whatever the inactive tokens received (even inf/NaN) is unused
+    s = g.sum() / active.sum().clamp(min=1)
+    deviation = torch.where(active, (g - s).abs(), 0.0).amax()
+    bound = 1e-6 * g.abs().amax()
     return torch.where(deviation <= bound, s, torch.full_like(s, float("nan")))
