@@ -79,8 +79,8 @@ def _train_compare(rank, world, sp, combos, steps, extra, patch_opts=None):
             for step in range(steps):
                 ids, pos, am, labels, lm = batch(seed=step)
                 labels[0, -3:] = -100  # masked positions may hold any label (Megatron: loss_mask decides)
-                if gif:  # the mode needs the same weight on every position with a label in the vocabulary
-                    lm = (labels != -100).float()
+                if gif:  # positions masked by loss_mask are scored as ignored: compare the masked loss
+                    assert (lm[0, -5:-3] == 0).all() and (labels[0, -5:-3] != -100).all()
                 losses, grads = [], []
                 for m, opt in zip((ref, new), opts):
                     opt.zero_grad(set_to_none=True)
@@ -122,14 +122,19 @@ def _gif_misuse(rank, world):
             vm.patch_gpt_model(m, grad_in_forward=True)
         m = vm.patch_gpt_model(build_gpt(world), grad_in_forward=True)
         ids, pos, am, labels, lm = batch(seed=1)  # lm has zeros on positions whose labels are valid
-        per_token = m(ids, pos, am, labels=labels, loss_mask=lm)
+        per_token = m(ids, pos, am, labels=labels)  # ... which the forward does not see
         ((per_token * lm).sum() / lm.sum()).backward()
-        grads = _grads(m)
-        assert torch.isnan(grads["output_layer.weight"]).all(), "a non-uniform upstream gradient must give NaN"
+        assert torch.isnan(_grads(m)["output_layer.weight"]).all(), "a non-uniform upstream gradient must give NaN"
+        m.zero_grad(set_to_none=True)
+        half = lm.clone()
+        half[1, :4] = 0.5  # a fractional mask: not one weight on every scored position, even when seen
+        per_token = m(ids, pos, am, labels=labels, loss_mask=half)
+        ((per_token * half).sum() / half.sum()).backward()
+        assert torch.isnan(_grads(m)["output_layer.weight"]).all()
     return True
 
 
-def test_grad_in_forward_rejects_mtp_and_flags_non_uniform_loss_masks():
+def test_grad_in_forward_rejects_mtp_and_flags_loss_masks_it_cannot_honour():
     spawn(_gif_misuse, 1)
 
 

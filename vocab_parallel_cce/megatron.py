@@ -195,6 +195,7 @@ class _PatchState:
     orig_loss_fn: Any = None
     has_output_processor: bool = False
     defer: int = 0
+    loss_mask: Any = None  # the running forward's `loss_mask` argument (used by grad_in_forward)
     warned: set = field(default_factory=set)
 
     # -- helpers ------------------------------------------------------------
@@ -235,6 +236,10 @@ class _PatchState:
             bias = None  # Megatron returns it separately and never adds it to the logits
         v_local = weight.shape[0]
         used_vocab = opt.true_vocab_size or v_local * world
+        if opt.grad_in_forward and self.loss_mask is not None and self.loss_mask.shape == labels.shape:
+            # The mode needs one upstream weight on every scored position: positions the loss mask
+            # drops are scored as ignored (loss 0 there; the mask multiplies them by 0 anyway).
+            labels = torch.where(self.loss_mask.to(labels.device) != 0, labels, _IGNORE)
         targets = labels.transpose(0, 1)  # [s, b]
         # Megatron's contract: every label position has a loss, loss_mask decides later. Labels
         # outside the vocabulary (e.g. -100 / -1 padding) get loss 0 and no gradient here, never NaN.
@@ -454,12 +459,13 @@ def patch_gpt_model(
             default, so that the numbers match Megatron's (which includes the padded rows).
         impl, filter_eps: passed to `linear_cross_entropy` ("auto": triton on a supported GPU).
         grad_in_forward: compute the loss's gradients during the forward (`linear_cross_entropy`'s
-            mode: 6·N·D·V FLOPs instead of 8, ≈4× the classifier shard's gradient in memory). Only for
-            a loss function whose per-token weights are the same on every position with a label
-            in the vocabulary: Megatron's `sum(losses * loss_mask) / n` with a loss_mask of ones
-            there (the default data pipeline without `--eod-mask-loss`). Otherwise the gradients
-            come out NaN (checked on the device; Megatron's NaN check then stops the step). Not
-            with multi-token-prediction heads (a ValueError).
+            mode: 6·N·D·V FLOPs instead of 8, ≈4× the classifier shard's gradient in memory). For
+            Megatron's `sum(losses * loss_mask) / n` with a 0/1 loss mask: positions where the
+            `loss_mask` passed to the model's forward is 0 are scored as ignored (per-token loss 0
+            there), so every scored position gets the same upstream gradient, as the mode needs.
+            A loss mask with other values, or zeros that the forward did not receive, gives NaN
+            gradients (checked on the device; Megatron's NaN check then stops the step). Not with
+            multi-token-prediction heads (a ValueError).
         allow_unsupported_version: skip the megatron-core version check (0.16.x–0.19.x).
 
     Returns:
@@ -531,14 +537,18 @@ def patch_gpt_model(
         if _inference_active(inner, bound):
             return state.orig_model_forward(*args, **kwargs)
         labels = bound.arguments.get("labels")
-        if state.has_output_processor:
-            kwargs = dict(kwargs)
-            kwargs["output_processor"] = make_processor(bound.arguments.get("output_processor"))
-            # MTP heads may compute a loss even without labels (0.19 derives them from input_ids).
-            with state.deferring(True):
+        state.loss_mask = bound.arguments.get("loss_mask")
+        try:
+            if state.has_output_processor:
+                kwargs = dict(kwargs)
+                kwargs["output_processor"] = make_processor(bound.arguments.get("output_processor"))
+                # MTP heads may compute a loss even without labels (0.19 derives them from input_ids).
+                with state.deferring(True):
+                    return state.orig_model_forward(*args, **kwargs)
+            with state.deferring(labels is not None):
                 return state.orig_model_forward(*args, **kwargs)
-        with state.deferring(labels is not None):
-            return state.orig_model_forward(*args, **kwargs)
+        finally:
+            state.loss_mask = None
 
     # Instance attributes: nn.Module.__call__ looks up self.forward; parameters stay untouched.
     layer.forward = output_layer_forward
