@@ -115,7 +115,7 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
     )
 
 
-# ---- gradient-in-forward mode (precompute.py) ----
+# ---- gradient-in-forward mode (autograd.LossWithGradInForward) ----
 
 def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
     """Z: the chunk's raw logits (bias included) in the compute dtype, and its rows' (lse, x, s)."""

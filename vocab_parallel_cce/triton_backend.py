@@ -21,7 +21,8 @@ Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps
 mean logit (score_j = mean_i(e_i)·c_j + b_j) so negligible tiles cluster when ids are shuffled.
 
 The gradient-in-forward mode (autograd.LossWithGradInForward) uses `logits_and_stats`,
-`grad_from_logits`, `product_fp32` and `scale_in_place` at the end of this file.
+`grad_from_logits`, `product_fp32` and `scale_in_place`. Benchmark switches: VPCCE_G_IN_DC=0 keeps
+G in the workspace, VPCCE_GROUP_V sets the gradient kernel's grouping (default 12).
 
 Both entry points of the default path are registered as torch custom ops, opaque to torch.compile and free of host
 synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
@@ -255,23 +256,29 @@ def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists
 _CUBLAS_FP32_OUT: dict = {}  # device → whether torch.addmm(..., out_dtype=float32) runs there
 
 
-def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool) -> None:
-    """acc [M, NN] float32 += a [M, K] · b [K, NN], accumulated in float32 without a temporary.
+def product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool,
+                 accumulate: bool = True) -> None:
+    """out [M, NN] float32 (+)= a [M, K] · b [K, NN], in float32 without a temporary.
 
-    cuBLAS through `addmm(..., out_dtype=float32)` where torch provides it (CUDA), else Triton.
+    cuBLAS where it computes exactly that: `addmm(..., out_dtype=float32)` for 16-bit inputs where
+    torch provides it (CUDA), SGEMM for float32 inputs (unless exact mode meets user-enabled TF32);
+    the Triton kernel otherwise. `accumulate=False` overwrites `out` (beta = 0: its old contents,
+    even NaN, are ignored).
     """
-    if acc.device.type == "cuda" and a.dtype == b.dtype == torch.float32:
-        torch.addmm(acc, a, b, out=acc)  # cuBLAS SGEMM (TF32 only if the user enabled it)
-        return
-    if a.dtype == b.dtype != torch.float32 and _CUBLAS_FP32_OUT.get(acc.device, True):
+    beta = 1 if accumulate else 0
+    if a.dtype == b.dtype == torch.float32:
+        if out.device.type == "cuda" and (not exact or torch.get_float32_matmul_precision() == "highest"):
+            torch.addmm(out, a, b, beta=beta, out=out)
+            return
+    elif a.dtype == b.dtype and _CUBLAS_FP32_OUT.get(out.device, True):
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _CUBLAS_FP32_OUT[acc.device] = True
+            torch.addmm(out, a, b, beta=beta, out_dtype=torch.float32, out=out)
+            _CUBLAS_FP32_OUT[out.device] = True
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _CUBLAS_FP32_OUT[acc.device] = False
-    _sparse_matmul(a, a.stride(), b, b.stride(), acc, acc.stride(), a.shape[0], b.shape[1], a.shape[1],
-                   accumulate=True, exact=exact)
+            _CUBLAS_FP32_OUT[out.device] = False
+    _sparse_matmul(a, a.stride(), b, b.stride(), out, out.stride(), a.shape[0], b.shape[1], a.shape[1],
+                   accumulate=accumulate, exact=exact)
 
 
 class _TileSkipPolicy:
@@ -398,7 +405,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
         rows = None if perm is None else perm[v_begin:v_begin + w]
         if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
             c_chunk = c[v_begin:v_begin + w] if rows is None else c.index_select(0, rows)
-            _add_product_fp32(de_acc, g_chunk, c_chunk, exact)
+            product_fp32(de_acc, g_chunk, c_chunk, exact)
         if need_dc and filtering:  # dC[rows] = Gᵀ · E, skipping tiles whose softmax is negligible
             list_v, count_v = _tile_lists(chunk_flags[:, : triton.cdiv(w, block_v)].T)
             _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc if rows is not None else dc[v_begin:],
@@ -452,25 +459,9 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)
 
 
-# ---- gradient-in-forward mode (precompute.py): passes over a materialised chunk of logits ----
+# ---- gradient-in-forward mode (autograd.LossWithGradInForward): passes over a chunk of logits ----
 
 ROW_BLOCK, ROW_WARPS = 2048, 8
-
-
-def _product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool) -> None:
-    """out [M, NN] float32 = a [M, K] · b [K, NN] (cuBLAS with float32 output where torch has it)."""
-    if a.dtype == b.dtype != torch.float32 and _CUBLAS_FP32_OUT.get(out.device, True):
-        try:
-            torch.addmm(out, a, b, beta=0, out_dtype=torch.float32, out=out)
-            _CUBLAS_FP32_OUT[out.device] = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _CUBLAS_FP32_OUT[out.device] = False
-    if out.device.type == "cuda" and a.dtype == b.dtype == torch.float32 and not exact:
-        torch.mm(a, b, out=out)
-        return
-    _sparse_matmul(a, a.stride(), b, b.stride(), out, out.stride(), a.shape[0], b.shape[1], a.shape[1],
-                   exact=exact)
 
 
 def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
@@ -481,7 +472,7 @@ def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
     if v == 0 or n == 0:
         return z, (e.new_full((n,), float("-inf"), dtype=torch.float32),
                    e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
-    _product_fp32(z[:, :v], e, c[:v].T, spec.exact)
+    product_fp32(z[:, :v], e, c[:v].T, spec.exact, accumulate=False)
     out = torch.empty(3, n, dtype=torch.float32, device=e.device)
     block = 16 if _interpreting() else ROW_BLOCK
     K.row_stats_kernel[(n,)](
@@ -507,14 +498,6 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardS
         BLOCK=block, num_warps=ROW_WARPS,
     )
     return g[:, :v]
-
-
-def product_fp32(out, a, b, exact: bool, accumulate: bool) -> None:
-    """out float32 (+)= a · b."""
-    if accumulate:
-        _add_product_fp32(out, a, b, exact)
-    else:
-        _product_fp32(out, a, b, exact)
 
 
 def scale_in_place(t: torch.Tensor, k: torch.Tensor) -> None:
