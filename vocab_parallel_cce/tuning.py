@@ -1,0 +1,57 @@
+"""Performance knobs of the Triton backend, in one place.
+
+Nothing here changes what is computed beyond float32 rounding order: block shapes, chunk sizes,
+load paths, the adaptive skip policy's thresholds. `Tuning.from_env()` is the only place in the
+library that reads `VPCCE_*` environment variables; benchmarks and tests pass a `Tuning`
+explicitly (`linear_cross_entropy(..., tuning=Tuning(...))`).
+
+Block configs are tuples; `None` means "the dtype's default" (chosen in triton_backend.py):
+    forward_block, grad_block: (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
+    matmul_block:              (BLOCK_M, BLOCK_NN, BLOCK_K, GROUP_M, num_warps, num_stages)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+BlockConfig = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    forward_block: BlockConfig | None = None  # statistics kernel tile (recompute forward)
+    grad_block: BlockConfig | None = None  # logit-gradient kernel tile = keep-flag granularity
+    matmul_block: BlockConfig | None = None  # Triton (block-sparse) product tile
+    forward_splits: int | None = None  # vocabulary splits of the forward grid (None: ~4 waves)
+    use_tma: bool = True  # TMA tensor descriptors on Hopper+ (and the interpreter) where layouts allow
+    g_inside_dc: bool = True  # backward: logit-gradient chunks live in dC's unwritten rows
+    group_v: int = 12  # vocabulary tiles per group of the logit-gradient kernel's grid
+    chunk_bytes: int | None = None  # backward workspace chunk (None: ~9% of dE + dC, 8–512 MiB)
+    min_chunk_columns: int = 1024  # narrowest workspace chunk (narrower is launch-bound)
+    fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: chosen by size)
+    skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it
+    skip_remeasure_every: int = 8  # "auto" skipping: re-measure every k dense calls
+
+    @classmethod
+    def from_env(cls) -> "Tuning":
+        """Defaults overridden by VPCCE_<FIELD> (upper case; tuples as comma-separated ints,
+        booleans as 0/1). Read once per call by the API, never inside kernels' launchers."""
+        kw = {}
+        for f in fields(cls):
+            raw = os.environ.get("VPCCE_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            default = getattr(cls, f.name)
+            if f.name.endswith("_block"):
+                kw[f.name] = tuple(int(v) for v in raw.split(","))
+            elif isinstance(default, bool):
+                kw[f.name] = raw not in ("0", "false", "False")
+            elif isinstance(default, float):
+                kw[f.name] = float(raw)
+            else:
+                kw[f.name] = int(raw)
+        return cls(**kw)
+
+    def with_(self, **changes) -> "Tuning":
+        return replace(self, **changes)
