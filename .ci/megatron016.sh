@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-mcore016}
 PY=${PYTHON:-python3.11}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 MCORE_SPEC=${MCORE_SPEC:-megatron-core==0.16.1}
+# shellcheck source=launch/pins.sh
+source launch/pins.sh  # TORCH_SPEC, and the version check
 
 start=$(date +%s)
 if [[ "${FRESH:-0}" == 1 ]]; then rm -rf "$VENV"; fi
@@ -18,6 +19,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$VENV/bin/pip" install -q "$TORCH_SPEC" "$MCORE_SPEC" pytest pytest-xdist numpy packaging
     "$VENV/bin/pip" install -q --no-deps -e .
 fi
-"$VENV/bin/python" -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
+# an existing venv with other versions is brought back to the specs
+pins_ensure "$VENV/bin/python" megatron016 "$TORCH_SPEC" "$MCORE_SPEC"
+echo "megatron016: $(pins_show "$VENV/bin/python" megatron-core torch) (pinned: $MCORE_SPEC $TORCH_SPEC)"
 "$VENV/bin/python" -m pytest tests/test_megatron.py -q -p no:cacheprovider -n "${WORKERS:-2}" "$@"
 echo "megatron016: $(( $(date +%s) - start )) s in all"

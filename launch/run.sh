@@ -4,28 +4,48 @@
 #
 #   bash launch/run.sh                       # CPU: 2 gloo processes, tiny model; GPU: NCCL, every local GPU
 #   bash launch/run.sh --steps 100 --out runs/long      # any launch/train_gpt.py option passes through
+#   bash launch/run.sh --help                # train_gpt.py's options and these variables, before any set-up
 #
-# Set-up, each step skipped when already done: a virtual environment .venv (python3.11 -m venv),
-# torch (`pip install torch==2.13.0` unless torch already imports), then `pip install -e .[launch]`
-# (megatron-core, matplotlib). An activated virtual environment, or PYTHON=/path/to/python, is used
-# as it is instead of .venv.
+# Set-up, each step skipped when already done: a virtual environment .venv (python3.11 -m venv);
+# torch, triton and megatron-core at the versions pinned in launch/pins.sh (the same as tests/run.sh;
+# an installed version that differs is replaced); `pip install -e .[launch]` (matplotlib) unless this
+# checkout's package already imports. It ends by printing the installed versions. An activated
+# virtual environment, or PYTHON=/path/to/python, is used instead of .venv (the pins go into it).
 #
 # Environment:
 #   PYTHON         interpreter to use (no venv is created; installs go into its environment)
 #   VENV           venv folder (default .venv)          PYTHON_BIN  python to create it (python3.11)
-#   TORCH_SPEC     what to pip-install when torch is missing (default torch==2.13.0)
+#   TORCH_SPEC, TRITON_SPEC, MCORE_SPEC   pip requirements replacing the pins of launch/pins.sh
+#                  (torch==2.13.0, triton==3.7.1, megatron-core==0.19.2); a bare name accepts any version
+#   SETUP=0        use the interpreter's packages as they are: no version check, no installs
 #   NPROC          processes on this node (default: the number of GPUs, or 2 without GPUs)
 #   NNODES         nodes (default 1). With NNODES > 1 also set RDZV_ENDPOINT=host:port (a node
 #                  every node can reach) and the same RDZV_ID on every node; see launch/README.md
 #   RDZV_ID        rendezvous id (default vcce-gpt)      RDZV_TIMEOUT  seconds to wait for all nodes (300)
+#   OUT            output folder when no --out is given (default runs/gpt-<date>-<time>)
 #   SKIP_CHECK=1   do not validate the arguments before starting torchrun
-#   SETUP_ONLY=1   set up, print what would run, and exit (e.g. once on a cluster's shared filesystem)
+#   SETUP_ONLY=1   set up, print the versions, and exit (e.g. once on a cluster's shared filesystem)
+# Exit status: 0 success; 2 bad arguments (nothing started); 3 the nodes could not meet; else failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 say() { echo "run.sh: $*" >&2; }
-die() { echo "run.sh: error: $*" >&2; exit "${2:-1}"; }
+die() { echo "run.sh: error: $1" >&2; exit "${2:-1}"; }
+
+# ---- --help: train_gpt.py's options (standard library only) and this script's variables ------
+for arg in "$@"; do
+    if [[ "$arg" == -h || "$arg" == --help ]]; then
+        HELP_PY="${PYTHON:-${VENV:-.venv}/bin/python}"
+        [[ -x "$HELP_PY" ]] || HELP_PY=python3
+        "$HELP_PY" launch/train_gpt.py --help
+        echo
+        echo "launch/run.sh sets up, checks the arguments (--check), then starts torchrun. Environment:"
+        sed -n '/^# Environment:/,/^set -euo pipefail/{/^# Environment:/d;/^set /d;s/^# \{0,1\}//;p;}' \
+            "${BASH_SOURCE[0]}"
+        exit 0
+    fi
+done
 
 # ---- interpreter ----------------------------------------------------------------------------
 if [[ -n "${PYTHON:-}" ]]; then
@@ -47,35 +67,24 @@ else
 fi
 command -v "$PY" >/dev/null 2>&1 || [[ -x "$PY" ]] || die "python interpreter $PY not found"
 
-# ---- packages (one probe: torch imported once, the others only looked up) --------------------
-probe() {
-    "$PY" - <<'EOF' 2>/dev/null || echo "broken 0"
-import importlib.util, sys
-try:
-    import torch
-except Exception:
-    print("notorch 0"); sys.exit()
-def found(name):
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
-ok = all(found(m) for m in ("vocab_parallel_cce", "megatron.core", "matplotlib"))
-print("ok" if ok else "missing", torch.cuda.device_count() if torch.cuda.is_available() else 0)
-EOF
-}
-read -r STATE NGPU < <(probe)
-if [[ "$STATE" == notorch || "$STATE" == broken ]]; then
-    say "installing ${TORCH_SPEC:-torch==2.13.0}"
-    "$PY" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
-    read -r STATE NGPU < <(probe)
+# ---- packages: the pinned versions (compared, not just imported), then this checkout ---------
+# shellcheck source=launch/pins.sh
+source launch/pins.sh
+PINS=("$TORCH_SPEC" "$TRITON_SPEC" "$MCORE_SPEC")
+if [[ "${SETUP:-1}" != 0 ]]; then
+    pins_ensure "$PY" run.sh "${PINS[@]}" || die "could not install ${PINS[*]}"
+    if ! checkout_importable "$PY" megatron.core matplotlib; then
+        say "installing this checkout with the [launch] extra (matplotlib)"
+        "$PY" -m pip install -q -e ".[launch]"
+        pins_check "$PY" run.sh "${PINS[@]}" || die "installing .[launch] changed the pinned versions"
+    fi
 fi
-if [[ "$STATE" != ok ]]; then
-    say "installing this package with the [launch] extra (megatron-core, matplotlib)"
-    "$PY" -m pip install -e ".[launch]"
-    read -r STATE NGPU < <(probe)
-    [[ "$STATE" == ok ]] || die "the installation did not make vocab_parallel_cce, megatron.core and matplotlib importable"
-fi
+checkout_importable "$PY" torch megatron.core matplotlib \
+    || die "vocab_parallel_cce (from this checkout), megatron.core and matplotlib are not all importable with $PY"
+say "$(pins_show "$PY" torch triton megatron-core matplotlib)"
+[[ "${SETUP:-1}" == 0 ]] || say "as pinned: ${PINS[*]}"
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') \
+    || die "torch does not import with $PY"
 
 # ---- processes and backend ------------------------------------------------------------------
 if [[ -z "${NPROC:-}" ]]; then
@@ -89,22 +98,23 @@ if [[ "$NGPU" -gt 0 ]]; then
 else
     say "no GPU: $NPROC CPU process(es) per node x $NNODES node(s), gloo"
 fi
-
-for arg in "$@"; do
-    if [[ "$arg" == -h || "$arg" == --help ]]; then
-        exec "$PY" launch/train_gpt.py --help
-    fi
-done
 if [[ "${SETUP_ONLY:-0}" == 1 ]]; then
-    say "set up: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+    say "set up: $PY"
     exit 0
 fi
+
+# One output folder for the check and the run: the default goes first, so a later --out wins.
+if [[ -z "${OUT:-}" ]]; then
+    mkdir -p runs
+    OUT="runs/gpt-$(date +%Y%m%d-%H%M%S)"
+fi
+ARGS=(--out "$OUT" "$@")
 
 # ---- validate before starting any process (clear message, nothing written) ------------------
 if [[ "${SKIP_CHECK:-0}" != 1 && "$NNODES" == 1 ]]; then
     status=0
     RANK=0 LOCAL_RANK=0 WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" \
-        "$PY" launch/train_gpt.py --check "$@" || status=$?
+        "$PY" launch/train_gpt.py --check "${ARGS[@]}" || status=$?
     [[ $status == 0 ]] || exit "$status"
 fi
 
@@ -124,7 +134,7 @@ ERRLOG="$(mktemp "${TMPDIR:-/tmp}/vcce-run.XXXXXX")"
 trap 'rm -f "$ERRLOG"' EXIT
 set +e
 # stderr goes to the terminal and, through tee, to ERRLOG (to explain a rendezvous failure).
-{ "$PY" -m torch.distributed.run "${LAUNCH[@]}" launch/train_gpt.py "$@" 2>&1 1>&3 3>&- | tee "$ERRLOG" >&2; } 3>&1
+{ "$PY" -m torch.distributed.run "${LAUNCH[@]}" launch/train_gpt.py "${ARGS[@]}" 2>&1 1>&3 3>&- | tee "$ERRLOG" >&2; } 3>&1
 rc=$?
 set -e
 if [[ $rc != 0 ]]; then

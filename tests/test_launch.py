@@ -1,14 +1,17 @@
-"""The launcher (launch/train_gpt.py, launch/run.sh, launch/data.py) on CPU with 2 gloo ranks.
+"""The launcher (launch/run.sh, launch/train_gpt.py and launch/gpt/) on CPU with 2 gloo ranks.
 
-The end-to-end tests start torchrun as a subprocess: one short training run with --loss both
-(or native alone while vocab_parallel_cce.megatron is missing) is shared by several tests.
+The end-to-end tests start launch/run.sh or torchrun as a subprocess: one short training run through
+run.sh with --loss both (or native alone while vocab_parallel_cce.megatron is missing) is shared by
+several tests.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -39,8 +42,10 @@ def _load(name: str, path: str):
     return mod
 
 
-train_gpt = _load("train_gpt", TRAIN)
-data = sys.modules["data"]  # train_gpt imports launch/data.py as `data`
+train_gpt = _load("train_gpt", TRAIN)  # it puts launch/ on sys.path, where the gpt package is
+from gpt import args as cli  # noqa: E402
+from gpt import data, report  # noqa: E402
+from gpt import train as training  # noqa: E402
 
 
 def fused_available() -> bool:
@@ -64,6 +69,13 @@ def child_env(**extra) -> dict:
     return env
 
 
+def run_sh(args, **env) -> subprocess.CompletedProcess:
+    """launch/run.sh with this interpreter's packages as they are (no set-up)."""
+    env = child_env(PYTHON=sys.executable, SETUP="0", **env)
+    return subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
 def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), TRAIN, *args]
@@ -75,11 +87,22 @@ def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
     out = tmp_path_factory.mktemp("launch") / "run"
     loss = "both" if fused_available() else "native"
-    proc = torchrun([*TINY, "--steps", str(STEPS), "--loss", loss, "--out", str(out)])
+    # The output folder from OUT (run.sh's default for --out): the check and the run must agree on it.
+    proc = run_sh([*TINY, "--steps", str(STEPS), "--loss", loss], NPROC="2", OUT=str(out))
     assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return out, proc
+
+
+def test_check_and_run_name_the_same_folder(run_dir):
+    out, proc = run_dir
+    checked = re.search(r"check ok: .* output (\S+)$", proc.stdout, re.M)
+    wrote = re.search(r"^wrote (\S+)/log\.json and ", proc.stdout, re.M)
+    assert checked and wrote, proc.stdout[-3000:]
+    assert checked.group(1) == wrote.group(1) == str(out)
 
 
 def test_writes_log_and_plot(run_dir):
@@ -145,12 +168,13 @@ def test_unreachable_rendezvous_exits_nonzero(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_sh_reports_unreachable_rendezvous():
     # Two nodes expected, only this one comes: torchrun's rendezvous times out; run.sh says so.
-    env = child_env(PYTHON=sys.executable, NNODES="2", NPROC="1", RDZV_TIMEOUT="3",
+    env = child_env(PYTHON=sys.executable, SETUP="0", NNODES="2", NPROC="1", RDZV_TIMEOUT="3",
                     RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="test-unreachable")
     proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), "--loss", "native"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "run.sh: error: the nodes could not meet at the rendezvous 127.0.0.1:" in proc.stderr
+    assert proc.stderr.rstrip().endswith("reachable from each node")  # no status number after it
 
 
 # ------------------------------------------------------------------------------- in process
@@ -204,26 +228,26 @@ def test_output_folder_checks(torchrun_env, tmp_path, capsys):
 def _tiny_log():
     steps = [{"step": i, "loss": 5.0 - 0.1 * i, "tokens_per_s": 100.0, "step_time_s": 0.1, "lr": 1e-3,
               "grad_norm": 1.0, "peak_mem_mb": [10.0, 11.0]} for i in range(1, 6)]
-    runs = {k: {"steps": steps, "summary": train_gpt.summarise(steps)} for k in ("fused", "native")}
+    runs = {k: {"steps": steps, "summary": report.summarise(steps)} for k in ("fused", "native")}
     cfg = dict(layers=1, hidden=8, vocab_size=100, tp=2, dp=1, backend="gloo")
     return {"config": cfg, "runs": runs, "comparison": {"abs_diff_per_step": [0.0] * 5}}
 
 
 def test_outputs_are_all_or_nothing(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    train_gpt.write_outputs(str(out), _tiny_log(), overwrite=False)
+    report.write_outputs(str(out), _tiny_log(), overwrite=False)
     assert sorted(os.listdir(out)) == ["log.json", "loss.png"]
 
     def broken_plot(log, path):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train_gpt, "plot", broken_plot)
+    monkeypatch.setattr(report, "plot", broken_plot)
     out2 = tmp_path / "o2"
     with pytest.raises(RuntimeError, match="disk full"):
-        train_gpt.write_outputs(str(out2), _tiny_log(), overwrite=False)
+        report.write_outputs(str(out2), _tiny_log(), overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no o2, no partial folder
     with pytest.raises(RuntimeError):
-        train_gpt.write_outputs(str(out), _tiny_log(), overwrite=True)
+        report.write_outputs(str(out), _tiny_log(), overwrite=True)
     assert sorted(os.listdir(out)) == ["log.json", "loss.png"]  # the old output is intact
 
 
@@ -261,6 +285,117 @@ def test_batches_are_shifted_and_reproducible():
 
 def test_lr_schedule():
     cfg = {"lr": 1.0, "warmup": 4, "steps": 20}
-    assert train_gpt.lr_at(2, cfg) == pytest.approx(0.5)
-    assert train_gpt.lr_at(4, cfg) == pytest.approx(1.0)
-    assert train_gpt.lr_at(20, cfg) == pytest.approx(0.1)
+    assert training.lr_at(2, cfg) == pytest.approx(0.5)
+    assert training.lr_at(4, cfg) == pytest.approx(1.0)
+    assert training.lr_at(20, cfg) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------- checks before start
+
+
+def test_fused_impl_checked_before_start(torchrun_env, tmp_path, capsys):
+    if not fused_available():
+        pytest.skip("vocab_parallel_cce.megatron is not importable")
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "both", "--fused-impl", "bogus", "--check",
+                         "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train_gpt.py: error: --fused-impl bogus:" in err and "'bogus'" in err, err
+    assert train_gpt.main([*SMALL_DATA, "--loss", "both", "--fused-impl", "torch", "--check",
+                           "--out", str(tmp_path / "o")]) == 0
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out", ["/sys/vcce-never", "/proc/vcce-never"])
+def test_unwritable_output_checked_before_start(torchrun_env, capsys, out):
+    if not os.path.isdir(os.path.dirname(out)) or sys.platform != "linux":
+        pytest.skip("needs Linux's /sys and /proc")
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "native", "--check", "--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out {out}: cannot write in {os.path.dirname(out)}" in err, err
+    assert not os.path.exists(out)
+
+
+def test_help_shows_real_defaults_once():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "default: False" not in text and "default: True" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = formatter._expand_help(action) if action.help else ""
+        assert shown.count("default") <= 1, shown
+    assert "transformer layers (default: tiny 2, small 12)" in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_help_lists_options_and_variables():
+    proc = run_sh(["--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--fused-impl IMPL" in proc.stdout and "(default: None)" not in proc.stdout
+    for var in ("NPROC", "NNODES", "TORCH_SPEC", "TRITON_SPEC", "MCORE_SPEC", "RDZV_ENDPOINT", "OUT", "SETUP=0",
+                "SKIP_CHECK=1", "SETUP_ONLY=1", "PYTHON"):
+        assert re.search(rf"^\s+.*\b{re.escape(var)}\b", proc.stdout, re.M), var
+    assert "#" not in proc.stdout.split("Environment:")[1]  # the comment marks are stripped
+    assert "set -euo" not in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_error_line_ends_with_the_message():
+    proc = run_sh(["--loss", "native"], NPROC="two")
+    assert proc.returncode == 2
+    assert proc.stderr.rstrip().splitlines()[-1] == "run.sh: error: NPROC must be a positive integer, got 'two'"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_pins_compare_versions_not_imports():
+    """Both set-up scripts take their pins from launch/pins.sh, which compares installed versions."""
+    for script in ("launch/run.sh", "tests/run.sh"):
+        with open(os.path.join(ROOT, script)) as f:
+            text = f.read()
+        assert "source launch/pins.sh" in text and "pins_ensure" in text, script
+        assert not re.search(r"^\s*(TORCH|TRITON|MCORE)_SPEC=", text, re.M), script  # no second set of pins
+    torch_version = importlib.metadata.version("torch")
+    script = ('source launch/pins.sh; pins_unmet "$PY" torch==0.0.1 torch "torch==$TV" no-such-package==1 ""; '
+              'echo "pins: $TORCH_SPEC $TRITON_SPEC $MCORE_SPEC"')
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=child_env(PY=sys.executable, TV=torch_version.split("+")[0], TORCH_SPEC="",
+                                        TRITON_SPEC="", MCORE_SPEC=""))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == [f"torch==0.0.1\t{torch_version}", "no-such-package==1\tnone"]
+    assert lines[2].startswith("pins: torch==")  # the defaults, as no spec was given
+
+
+# ------------------------------------------------------------------------------- loss.png
+
+
+def test_comparison_shows_a_drift():
+    steps = lambda losses: [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    native = [5.0] * 40
+    fused = [5.0 + (1e-4 * i if i >= 20 else 0.0) for i in range(40)]  # equal, then drifting upwards
+    cmp = report.compare({"fused": {"steps": steps(fused)}, "native": {"steps": steps(native)}})
+    assert cmp["smoothing_window"] == 4 and cmp["diff_per_step"][:20] == [0.0] * 20
+    assert cmp["mean_diff_last_window"] == pytest.approx(1e-4 * 37.5)
+    assert cmp["max_abs_diff"] == pytest.approx(39e-4) and cmp["max_abs_diff_first_5"] == 0.0
+
+
+def test_plot_labels_every_panel(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *a, **k):
+        figures.append(fig)
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    log = _tiny_log()
+    log["runs"]["fused"]["steps"] = [dict(r, loss=r["loss"] + (1e-6 if r["step"] > 2 else 0.0))
+                                     for r in log["runs"]["native"]["steps"]]
+    report.plot(log, str(tmp_path / "loss.png"))
+    (fig,) = figures
+    assert len(fig.axes) == 3
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "step" and ax.get_ylabel() and ax.get_title()
+    assert "exactly equal (2 steps)" in [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert any("resident set size" in t.get_text() for t in fig.texts)  # what "peak MB" means on CPU

@@ -10,19 +10,23 @@ model's loss falls quickly from log(V) towards the entropy of that process.
 `WordTokenizer` splits text into words and punctuation and numbers them by frequency, so the
 vocabulary is as large as the lexicon (8,000 words by default on CPU, 32,000 on GPU): large enough
 that the output layer and the loss dominate a tiny model's memory, which is what the fused loss
-is about. `load_text_file` does the same for a text file of your own (`--corpus PATH`).
+is about. `load_text_file` does the same for a text file of your own (`--corpus PATH`). `load` builds the
+corpus a run asks for and checks it against the model's sizes.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from .args import UsageError
 
 _ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
            "z", "br", "ch", "cl", "dr", "fl", "gr", "pl", "sh", "st", "th", "tr"]
@@ -147,7 +151,7 @@ def build_corpus(corpus_path: str | None, n_words: int, n_tokens: int, seed: int
         desc = f"text file {corpus_path}"
     else:
         text = generate_corpus(n_words=n_words, n_tokens=n_tokens, seed=seed)
-        desc = (f"generated deterministically by launch/data.py (seed {seed}, lexicon of {n_words} "
+        desc = (f"generated deterministically by launch/gpt/data.py (seed {seed}, lexicon of {n_words} "
                 f"pseudo-words, ~{n_tokens} tokens)")
     tok = WordTokenizer.fit(text, max_vocab)
     ids = tok.encode(text)
@@ -172,3 +176,20 @@ class BatchSampler:
         starts = torch.randint(0, self.ids.numel() - self.seq_len - 1, (self.micro_batch,), generator=self.gen)
         win = torch.stack([self.ids[s: s + self.seq_len + 1] for s in starts.tolist()])
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+
+def load(cfg: dict, vocab_size_arg: int | None) -> Corpus:
+    """The run's corpus; sets cfg's vocab_size, padded_vocab_size (a multiple of 128 x tp, as
+    Megatron pads), data and corpus_size. UsageError when the data does not fit the sizes."""
+    corpus = build_corpus(cfg["corpus"], cfg["lexicon"], cfg["corpus_tokens"], cfg["data_seed"])
+    n_ids = int(corpus.ids.max()) + 1
+    if corpus.ids.numel() < cfg["seq_len"] + 2:
+        raise UsageError(f"the corpus has {corpus.ids.numel()} tokens, too few for --seq-len {cfg['seq_len']}")
+    vocab = vocab_size_arg if vocab_size_arg is not None else len(corpus.tokenizer)
+    if vocab < n_ids:
+        raise UsageError(f"--vocab-size {vocab} is smaller than the data's ids (the tokenizer produces ids up to "
+                         f"{n_ids - 1}); use --vocab-size >= {n_ids} or leave it out")
+    multiple = 128 * cfg["tp"]
+    cfg.update(vocab_size=vocab, padded_vocab_size=math.ceil(vocab / multiple) * multiple,
+               data=corpus.description, corpus_size=corpus.ids.numel())
+    return corpus
