@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -70,10 +69,11 @@ def _layout(case: Case, grank: int):
 
 def _run_case(case: Case, seed: int, group, grank: int, gworld: int) -> list[str]:
     """Run one case on this rank; return a list of problems (empty: pass)."""
-    from vocab_parallel_cce import VocabParallelOptions, api, linear_cross_entropy
+    from vocab_parallel_cce import Tuning, VocabParallelOptions, linear_cross_entropy
+    from vocab_parallel_cce.distributed import clear_layout_cache
 
     assert len(case.sizes) == gworld
-    api._LAYOUT_CACHE.clear()  # see the report: the cache is keyed on this rank's shard only
+    clear_layout_cache()  # the cache is keyed on this rank's shard only; other ranks' shards change
     g = torch.Generator().manual_seed(seed)
     v_rows = sum(case.sizes)
     vocab = case.vocab_size or v_rows
@@ -132,8 +132,7 @@ def _run_case(case: Case, seed: int, group, grank: int, gworld: int) -> list[str
     kw = dict(ignore_index=ignore_index, reduction=case.reduction, shift=case.shift, return_lse=case.return_lse,
               vocab_size=case.vocab_size, sequence_parallel=case.sp, impl=case.impl, **opts)
     if case.gif:
-        kw["grad_in_forward"] = True
-        os.environ["VPCCE_GIF_CHUNK"] = "5"
+        kw.update(grad_in_forward=True, tuning=Tuning(fast_chunk_tokens=5))
     if case.api == "kwargs":
         kw.update(group=group, vocab_start=start, reduce_grad_e=case.reduce_grad_e)
     elif case.api == "default_start":
@@ -213,9 +212,10 @@ def _small_inputs(n=6, d=8, v_local=5, seed=0):
 
 def _layout_error_case(start_of, group, grank, gworld) -> list[str]:
     """Every rank must raise ValueError naming vocab_start (they all see the same bad layout)."""
-    from vocab_parallel_cce import api, linear_cross_entropy
+    from vocab_parallel_cce import linear_cross_entropy
+    from vocab_parallel_cce.distributed import clear_layout_cache
 
-    api._LAYOUT_CACHE.clear()
+    clear_layout_cache()
     e, c, t = _small_inputs()
     return _expect_raises(
         lambda: linear_cross_entropy(e, c, t, group=group, vocab_start=start_of(grank), impl="torch"),
@@ -224,9 +224,10 @@ def _layout_error_case(start_of, group, grank, gworld) -> list[str]:
 
 def _bad_target_case(group, grank, gworld, seed) -> list[str]:
     """A target >= vocab_size (also one pointing at a padding row) gives NaN for that token only."""
-    from vocab_parallel_cce import api, linear_cross_entropy
+    from vocab_parallel_cce import linear_cross_entropy
+    from vocab_parallel_cce.distributed import clear_layout_cache
 
-    api._LAYOUT_CACHE.clear()
+    clear_layout_cache()
     v_local, n, d = 4, 9, 8
     v_rows = v_local * gworld
     vocab = v_rows - 2
@@ -255,12 +256,36 @@ def _bad_target_case(group, grank, gworld, seed) -> list[str]:
 
 def _mismatched_tokens_case(group, grank, gworld) -> list[str]:
     """Ranks passing different token counts get a clear error on every rank (not a gloo abort)."""
-    from vocab_parallel_cce import api, linear_cross_entropy
+    from vocab_parallel_cce import linear_cross_entropy
+    from vocab_parallel_cce.distributed import clear_layout_cache
 
-    api._LAYOUT_CACHE.clear()
+    clear_layout_cache()
     e, c, t = _small_inputs(n=4 + grank)
     return _expect_raises(lambda: linear_cross_entropy(e, c, t, group=group, impl="torch"),
                           ValueError, r"different shapes")
+
+
+def _destroyed_group_case(grank, gworld) -> list[str]:
+    """A layout checked on a group that is then destroyed is not taken for a new group's (which
+    may get the old one's id()): the new group's layout, the same on this rank only for rank 0, is
+    checked afresh. (A reused entry would skip the collective on rank 0 alone: a timeout.)"""
+    import gc
+
+    from vocab_parallel_cce.distributed import shard_layout
+
+    problems = []
+    old = dist.new_group(list(range(gworld)))
+    if shard_layout(old, 5 * grank, 5) != 5 * gworld:
+        problems.append("first layout: wrong total")
+    dist.destroy_process_group(old)
+    del old
+    gc.collect()
+    new = dist.new_group(list(range(gworld)), timeout=datetime.timedelta(seconds=10))
+    size = 5 if grank == 0 else 6  # rank 0 keeps [0, 5); the others grow by one row
+    start = 0 if grank == 0 else 5 + 6 * (grank - 1)
+    if shard_layout(new, start, size) != 5 + 6 * (gworld - 1):
+        problems.append("the new group's layout was not checked afresh")
+    return problems
 
 
 def _single_device_equivalence(group, seed, expect_world) -> list[str]:
@@ -414,6 +439,9 @@ def _world_worker(rank: int, world: int, base_seed: int):
             e, c, t = _small_inputs()
             _record(results, "non-member of subgroup", lambda: _expect_raises(
                 lambda: linear_cross_entropy(e, c, t, group=sub, impl="torch"), ValueError, r"^group: .*not a member"))
+
+    if world == 2:
+        _record(results, "layout cache: destroyed group", lambda: _destroyed_group_case(rank, world))
 
     # a rank that never joins: a RuntimeError within the (short) group timeout, not a hang
     if world == 2:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reference import rel_err
-from vocab_parallel_cce import linear_cross_entropy
+from vocab_parallel_cce import Tuning, linear_cross_entropy
 
 pytestmark = pytest.mark.gpu
 
@@ -91,16 +91,17 @@ GIF_CASES = [c for c in CASES if c[0] > 1 and c[4] == "triton"]
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", GIF_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[5]}")
-def test_grad_in_forward_matches_float64(case, reduction, monkeypatch):
+def test_grad_in_forward_matches_float64(case, reduction):
     """"none": the per-token losses reduced as Megatron's loss function does, sum(loss·mask)/count."""
     n, d, v, dtype, impl, kind, has_bias, softcap, ls, zl = case
-    monkeypatch.setenv("VPCCE_GIF_CHUNK", "640")  # several chunks, the last partial
+    tuning = Tuning(fast_chunk_tokens=640)  # several chunks, the last partial
     e, c, t = _inputs(n, d, v, dtype, kind, seed=n + v + 1)
     t[::13] = -100
     bias = (torch.randn(v, device="cuda") * 0.3).to(dtype) if has_bias else None
     leaves = [x.clone().requires_grad_() for x in (e, c) + (() if bias is None else (bias,))]
     loss = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if has_bias else None, softcap=softcap,
-                                label_smoothing=ls, z_loss=zl, reduction=reduction, grad_in_forward=True)
+                                label_smoothing=ls, z_loss=zl, reduction=reduction, grad_in_forward=True,
+                                tuning=tuning)
     if reduction == "none":
         mask = (t != -100).float()
         loss = (loss * mask).sum() / mask.sum()
@@ -194,7 +195,7 @@ def test_auto_filter_measures_then_skips_without_host_sync():
     any host synchronisation of their own."""
     from vocab_parallel_cce import triton_backend as TB
 
-    TB._SKIP_POLICY.state.clear()
+    TB.skip_policy.reset()
     g = torch.Generator(device="cuda").manual_seed(17)
     n, d, v = 2048, 256, 20000
     e = torch.randn(n, d, device="cuda", generator=g)

@@ -10,17 +10,17 @@ import torch
 
 from reference import reference_loss, rel_err
 from test_torch_path import OPTIONS, TOL, make_inputs, split_options
-from vocab_parallel_cce import linear_cross_entropy
+from vocab_parallel_cce import Tuning, linear_cross_entropy
 
 
 @pytest.fixture
-def chunk(monkeypatch):
+def chunk():
     """Several token chunks (the production chunk is ≈ D tokens)."""
-    monkeypatch.setenv("VPCCE_GIF_CHUNK", "7")
+    return Tuning(fast_chunk_tokens=7)
 
 
-def _check(e, c, t, b, dtype, upstream=0.75, **kw):
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, **kw)
+def _check(e, c, t, b, dtype, upstream=0.75, tuning=None, **kw):
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, tuning=tuning, **kw)
     leaves = [q for q in (e, c, b) if q is not None]
     grads = torch.autograd.grad(loss * upstream, leaves)  # upstream != 1: the backward's scaling
     ref_leaves = [q.detach().double().requires_grad_() for q in leaves]
@@ -42,20 +42,20 @@ def _check(e, c, t, b, dtype, upstream=0.75, **kw):
 def test_matches_reference(seed, chunk, reduction, option, dtype):
     want_bias, opts = split_options(OPTIONS[option])
     e, c, t, b = make_inputs(30, 12, 41, dtype, bias=want_bias)
-    _check(e, c, t, b, dtype, reduction=reduction, **opts)
+    _check(e, c, t, b, dtype, reduction=reduction, tuning=chunk, **opts)
 
 
 @pytest.mark.parametrize("n,d,v", [(1, 5, 3), (7, 3, 2), (22, 9, 130)])
 def test_odd_sizes_and_single_token(seed, chunk, n, d, v):
     e, c, t, b = make_inputs(n, d, v, torch.float32, bias=True, ignore_frac=0.0)
-    _check(e, c, t, b, torch.float32, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    _check(e, c, t, b, torch.float32, tuning=chunk, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_token_ignored_gives_zero_loss_and_gradients(seed, chunk, reduction):
     e, c, t, b = make_inputs(15, 8, 20, torch.float32, bias=True)
     t.fill_(-100)
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction=reduction)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction=reduction, tuning=chunk)
     grads = torch.autograd.grad(loss, (e, c, b))
     assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
@@ -63,14 +63,14 @@ def test_every_token_ignored_gives_zero_loss_and_gradients(seed, chunk, reductio
 def test_3d_shift_and_padded_vocabulary(seed, chunk):
     e, c, t, b = make_inputs(0, 10, 33, torch.float32, bias=True, lead=(3, 8))
     t[t >= 29] = 5
-    loss, (ge, gc, gb) = _check(e, c, t, b, torch.float32, shift=1, vocab_size=29, label_smoothing=0.2)
+    loss, (ge, gc, gb) = _check(e, c, t, b, torch.float32, tuning=chunk, shift=1, vocab_size=29, label_smoothing=0.2)
     assert not gc[29:].any() and not gb[29:].any()
 
 
 def test_out_of_range_target_is_nan(seed, chunk):
     e, c, t, b = make_inputs(12, 6, 10, torch.float32, ignore_frac=0.0)
     t[4] = 10
-    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True)
+    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, tuning=chunk)
     assert torch.isnan(loss)
 
 
@@ -87,7 +87,7 @@ def test_same_loss_as_the_default_path_and_forward_only_use(seed):
 def test_only_some_inputs_require_grad(seed, chunk):
     e, c, t, b = make_inputs(16, 8, 21, torch.float32, bias=True)
     e.requires_grad_(False)
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, tuning=chunk)
     gc, = torch.autograd.grad(loss, (c,))
     ref_c = c.detach().double().requires_grad_()
     ref = reference_loss(e.double(), ref_c, t, b.detach().double())
@@ -113,7 +113,7 @@ def test_none_with_a_uniform_upstream_gradient(seed, chunk, dtype, option):
     want_bias, opts = split_options(OPTIONS[option])
     e, c, t, b = make_inputs(0, 12, 41, dtype, bias=want_bias, lead=(3, 9))
     kw = dict(reduction="none", shift=1, **opts)
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, **kw)
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, tuning=chunk, **kw)
     assert loss.shape == (3, 8)
     valid = t[:, 1:] != -100
     w = torch.where(valid, 0.37, torch.rand(valid.shape, dtype=torch.float64))
@@ -150,7 +150,7 @@ def test_under_torch_compile(seed, chunk):
     e, c, t, b = make_inputs(16, 8, 21, torch.float32, bias=True)
 
     def fn(e, c, t, b):
-        return 2.0 * linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, z_loss=1e-3)
+        return 2.0 * linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, z_loss=1e-3, tuning=chunk)
 
     loss = torch.compile(fn, backend="aot_eager")(e, c, t, b)
     grads = torch.autograd.grad(loss, (e, c, b))

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from reference import reference_loss, rel_err
-from vocab_parallel_cce import LinearCrossEntropy, linear_cross_entropy
-from vocab_parallel_cce import torch_backend
+from vocab_parallel_cce import LinearCrossEntropy, Tuning, linear_cross_entropy
 
 IGNORE = -100
 
@@ -134,13 +133,13 @@ def test_odd_sizes(seed, n, d, v, option):
 
 
 @pytest.mark.parametrize("blocks", [(2, 3), (5, 64), (1000, 7)])
-def test_small_blocks(seed, monkeypatch, blocks):
+def test_small_blocks(seed, blocks):
     """The torch backend's tiling (online LSE across vocabulary blocks, token blocks) is exact."""
-    monkeypatch.setattr(torch_backend, "_blocks", lambda n, v: (min(n, blocks[0]), min(v, blocks[1])))
     want_bias, opts = split_options(OPTIONS["all"])
     e, c, targets, b = make_inputs(23, 16, 37, torch.float64, bias=want_bias)
     for reduction in ("mean", "none"):
-        check_against_reference(e, c, targets, b, dtype=torch.float64, reduction=reduction, lib_kwargs=opts,
+        check_against_reference(e, c, targets, b, dtype=torch.float64, reduction=reduction,
+                                lib_kwargs={**opts, "tuning": Tuning(torch_block=blocks)},
                                 ref_kwargs=opts, weights_seed=seed, check_lse=True)
 
 

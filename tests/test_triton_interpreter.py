@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from reference import reference_loss, rel_err
-from vocab_parallel_cce import linear_cross_entropy
+from vocab_parallel_cce import Tuning, linear_cross_entropy
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("on a GPU machine run these with TRITON_INTERPRET=1 in their own pytest process",
@@ -26,15 +26,23 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3), torch.bfloat16:
 
 
 # Both load paths of the kernels (triton_backend): TMA tensor descriptors (emulated by the
-# interpreter) where layouts allow, masked pointer loads otherwise (or with VPCCE_TMA=0).
-PATHS = {"tma": {}, "pointers": {"VPCCE_TMA": "0"}}
+# interpreter) where layouts allow, masked pointer loads otherwise (or with use_tma=False).
+PATHS = {"tma": Tuning(), "pointers": Tuning(use_tma=False)}
 
 
 @pytest.fixture(params=list(PATHS))
-def path(request, monkeypatch):
-    for key, value in PATHS[request.param].items():
-        monkeypatch.setenv(key, value)
-    return request.param
+def path(request):
+    """The Tuning that selects the load path."""
+    return PATHS[request.param]
+
+
+@pytest.fixture
+def counters():
+    """triton_backend's counts of the paths taken, from zero."""
+    from vocab_parallel_cce import triton_backend
+
+    triton_backend.counters.clear()
+    return triton_backend.counters
 
 
 def _inputs(n, d, v, dtype, bias=False, scale=1.0):
@@ -55,6 +63,7 @@ def _compare(ins, targets, dtype, **kw):
     rb = ref_leaves[2] if b is not None else None
     kw.pop("filter_eps", None)
     kw.pop("grad_in_forward", None)
+    kw.pop("tuning", None)
     ref = reference_loss(re, rc, targets, rb, **kw)
     ref_grads = torch.autograd.grad(ref.sum() if ref.dim() else ref, ref_leaves)
     loss_tol, grad_tol = TOL[dtype]
@@ -72,7 +81,7 @@ def test_plain_mean_every_dtype(dtype, seed, path):
     ins = _inputs(n, d, v, dtype)
     t = torch.randint(0, v, (n,))
     t[::5] = -100
-    _compare(ins, t, dtype)
+    _compare(ins, t, dtype, tuning=path)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -81,7 +90,7 @@ def test_all_options_together(reduction, seed, path):
     ins = _inputs(n, d, v, torch.float32, bias=True, scale=3.0)
     t = torch.randint(0, v, (n,), dtype=torch.int32)
     t[3] = -100
-    _compare(ins, t, torch.float32, reduction=reduction, softcap=4.0, label_smoothing=0.15, z_loss=1e-2)
+    _compare(ins, t, torch.float32, reduction=reduction, softcap=4.0, label_smoothing=0.15, z_loss=1e-2, tuning=path)
 
 
 def test_3d_shift_and_lse(seed, path):
@@ -89,7 +98,8 @@ def test_3d_shift_and_lse(seed, path):
     e, c, _ = _inputs(b * s, d, v, torch.float32)
     e = e.detach().view(b, s, d).requires_grad_()
     t = torch.randint(0, v, (b, s))
-    loss, lse = linear_cross_entropy(e, c, t, shift=2, reduction="none", return_lse=True, impl="triton")
+    loss, lse = linear_cross_entropy(e, c, t, shift=2, reduction="none", return_lse=True, impl="triton",
+                                     tuning=path)
     ref, ref_lse = reference_loss(e.double(), c.double(), t, shift=2, reduction="none", return_lse=True)
     assert loss.shape == lse.shape == (b, s - 2)
     assert rel_err(loss.double(), ref) < 1e-5 and rel_err(lse.double(), ref_lse) < 1e-5
@@ -103,10 +113,10 @@ def test_3d_shift_and_lse(seed, path):
 
 def test_single_token_and_all_ignored(seed, path):
     e, c, _ = _inputs(1, 16, 17, torch.float32)
-    _compare([e, c, None], torch.tensor([5]), torch.float32)
+    _compare([e, c, None], torch.tensor([5]), torch.float32, tuning=path)
     t = torch.full((7,), -100)
     e, c, _ = _inputs(7, 16, 17, torch.float32)
-    loss = linear_cross_entropy(e, c, t, impl="triton")
+    loss = linear_cross_entropy(e, c, t, impl="triton", tuning=path)
     ge, gc = torch.autograd.grad(loss, (e, c))
     assert loss.item() == 0.0 and not ge.any() and not gc.any()
 
@@ -145,7 +155,7 @@ def test_padded_vocabulary_rows_are_left_out(seed, path):
     n, d, v = 21, 16, 40
     e, c, b = _inputs(n, d, v, torch.float32, bias=True)
     t = torch.randint(0, 33, (n,))
-    loss = linear_cross_entropy(e, c, t, b, impl="triton", label_smoothing=0.1, vocab_size=33)
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", label_smoothing=0.1, vocab_size=33, tuning=path)
     ref = reference_loss(e.double(), c.double(), t, b.double(), label_smoothing=0.1, vocab_size=33)
     assert rel_err(loss.double(), ref) < 1e-5
     ge, gc = torch.autograd.grad(loss, (e, c))
@@ -162,47 +172,31 @@ def test_narrow_in_place_matches_a_copy():
         assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
 
 
-@pytest.mark.parametrize("filter_eps,sort", [(None, "0"), (2.0**-12, "0"), (2.0**-12, "1")])
-def test_many_small_chunks_with_and_without_sorted_vocabulary(filter_eps, sort, seed, path, monkeypatch):
-    """Force 16-column chunks: the chunk loop, the sorted-vocabulary gather of C rows (VPCCE_SORT=1)
-    and the per-chunk tile lists of the block-sparse dC product all run several times."""
-    from vocab_parallel_cce import triton_backend
-
-    monkeypatch.setenv("VPCCE_SORT", sort)
-    monkeypatch.setattr(triton_backend, "MIN_CHUNK_COLUMNS", 16)
-    monkeypatch.setattr(triton_backend, "_chunk_bytes", lambda *args, **kwargs: 1)
+@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
+def test_many_small_chunks(filter_eps, seed, path):
+    """Force 16-column chunks: the chunk loop and the per-chunk tile lists of the block-sparse dC
+    product run several times."""
     n, d, v = 35, 20, 75  # 5 chunks, the last partial
     ins = _inputs(n, d, v, torch.float32, bias=True, scale=2.0)
     t = torch.randint(0, v, (n,))
     t[4] = -100
-    _compare(ins, t, torch.float32, z_loss=1e-3, filter_eps=filter_eps)
+    _compare(ins, t, torch.float32, z_loss=1e-3, filter_eps=filter_eps,
+             tuning=path.with_(min_chunk_columns=16, chunk_bytes=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
-def test_logit_gradient_chunks_inside_dc_storage(dtype, filter_eps, seed, path, monkeypatch):
+def test_logit_gradient_chunks_inside_dc_storage(dtype, filter_eps, seed, path, counters):
     """G chunks live in dC's not-yet-written rows while they fit there (shrinking widths), then in
     the workspace; padded rows, which G may have occupied, end up zero."""
-    from vocab_parallel_cce import triton_backend as TB
-
-    monkeypatch.setattr(TB, "MIN_CHUNK_COLUMNS", 16)
-    monkeypatch.setattr(TB, "_chunk_bytes", lambda *args, **kwargs: 1)
-    placed = []
-    real = TB._g_inside_dc
-
-    def spy(*args):
-        g, w = real(*args)
-        placed.append("dc" if g is not None else "workspace")
-        return g, w
-
-    monkeypatch.setattr(TB, "_g_inside_dc", spy)
     n, d, v, v_all = 19, 40, 150, 166  # D > N: the first chunks are wide
     e, c, b = _inputs(n, d, v_all, dtype, bias=True, scale=2.0)
     t = torch.randint(0, v, (n,))
     t[3] = -100
-    loss = linear_cross_entropy(e, c, t, b, impl="triton", vocab_size=v, filter_eps=filter_eps)
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", vocab_size=v, filter_eps=filter_eps,
+                                tuning=path.with_(min_chunk_columns=16, chunk_bytes=1))
     ge, gc, gb = torch.autograd.grad(loss, (e, c, b))
-    assert "dc" in placed and "workspace" in placed, placed
+    assert counters["g_in_dc"] and counters["g_in_workspace"], counters
     ref_in = [x.detach().double().requires_grad_() for x in (e, c, b)]
     ref = reference_loss(*ref_in[:2], t, ref_in[2], vocab_size=v)
     rge, rgc, rgb = torch.autograd.grad(ref, ref_in)
@@ -215,16 +209,15 @@ def test_logit_gradient_chunks_inside_dc_storage(dtype, filter_eps, seed, path, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_grad_in_forward_row_kernels(dtype, reduction, seed, path, monkeypatch):
+def test_grad_in_forward_row_kernels(dtype, reduction, seed, path):
     """grad_in_forward=True: materialised float32 logit chunks, the row-statistics kernel, G written
     over the chunk's own storage (16-bit G inside float32 rows), every option, padded vocabulary."""
-    monkeypatch.setenv("VPCCE_GIF_CHUNK", "9")
     n, d, v = 31, 20, 53
     ins = _inputs(n, d, v, dtype, bias=True, scale=2.0)
     t = torch.randint(0, 47, (n,))
     t[2] = -100
     _, grads = _compare(ins, t, dtype, reduction=reduction, grad_in_forward=True, softcap=4.0,
-                        label_smoothing=0.1, z_loss=1e-3, vocab_size=47)
+                        label_smoothing=0.1, z_loss=1e-3, vocab_size=47, tuning=path.with_(fast_chunk_tokens=9))
     assert not grads[1][47:].any() and not grads[2][47:].any()
 
 
@@ -232,7 +225,8 @@ def test_grad_in_forward_per_token_with_uniform_upstream(seed, path):
     e, c, b = _inputs(23, 20, 37, torch.bfloat16, bias=True, scale=2.0)
     t = torch.randint(0, 37, (23,))
     t[::5] = -100
-    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="none", z_loss=1e-3)
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="none", z_loss=1e-3,
+                                tuning=path)
     w = torch.where(t != -100, 0.5, 3.0)
     grads = torch.autograd.grad((loss * w).sum(), (e, c, b))
     ref_in = [q.detach().double().requires_grad_() for q in (e, c, b)]
@@ -270,41 +264,24 @@ def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
         assert torch.equal(g, expect)
 
 
-def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, monkeypatch):
+def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, counters):
     """The `path` fixture is not a no-op: the fused kernels get descriptors for 16-byte aligned
-    rows only, and none at all with VPCCE_TMA=0."""
-    from vocab_parallel_cce import triton_backend as TB
-
-    seen = []
-    real = TB._tma_operands
-
-    def spy(*args):
-        out = real(*args)
-        seen.append(out[2])
-        return out
-
-    monkeypatch.setattr(TB, "_tma_operands", spy)
+    rows only, and none at all with use_tma=False."""
     t = torch.randint(0, 50, (20,))
-    for tma_env, d, expect in ((None, 24, True), (None, 25, False), ("0", 24, False)):
-        if tma_env is None:
-            monkeypatch.delenv("VPCCE_TMA", raising=False)
-        else:
-            monkeypatch.setenv("VPCCE_TMA", tma_env)
-        seen.clear()
+    for name, d, expect in (("tma", 24, True), ("tma", 25, False), ("pointers", 24, False)):
+        counters.clear()
         e, c, _ = _inputs(20, d, 50, torch.float32)  # d=25: 100-byte rows, not 16-byte aligned
-        torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton"), (e, c))
-        assert seen == [expect, expect], (tma_env, d, seen)  # forward and backward
+        torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton", tuning=PATHS[name]), (e, c))
+        seen = [True] * counters["tma"] + [False] * counters["pointers"]
+        assert seen == [expect, expect], (name, d, seen)  # forward and backward
 
 
-def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, monkeypatch):
+def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, counters):
     """filter_eps="auto" (16-bit inputs): the first backward of a shape runs dense and measures
     the kept-tile fraction; later ones skip dC tiles only if few were kept. dE stays dense."""
     from vocab_parallel_cce import triton_backend as TB
 
-    TB._SKIP_POLICY.state.clear()
-    listed = []
-    real = TB._tile_lists
-    monkeypatch.setattr(TB, "_tile_lists", lambda flags: listed.append(1) or real(flags))
+    TB.skip_policy.reset()
     n, d, v = 48, 32, 160
     e = torch.randn(n, d)
     e[:, 0] = 10.0
@@ -319,41 +296,38 @@ def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, monkeypatch)
         return torch.autograd.grad(linear_cross_entropy(ei, ci, t, impl="triton"), (ei, ci))
 
     ge1, gc1 = grads()
-    assert not listed and gc1[16:].any()  # measured, dense
+    assert not counters["sparse_dc"] and gc1[16:].any()  # measured, dense
     ge2, gc2 = grads()
-    assert listed and not gc2[16:].any()  # skipped
+    assert counters["sparse_dc"] and not gc2[16:].any()  # skipped
     assert torch.equal(ge1, ge2)  # dE is never filtered
-    listed.clear()  # another token count, same classifier: the measurement carries over
+    counters.clear()  # another token count, same classifier: the measurement carries over
     ei, ci = e[:40].clone().requires_grad_(), c.clone().requires_grad_()
     gc3 = torch.autograd.grad(linear_cross_entropy(ei, ci, t[:40], impl="triton"), ci)[0]
-    assert listed and not gc3[16:].any()
+    assert counters["sparse_dc"] and not gc3[16:].any()
     e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
     rge, rgc = torch.autograd.grad(reference_loss(e64, c64, t), (e64, c64))
     assert rel_err(gc2.double(), rgc) < 2e-2 and rel_err(ge2.double(), rge) < 2e-2
 
     # dense logits (every tile kept): stays dense call after call, measuring again only every
     # REMEASURE_EVERY calls; float32 never filters
-    TB._SKIP_POLICY.state.clear()
-    listed.clear()
-    recorded = []
-    real_record = TB._SKIP_POLICY.record
-    monkeypatch.setattr(TB._SKIP_POLICY, "record", lambda *a: recorded.append(1) or real_record(*a))
+    TB.skip_policy.reset()
+    counters.clear()
     ins = _inputs(n, d, v, torch.bfloat16)
     t = torch.randint(0, v, (n,))
-    every = TB._SKIP_POLICY.REMEASURE_EVERY
+    every = Tuning().skip_remeasure_every
     for call in range(1, every + 2):
         torch.autograd.grad(linear_cross_entropy(ins[0], ins[1], t, impl="triton"), ins[:2])
-        assert len(recorded) == (1 if call <= every else 2), call
+        assert counters["skip_measurements"] == (1 if call <= every else 2), call
     ins32 = _inputs(n, d, 40, torch.float32)
     for _ in range(2):
         torch.autograd.grad(linear_cross_entropy(ins32[0], ins32[1], t % 40, impl="triton"), ins32[:2])
-    assert not listed
+    assert not counters["sparse_dc"]
 
 
 def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monkeypatch):
     """The CUDA branch of the policy with a stand-in event: a measurement in flight leaves the
     decision alone (no waiting), a completed one is read, and nothing is queried under capture."""
-    from vocab_parallel_cce.triton_backend import _TileSkipPolicy
+    from vocab_parallel_cce.triton_backend import TileSkipPolicy
 
     class StandInEvent:
         def __init__(self):
@@ -365,18 +339,18 @@ def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monke
 
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    policy, key = _TileSkipPolicy(), ("cuda:0", 1000, 64)
-    assert policy.plan(key) == (False, True)  # never measured: dense, measure
+    policy, key, tuning = TileSkipPolicy(), ("cuda:0", 1000, 64), Tuning()
+    assert policy.decide(key, tuning) == (False, True)  # never measured: dense, measure
     event = StandInEvent()
     policy.state[key] = {"fraction": None, "pinned": torch.tensor(0.1), "event": event, "since": 0}
-    assert policy.plan(key) == (False, False) and event.queries == 1  # in flight: dense
+    assert policy.decide(key, tuning) == (False, False) and event.queries == 1  # in flight: dense
     capturing[0], event.done = True, True
-    assert policy.plan(key) == (False, False) and event.queries == 1  # captured: no query
+    assert policy.decide(key, tuning) == (False, False) and event.queries == 1  # captured: no query
     capturing[0] = False
-    assert policy.plan(key) == (True, True) and policy.state[key]["event"] is None  # 10% kept: skip
+    assert policy.decide(key, tuning) == (True, True) and policy.state[key]["event"] is None  # 10% kept: skip
     # that call measured again (record() restarts the count); its result: 90% kept
     policy.state[key].update(pinned=torch.tensor(0.9), event=StandInEvent(), since=0)
     policy.state[key]["event"].done = True
-    for _ in range(policy.REMEASURE_EVERY - 1):
-        assert policy.plan(key) == (False, False)  # dense again, not measuring for a while
-    assert policy.plan(key) == (False, True)  # every REMEASURE_EVERY calls while dense
+    for _ in range(tuning.skip_remeasure_every - 1):
+        assert policy.decide(key, tuning) == (False, False)  # dense again, not measuring for a while
+    assert policy.decide(key, tuning) == (False, True)  # every skip_remeasure_every calls while dense

@@ -105,11 +105,16 @@ def test_vocab_start_zero_without_group_is_allowed():
     assert torch.isfinite(call(vocab_start=0))
 
 
-def test_triton_on_cpu_needs_interpreter(monkeypatch):
+def test_triton_on_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
+    """Where Triton cannot run, a triton impl (or its Apple alias) runs the exact torch path and
+    warns, naming the value given."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    e, c, t = inputs()
+    expect = linear_cross_entropy(e, c, t, impl="torch")
     for impl in ("triton", "triton_exact", "cce", "cce_exact"):
-        with pytest.raises(ValueError, match=r"impl='triton' needs a CUDA tensor"):
-            call(impl=impl)
+        with pytest.warns(UserWarning, match=rf"^impl='{impl}': Triton needs a CUDA tensor.*impl='torch'"):
+            loss = linear_cross_entropy(e, c, t, impl=impl)
+        assert torch.equal(loss, expect), impl
 
 
 def test_triton_rejects_float64(monkeypatch):

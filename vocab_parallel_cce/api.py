@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from . import distributed as vp
 from . import torch_backend
-from .autograd import LossWithGradInForward, ShardStats, grad_in_forward_chunk
-from .backend import ShardSpec
+from .autograd import LossWithGradInForward, ShardStats
+from .backend import Backend
+from .distributed import clear_layout_cache  # noqa: F401  (documented as vocab_parallel_cce.api.clear_layout_cache)
+from .plan import Plan
+from .tuning import Tuning
 
 Reduction = Literal["mean", "sum", "none"]
 IMPLS = ("auto", "triton", "triton_exact", "torch")
@@ -30,40 +33,40 @@ class VocabParallelOptions:
     reduce_e_grad: bool = True
 
 
-def _triton_usable_on(device: torch.device) -> tuple[bool, str]:
+def _no_triton_reason(device: torch.device, impl: str) -> str | None:
+    """Why Triton cannot run on `device` (None: it can); ValueError for device types it never supports."""
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return True, ""
-        return False, "impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+        return None if os.environ.get("TRITON_INTERPRET") == "1" else "needs a CUDA tensor (or TRITON_INTERPRET=1)"
     if device.type != "cuda":
-        return False, f"impl='triton' does not support device type '{device.type}'"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return False, "impl='triton' needs an Ampere or newer GPU (compute capability >= 8.0)"
+        raise ValueError(f"impl={impl!r} does not support device type '{device.type}'")
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return "needs an Ampere or newer GPU (compute capability >= 8.0)"
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False, "impl='triton' needs the `triton` package"
-    return True, ""
+        return "needs the `triton` package"
+    return None
 
 
-def _resolve_impl(impl: str, e: torch.Tensor):
-    impl = IMPL_ALIASES.get(impl, impl)
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS + tuple(IMPL_ALIASES)}, got {impl!r}")
-    if impl == "auto":
-        ok, _ = _triton_usable_on(e.device)
-        impl = "triton" if ok and e.device.type == "cuda" and e.dtype != torch.float64 else "torch"
-    if impl == "torch":
+def _backend(impl: str, e: torch.Tensor) -> tuple[Backend, bool]:
+    """(backend module, exact) for `impl` and e's device and dtype. Triton asked for where it cannot
+    run falls back to the exact torch path with a UserWarning naming the value given."""
+    name = IMPL_ALIASES.get(impl, impl)
+    if name == "auto":
+        usable = e.device.type == "cuda" and e.dtype != torch.float64 and _no_triton_reason(e.device, impl) is None
+        name = "triton" if usable else "torch"
+    if name == "torch":
         return torch_backend, False
-    ok, why = _triton_usable_on(e.device)
-    if not ok:
-        raise ValueError(why)
+    why = _no_triton_reason(e.device, impl)
+    if why is not None:
+        warnings.warn(f"impl={impl!r}: Triton {why}; using the exact torch path (impl='torch') instead",
+                      UserWarning, stacklevel=3)
+        return torch_backend, False
     if e.dtype == torch.float64:
-        raise TypeError("impl='triton' supports float32/float16/bfloat16 inputs; use impl='torch' for float64")
+        raise TypeError(f"impl={impl!r} supports float32/float16/bfloat16 inputs; use impl='torch' for float64")
     from . import triton_backend
 
-    return triton_backend, impl == "triton_exact"
+    return triton_backend, name == "triton_exact"
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -81,7 +84,9 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
 
 
-def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps):
+def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps, impl,
+              return_lse, grad_in_forward) -> int:
+    """TypeError/ValueError naming the first bad argument; returns shift as an int."""
     _check_float("e", e)
     _check_float("c", c)
     if e.dim() < 1:
@@ -114,7 +119,9 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
             )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    check_loss_options(softcap, label_smoothing, z_loss, filter_eps)
+    check_loss_options(softcap, label_smoothing, z_loss, filter_eps, impl)
+    if grad_in_forward and return_lse:
+        raise ValueError("grad_in_forward: needs return_lse=False (lse's gradient would be per token)")
     shift = int(shift) if isinstance(shift, bool) else shift
     if not isinstance(shift, int):
         raise TypeError(f"shift: expected an int or bool, got {type(shift).__name__}")
@@ -123,8 +130,6 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
             raise ValueError("shift: needs targets with a sequence dimension, got a 0-d target")
         if not 0 <= shift < targets.shape[-1]:
             raise ValueError(f"shift: expected 0 <= shift < sequence length {targets.shape[-1]}, got {shift}")
-    elif shift < 0:
-        raise ValueError(f"shift: expected >= 0, got {shift}")
     return shift
 
 
@@ -146,53 +151,55 @@ def check_loss_options(softcap, label_smoothing, z_loss, filter_eps="auto", impl
 AUTO_FILTER_EPS = 2.0**-12
 
 
-def _resolve_filter_eps(filter_eps, exact: bool, dtype: torch.dtype) -> tuple[float | None, bool]:
-    """(eps, adaptive). "auto": adaptive skipping at AUTO_FILTER_EPS for 16-bit inputs, where it
-    measured faster on trained-like logits and is turned off while logits are dense (triton_backend
-    `_TileSkipPolicy`); none for float32 or exact mode. A number: always skip below it."""
-    if exact or filter_eps is None:
+def _filter(filter_eps, backend: Backend, exact: bool, dtype: torch.dtype, label_smoothing: float,
+            grad_in_forward: bool) -> tuple[float | None, bool]:
+    """The plan's (filter_eps, adaptive_filter) for the triton default path's dC tile skipping.
+    "auto": adaptive skipping at AUTO_FILTER_EPS for 16-bit inputs, where it measured faster on
+    trained-like logits and is turned off while logits are dense (triton_backend.skip_policy). A
+    number: always skip below it. Never on the torch backend, in exact mode, with grad_in_forward,
+    or with label smoothing (its u = ∂L/∂s ≠ 0 puts weight on every tile)."""
+    if filter_eps is None or exact or backend is torch_backend or grad_in_forward or label_smoothing > 0:
         return None, False
     if filter_eps == "auto":
-        if dtype in (torch.float16, torch.bfloat16):
-            return AUTO_FILTER_EPS, True
-        return None, False
+        return (AUTO_FILTER_EPS, True) if dtype in (torch.float16, torch.bfloat16) else (None, False)
     return (float(filter_eps), False) if filter_eps > 0 else (None, False)
 
 
-_LAYOUT_CACHE: dict = {}
-
-
-def clear_layout_cache() -> None:
-    """Forget the checked vocabulary layouts (call on every rank after re-sharding a group)."""
-    _LAYOUT_CACHE.clear()
-
-
-def _shard_layout(group, vocab_start: int, v_local: int, device: torch.device) -> int:
-    """Check that the ranks' [start, start + V_r) shards tile [0, V_total); return V_total.
-
-    Needs one small collective (and a host sync) the first time a (group, shard) is seen; cached after,
-    keyed on what this rank sees: if the shards of OTHER ranks change while this rank's stays the
-    same, call `clear_layout_cache()` on every rank.
-    """
-    key = (id(group), vp.group_rank(group), vocab_start, v_local)
-    if key in _LAYOUT_CACHE:
-        return _LAYOUT_CACHE[key]
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    mine = torch.tensor([[vocab_start, v_local]], dtype=torch.int64, device=device)
-    shards = vp.all_gather_along_dim0(mine, group, "check the vocabulary shards").cpu().tolist()
-    expected = 0
-    for start, size in sorted(shards):
-        if start != expected:
+def _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel,
+            options: VocabParallelOptions | None) -> dict[str, Any]:
+    """The plan's shard fields (vocab_start, n_valid, vocab_size, group, world, reduce_grad_e,
+    sequence_parallel), checked. With a multi-rank group the layout check is a collective (once
+    per layout: distributed.shard_layout)."""
+    if options is not None:
+        if group is not None or vocab_start is not None:
+            raise ValueError("vocab_parallel_options: give it, or group/vocab_start, not both")
+        if options.stop - options.start != c.shape[0]:
             raise ValueError(
-                f"vocab_start: the shards [start, start+V_local) of the ranks, {shards}, do not tile the "
-                f"vocabulary: expected a shard starting at {expected}, found one at {start}"
+                f"vocab_parallel_options: stop - start = {options.stop - options.start} but c has {c.shape[0]} rows"
             )
-        expected = start + size
-    _LAYOUT_CACHE[key] = expected
-    return expected
+        return _layout(c, options.group, options.start, vocab_size, options.reduce_e_grad, sequence_parallel, None)
+    v_local = c.shape[0]
+    world = 1
+    if group is not None:
+        vp.check_group_membership(group)
+        world = vp.group_size(group)
+    if world > 1:
+        start = vp.group_rank(group) * v_local if vocab_start is None else vocab_start
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"vocab_start: expected an int >= 0, got {start!r}")
+        v_total = vp.shard_layout(group, start, v_local)
+    else:
+        if vocab_start not in (None, 0):
+            raise ValueError(f"vocab_start: without a multi-rank group the shard must start at 0, got {vocab_start}")
+        if sequence_parallel and group is None:
+            raise ValueError("sequence_parallel: needs a process group")
+        start, v_total = 0, v_local
+    size = v_total if vocab_size is None else vocab_size
+    if not isinstance(size, int) or not 0 < size <= v_total:
+        raise ValueError(f"vocab_size: expected an int in [1, {v_total}] (the classifier's rows), got {vocab_size!r}")
+    sp = sequence_parallel and world > 1  # the gather's backward reduce-scatters dE's partial sums
+    return dict(vocab_start=start, n_valid=max(0, min(v_local, size - start)), vocab_size=size, group=group,
+                world=world, reduce_grad_e=reduce_grad_e and not sp, sequence_parallel=sp)
 
 
 def linear_cross_entropy(
@@ -216,10 +223,9 @@ def linear_cross_entropy(
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
     vocab_parallel_options: VocabParallelOptions | None = None,
-    accum_e_fp32: bool = True,
-    accum_c_fp32: bool = True,
     grad_in_forward: bool = False,
-):
+    tuning: Tuning | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits `e @ c.T (+ bias)` without materialising them.
 
     Args:
@@ -244,7 +250,10 @@ def linear_cross_entropy(
         z_loss: λ: adds λ·lse² per token.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
             (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
-            or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile" are aliases.
+            or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile"
+            are aliases. A triton value where Triton cannot run (a CPU tensor without
+            TRITON_INTERPRET=1, a GPU older than Ampere, no triton package) falls back to "torch"
+            with a UserWarning.
         group: torch.distributed group over which `c` is sharded along the vocabulary.
         vocab_start: first global id of this rank's shard (default rank × V_local).
         vocab_size: true vocabulary size; rows with global id >= vocab_size (padding) are left out
@@ -254,8 +263,6 @@ def linear_cross_entropy(
             all-gathered in forward (e's gradient reduce-scattered in backward) and every rank
             returns the loss of ALL tokens (shift and "none" shapes refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad).
-        accum_e_fp32, accum_c_fp32: accepted for Apple CCE compatibility; gradients are always
-            accumulated in float32.
         grad_in_forward: compute the gradients during the forward from materialised chunks of
             ≈D tokens' logits (6·N·D·V FLOPs instead of 8; filter_eps is not used), for an upstream
             gradient that is the same for every non-ignored token: "mean"/"sum", or "none" followed
@@ -263,102 +270,65 @@ def linear_cross_entropy(
             return_lse=False; the backward may run only once (no retain_graph). More memory: a
             float32 chunk of logits [≈D, V_local] and a float32 dC, together ≈ 4× dC's 16-bit
             size. Without autograd (no input requires grad) it is the default path.
+        tuning: performance knobs (block shapes, chunk sizes, TMA, skip-policy thresholds; see
+            `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
         return_lse, (loss, lse).
         A target outside [0, vocab_size) that is not ignore_index gives a NaN loss for its token.
     """
-    shift = _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps)
-    if grad_in_forward and return_lse:
-        raise ValueError("grad_in_forward: needs return_lse=False (lse's gradient would be per token)")
-
-    if vocab_parallel_options is not None:
-        if group is not None or vocab_start is not None:
-            raise ValueError("vocab_parallel_options: give it, or group/vocab_start, not both")
-        o = vocab_parallel_options
-        if o.stop - o.start != c.shape[0]:
-            raise ValueError(
-                f"vocab_parallel_options: stop - start = {o.stop - o.start} but c has {c.shape[0]} rows"
-            )
-        group, vocab_start, reduce_grad_e = o.group, o.start, o.reduce_e_grad
-
-    v_local = c.shape[0]
-    world = 1
-    if group is not None:
-        vp.check_group_membership(group)
-        world = vp.group_size(group)
-    if world > 1:
-        rank = vp.group_rank(group)
-        if vocab_start is None:
-            vocab_start = rank * v_local
-        if not isinstance(vocab_start, int) or vocab_start < 0:
-            raise ValueError(f"vocab_start: expected an int >= 0, got {vocab_start!r}")
-        v_total = _shard_layout(group, vocab_start, v_local, e.device)
-    else:
-        if vocab_start not in (None, 0):
-            raise ValueError(f"vocab_start: without a multi-rank group the shard must start at 0, got {vocab_start}")
-        if sequence_parallel and group is None:
-            raise ValueError("sequence_parallel: needs a process group")
-        vocab_start, v_total = 0, v_local
-    if vocab_size is None:
-        vocab_size = v_total
-    if not isinstance(vocab_size, int) or not 0 < vocab_size <= v_total:
-        raise ValueError(f"vocab_size: expected an int in [1, {v_total}] (the classifier's rows), got {vocab_size!r}")
-
-    backend, exact = _resolve_impl(impl, e)
-
-    # Autocast: the classifier matmul runs in the autocast dtype, as nn.Linear would.
+    shift = _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps, impl,
+                      return_lse, grad_in_forward)
+    layout = _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel, vocab_parallel_options)
+    backend, exact = _backend(impl, e)
+    needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
+    gif = grad_in_forward and needs_grad  # without autograd the default path runs
     device_type = e.device.type
-    if _autocast_enabled(device_type):
+    dtype = torch.get_autocast_dtype(device_type) if _autocast_enabled(device_type) else e.dtype
+    eps, adaptive = _filter(filter_eps, backend, exact, dtype, label_smoothing, gif)
+    plan = Plan(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
+        **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, grad_in_forward=gif,
+        tuning=Tuning.from_env() if tuning is None else tuning,
+    )
+    return _run(plan, e, c, targets, bias, shift, return_lse)
+
+
+def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool):
+    """The loss (and lse) of a validated call: autocast, sequence-parallel gather, shift, the
+    autograd Function of the plan's mode, reduction."""
+    device_type = e.device.type
+    if _autocast_enabled(device_type):  # the classifier matmul runs in the autocast dtype, as nn.Linear would
         dt = torch.get_autocast_dtype(device_type)
         e, c = e.to(dt), c.to(dt)
         bias = None if bias is None else bias.to(dt)
-
-    if sequence_parallel and world > 1:
-        e = vp.GatherTokens.apply(e, group)
-        targets = vp.all_gather_along_dim0(targets, group, "all-gather sequence-parallel targets")
-        reduce_grad_e = False  # the gather's backward reduce-scatters the partial sums
-
+    if plan.sequence_parallel:
+        e = vp.GatherTokens.apply(e, plan.group)
+        targets = vp.all_gather_along_dim0(targets, plan.group, "all-gather sequence-parallel targets")
     if shift:
         # targets[..., k:] padded with ignore_index: e[..., t, :] predicts targets[..., t + k].
-        pad = targets.new_full(targets.shape[:-1] + (shift,), ignore_index)
+        pad = targets.new_full(targets.shape[:-1] + (shift,), plan.ignore_index)
         targets = torch.cat([targets[..., shift:], pad], dim=-1)
     out_shape = targets.shape
     e2 = e.reshape(-1, e.shape[-1])
     t = targets.reshape(-1).long()
+    valid = t != plan.ignore_index
 
-    n_valid = max(0, min(v_local, vocab_size - vocab_start))
-    eps, adaptive = (None, False) if backend is torch_backend else _resolve_filter_eps(filter_eps, exact, e2.dtype)
-    spec = ShardSpec(
-        n_valid=n_valid,
-        softcap=None if softcap is None else float(softcap),
-        need_sum=label_smoothing > 0,
-        filter_eps=eps,
-        adaptive_filter=adaptive,
-        exact=exact,
-    )
+    with torch.autocast(device_type, enabled=False):
+        if plan.grad_in_forward:
+            count = valid.sum() if plan.reduction == "mean" else None
+            loss = _loss_with_grad_in_forward(e2, c, bias, t, plan, count)
+            if plan.reduction != "none":
+                return loss  # reduced inside the Function
+        else:
+            lse, x, s = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
+            loss = plan.token_loss(lse, x, s, t)
 
-    def compose(lse, x, s, t):
-        return token_loss(lse, x, s, t, ignore_index, vocab_size, label_smoothing, z_loss)
-
-    needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e2, c, bias))
-    if grad_in_forward and needs_grad:
-        count = (t != ignore_index).sum() if reduction == "mean" else None
-        with torch.autocast(device_type, enabled=False):
-            loss = _loss_with_grad_in_forward(e2, c, bias, t, vocab_start, backend, spec, group, reduce_grad_e,
-                                              compose, reduction, count, grad_in_forward_chunk(e2.shape[1]))
-        if reduction != "none":
-            return loss
-    else:
-        with torch.autocast(device_type, enabled=False):
-            lse, x, s = ShardStats.apply(e2, c, bias, t - vocab_start, backend, spec, group, reduce_grad_e)
-        loss = compose(lse, x, s, t)
-    valid = t != ignore_index
-
-    if reduction == "mean":
+    if plan.reduction == "mean":
         loss = loss.sum() / valid.sum().clamp(min=1)
-    elif reduction == "sum":
+    elif plan.reduction == "sum":
         loss = loss.sum()
     else:
         loss = loss.view(out_shape)
@@ -375,19 +345,6 @@ def linear_cross_entropy(
 @torch.compiler.disable  # runs eagerly under torch.compile (a graph break): Python loop, collectives
 def _loss_with_grad_in_forward(*args):
     return LossWithGradInForward.apply(*args)
-
-
-def token_loss(lse, x, s, t, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float):
-    """Per-token loss [N] from the global statistics (lse, x = correct logit, s = Σ logits):
-    (1−ε)(lse − x) + ε(lse − s/V) + λ·lse², 0 at ignored tokens, NaN at targets outside [0, V)."""
-    valid = t != ignore_index
-    nll = lse - x
-    if label_smoothing > 0:
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - s / vocab_size)
-    if z_loss > 0:
-        nll = nll + z_loss * lse * lse
-    bad_target = valid & ((t < 0) | (t >= vocab_size))
-    return torch.where(valid, torch.where(bad_target, float("nan"), nll), 0.0)
 
 
 class LinearCrossEntropy(torch.nn.Module):

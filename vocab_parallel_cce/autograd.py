@@ -1,7 +1,7 @@
-"""The autograd Function: per-token statistics of the (sharded) classifier, differentiable.
+"""The autograd Functions of the two modes; both take the call's `Plan` whole.
 
-`ShardStats` returns the GLOBAL per-token (lse, x, s) (see backend.py), already combined across
-the vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ignore_index,
+`ShardStats` (default) returns the GLOBAL per-token (lse, x, s) (see backend.py), already combined
+across the vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ignore_index,
 reductions, return_lse) is ordinary PyTorch on [N] vectors, so its gradient reaches the backward
 below as three per-token coefficients:
     ∂L/∂z_ij = (∂L/∂lse_i)·p_ij + (∂L/∂x_i)·[j = t_i] + (∂L/∂s_i).
@@ -9,56 +9,52 @@ below as three per-token coefficients:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import distributed as vp
-from .backend import ShardSpec
+from .plan import Plan
+
+
+def _reduce_grad_e(de, plan: Plan) -> None:
+    if de is not None and plan.reduce_grad_e and plan.world > 1:
+        vp.all_reduce_sum(de, plan.group, "all-reduce the hidden-state gradient")
 
 
 class ShardStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, e, c, bias, t_local, backend, spec: ShardSpec, group, reduce_grad_e: bool):
+    def forward(ctx, e, c, bias, t_local, plan: Plan):
         """e [N, D], c [V_local, D], bias [V_local] or None, t_local [N] int64 → 3 × float32 [N]."""
-        lse, x, s = backend.forward_stats(e, c, bias, t_local, spec)
-        if vp.group_size(group) > 1:
-            lse, x, s = vp.combine_shard_stats(lse, x, s, group)
+        lse, x, s = plan.backend.forward_stats(e, c, bias, t_local, plan)
+        if plan.world > 1:
+            lse, x, s = vp.combine_shard_stats(lse, x, s, plan.group)
         ctx.save_for_backward(e, c, bias, t_local, lse)
-        ctx.backend, ctx.spec, ctx.group, ctx.reduce_grad_e = backend, spec, group, reduce_grad_e
-        ctx.mark_non_differentiable(*(() if spec.need_sum else (s,)))
+        ctx.plan = plan
+        ctx.mark_non_differentiable(*(() if plan.need_sum else (s,)))
         return lse, x, s
 
     @staticmethod
     def backward(ctx, g_lse, g_x, g_s):
         e, c, bias, t_local, lse = ctx.saved_tensors
+        plan: Plan = ctx.plan
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         zeros = torch.zeros_like(lse)
         coef = [zeros if g is None else g.to(lse.dtype) for g in (g_lse, g_x, g_s)]
-        if not ctx.spec.need_sum:
+        if not plan.need_sum:
             coef[2] = zeros
-        de, dc, db = ctx.backend.backward(
-            e, c, bias, t_local, lse, *coef, ctx.spec, need_de, need_dc, need_db and bias is not None
+        de, dc, db = plan.backend.backward(
+            e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None
         )
-        if de is not None and ctx.reduce_grad_e and vp.group_size(ctx.group) > 1:
-            vp.all_reduce_sum(de, ctx.group, "all-reduce the hidden-state gradient")
-        return de, dc, db, None, None, None, None, None
-
-
-def grad_in_forward_chunk(d: int) -> int:
-    """Tokens per chunk of the gradient-in-forward mode: ≈ D, so that the float32 logits chunk
-    (n_c·V_r·4 bytes) is about the size of the float32 dC accumulator (V_r·D·4 bytes).
-    Env VPCCE_GIF_CHUNK overrides."""
-    return int(os.environ.get("VPCCE_GIF_CHUNK", "0")) or max(256, d // 128 * 128)
+        _reduce_grad_e(de, plan)
+        return de, dc, db, None, None
 
 
 class LossWithGradInForward(torch.autograd.Function):
     """The loss with its gradients computed during the forward, for an upstream gradient that is
     the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
 
-    Chunks of `chunk` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]); its rows give
-    the statistics (combined across ranks: one all-gather per chunk), `compose` gives the chunk's
-    per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
+    Chunks of `plan.chunk_tokens(D)` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]);
+    its rows give the statistics (combined across ranks: one all-gather per chunk), `plan.token_loss`
+    gives the chunk's per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
     G = a·p + b·[j = t] + u, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
     written once), dC_r += Gᵀ·E_c in float32. 6·N·D·V FLOPs instead of the recomputing path's 8.
     The backward only scales the stored gradients by the upstream gradient, in place (once). For
@@ -68,13 +64,12 @@ class LossWithGradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, e, c, bias, t, vocab_start: int, backend, spec: ShardSpec, group, reduce_grad_e: bool,
-                compose, reduction: str, count, chunk: int):
+    def forward(ctx, e, c, bias, t, plan: Plan, count):
         """e [N, D], c [V_r, D], bias [V_r] or None, t [N] global ids, count: number of valid tokens
-        (device scalar, "mean") → scalar loss ("mean", "sum") or per-token loss [N] ("none"),
-        float32 (float64 for float64 e)."""
+        (device scalar, "mean"; else None) → scalar loss ("mean", "sum") or per-token loss [N]
+        ("none"), float32 (float64 for float64 e)."""
         n, d = e.shape
-        v = spec.n_valid
+        v, reduction, backend = plan.n_valid, plan.reduction, plan.backend
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
@@ -91,17 +86,17 @@ class LossWithGradInForward(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
         # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
         fold = scale is not None and e.dtype != torch.float16
-        distributed = vp.group_size(group) > 1
+        chunk = plan.chunk_tokens(d)
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
             e_c, t_c = e[n0:n1], t[n0:n1]
-            t_local = t_c - vocab_start
-            z, lse, x, s = backend.logits_and_stats(e_c, c, bias, t_local, spec)
-            if distributed:
-                lse, x, s = vp.combine_shard_stats(lse, x, s, group)
+            t_local = t_c - plan.vocab_start
+            z, lse, x, s = backend.logits_and_stats(e_c, c, bias, t_local, plan)
+            if plan.world > 1:
+                lse, x, s = vp.combine_shard_stats(lse, x, s, plan.group)
             with torch.enable_grad():
                 stats = [q.detach().requires_grad_() for q in (lse, x, s)]
-                loss_c = compose(*stats, t_c)
+                loss_c = plan.token_loss(*stats, t_c)
                 coef = torch.autograd.grad(loss_c.sum(), stats, allow_unused=True, materialize_grads=True)
             if per_token is None:
                 total += loss_c.detach().sum().to(acc_dtype)
@@ -110,7 +105,7 @@ class LossWithGradInForward(torch.autograd.Function):
                 active[n0:n1] = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
             if fold:
                 coef = [q * scale for q in coef]
-            g = backend.grad_from_logits(z, bias, t_local, lse, *coef, spec, e.dtype)
+            g = backend.grad_from_logits(z, bias, t_local, lse, *coef, plan, e.dtype)
             if need_de:  # complete over this shard's vocabulary: written once, no accumulation
                 if g.dtype == c.dtype:
                     torch.mm(g, c[:v], out=de[n0:n1])
@@ -119,7 +114,7 @@ class LossWithGradInForward(torch.autograd.Function):
                 if scale is not None and not fold:
                     backend.scale_in_place(de[n0:n1], scale)
             if need_dc:
-                backend.product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), spec.exact, accumulate=n0 > 0)
+                backend.product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), plan, accumulate=n0 > 0)
             if need_db:
                 db[:v] += g.sum(dim=0, dtype=acc_dtype)
             del z, g
@@ -134,7 +129,7 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.group, ctx.reduce_grad_e, ctx.backend, ctx.active = group, reduce_grad_e, backend, active
+        ctx.plan, ctx.active = plan, active
         out = total if per_token is None else per_token
         return out.float() if acc_dtype == torch.float32 else out
 
@@ -147,11 +142,9 @@ class LossWithGradInForward(torch.autograd.Function):
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active)
         for q in grads:
             if q is not None:
-                ctx.backend.scale_in_place(q, k)
-        de = grads[0]
-        if de is not None and ctx.reduce_grad_e and vp.group_size(ctx.group) > 1:
-            vp.all_reduce_sum(de, ctx.group, "all-reduce the hidden-state gradient")
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+                ctx.plan.backend.scale_in_place(q, k)
+        _reduce_grad_e(grads[0], ctx.plan)
+        return (*grads, None, None, None)
 
 
 def _uniform_upstream(g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -1,33 +1,75 @@
 """The contract between the autograd layer and the two compute backends (torch, triton).
 
 A backend works on ONE vocabulary shard: rows [0, V_local) of `c`, of which only the first
-`n_valid` take part in the softmax (the rest are padding). Targets arrive already shifted into
-the shard's local numbering (`t_local = target - vocab_start`); a target outside [0, n_valid)
-simply has no correct logit in this shard.
+`plan.n_valid` take part in the softmax (the rest are padding). Targets arrive already shifted
+into the shard's local numbering (`t_local = target - vocab_start`, int64 [N]); a target outside
+[0, n_valid) simply has no correct logit in this shard. `e` [N, D], `c` [V_local, D] and `bias`
+[V_local] (or None) share a dtype; `e` and `c` may be strided views. The statistics and coefficients are float32, float64 for float64 inputs (torch only).
 
-Forward, per token i (z_ij = e_i·c_j + b_j, then z ← cap·tanh(z/cap) when softcapped):
+Logits, per token i and local row j < n_valid:
+    raw      r_ij = e_i·c_j                      (what `logits_and_stats` returns as Z: NO bias)
+    logit    z_ij = cap·tanh((r_ij + b_j)/cap)   (just r_ij + b_j without softcap)
+
+Statistics (`forward_stats`, `logits_and_stats`):
     lse_i = log Σ_{j<n_valid} exp(z_ij)      (-inf when n_valid == 0)
     x_i   = z_{i,t_i} if 0 ≤ t_i < n_valid else 0
-    s_i   = Σ_{j<n_valid} z_ij               (only when `need_sum`)
+    s_i   = Σ_{j<n_valid} z_ij               (only when `plan.need_sum`; else 0)
 
-Backward, given the global lse_i and per-token coefficients (a_i, b_i, u_i) the logit gradient is
-    G_ij = a_i·p_ij + b_i·[j = t_i] + u_i      for j < n_valid (0 for padded rows),
-    p_ij = exp(z_ij − lse_i),   and × (1 − tanh²(z_raw/cap)) when softcapped,
-and the backend returns dE = G·C [N, D], dC = Gᵀ·E [V_local, D], dbias = Σ_i G_ij [V_local].
+Logit gradient, given the GLOBAL lse_i and per-token coefficients (a_i, b_i, u_i):
+    G_ij = (a_i·p_ij + b_i·[j = t_i] + u_i) · (1 − tanh²((r_ij + b_j)/cap) when softcapped)
+    p_ij = exp(z_ij − lse_i),  G_ij = 0 for padded rows j ≥ n_valid,
+and `backward` returns dE = G·C [N, D], dC = Gᵀ·E [V_local, D], dbias = Σ_i G_ij [V_local] in the
+inputs' dtypes (None where not asked for). The triton backend may skip dC tiles (never dE's) per
+`plan.filter_eps` / `plan.adaptive_filter`; the torch backend is always exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class ShardSpec:
-    """Static description of one call, shared by both backends."""
+@runtime_checkable
+class Backend(Protocol):
+    """What `torch_backend` and `triton_backend` (modules) both implement."""
 
-    n_valid: int  # local rows [0, n_valid) are real vocabulary; the rest are padding
-    softcap: float | None = None
-    need_sum: bool = False  # compute Σ_j z_ij (label smoothing)
-    filter_eps: float | None = None  # skip gradient tiles whose softmax is below this (triton)
-    adaptive_filter: bool = False  # skip only while the measured kept-tile fraction is low (triton)
-    exact: bool = False  # no filtering; float32 inputs use IEEE (not TF32) dot products (triton)
+    # ---- default path (autograd.ShardStats): statistics forward, recomputed logits backward
+
+    def forward_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
+                      plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
+        """This shard's (lse, x, s), [N] each, float32 (float64 for float64 inputs)."""
+
+    def backward(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
+                 coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
+                 need_de: bool, need_dc: bool, need_db: bool
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """(dE [N, D], dC [V_local, D], dbias [V_local]) from the global lse [N] and the
+        coefficients (a, b, u) [N]; rows ≥ n_valid of dC and dbias are 0."""
+
+    # ---- gradient-in-forward mode (autograd.LossWithGradInForward), per token chunk [n, D]
+
+    def logits_and_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
+                         plan: Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(Z, lse, x, s): Z [n, ≥ n_valid] the RAW logits e·c[:n_valid]ᵀ (no bias, no softcap;
+        float32, float64 for float64 inputs; columns ≥ n_valid unspecified), and this shard's
+        statistics [n] (bias and softcap applied)."""
+
+    def grad_from_logits(self, z: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
+                         coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
+                         dtype: torch.dtype) -> Tensor:
+        """G [n, n_valid] from `logits_and_stats`' Z (which it may overwrite), in `dtype` (the
+        inputs' dtype) or a wider float dtype."""
+
+    def product_fp32(self, out: Tensor, a: Tensor, b: Tensor, plan: Plan, accumulate: bool) -> None:
+        """out [M, K'] (float32, float64 for torch's float64) (+)= a [M, K] · b [K, K'], computed in
+        out's dtype; accumulate=False overwrites out (its old contents, even NaN, ignored)."""
+
+    def scale_in_place(self, t: Tensor, k: Tensor) -> None:
+        """t (contiguous) *= k (0-d tensor) in float32 at least: neither k nor the product is
+        rounded to a 16-bit dtype before the single final rounding."""

@@ -3,10 +3,13 @@
 Each rank holds vocabulary rows [s_r, s_r + V_r). Its kernel gives per-token partial statistics
 (lse_r, x_r, s_r); they combine as
     lse = log Σ_r exp(lse_r)   (max first),   x = Σ_r x_r,   s = Σ_r s_r
-in ONE all-gather of a [3, N] float32 block per rank (never logits).
+in ONE all-gather of a [3, N] float32 block per rank (never logits). Also: the check that the
+ranks' shards tile the vocabulary (cached per group), sequence-parallel gather / reduce-scatter.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -99,6 +102,45 @@ class GatherTokens(torch.autograd.Function):
         work = _reduce_scatter_single(out, grad, group=ctx.group, async_op=True)
         _wait(work, "reduce-scatter the hidden-state gradient")
         return out, None
+
+
+# group → {(vocab_start, V_local): V_total}. Weak keys: a destroyed group's entries go with it, and a
+# new group is a new object, so it cannot inherit them (id() could be reused; a live object's cannot).
+_LAYOUT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def clear_layout_cache() -> None:
+    """Forget the checked vocabulary layouts (call on every rank after re-sharding a group)."""
+    _LAYOUT_CACHE.clear()
+
+
+def shard_layout(group, vocab_start: int, v_local: int) -> int:
+    """Check that the ranks' [start, start + V_r) shards tile [0, V_total); return V_total.
+
+    Needs one small collective (and a host sync) the first time a (group, shard) is seen; cached after,
+    keyed on the group object and what this rank sees: if the shards of OTHER ranks change while this
+    rank's stays the same, call `clear_layout_cache()` on every rank.
+    """
+    try:
+        known = _LAYOUT_CACHE.setdefault(group, {})
+    except TypeError:  # not weakly referenceable: check at every call
+        known = {}
+    if (vocab_start, v_local) in known:
+        return known[vocab_start, v_local]
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    mine = torch.tensor([[vocab_start, v_local]], dtype=torch.int64, device=device)
+    shards = all_gather_along_dim0(mine, group, "check the vocabulary shards").cpu().tolist()
+    expected = 0
+    for start, size in sorted(shards):
+        if start != expected:
+            raise ValueError(
+                f"vocab_start: the shards [start, start+V_local) of the ranks, {shards}, do not tile the "
+                f"vocabulary: expected a shard starting at {expected}, found one at {start}"
+            )
+        expected = start + size
+    known[vocab_start, v_local] = expected
+    return expected
 
 
 def check_group_membership(group) -> None:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch backend: exact, any device, bounded memory.
+"""Pure-PyTorch backend: exact, any device, bounded memory (contract: backend.py).
 
 Works on blocks of `block_n` tokens × `block_v` vocabulary rows in float32 (float64 for float64
 inputs), so it never holds the N×V logits. Slow compared with the Triton kernels; it is the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import ShardSpec
+from .plan import Plan
 
 # Elements of one logits block; 2**22 float32 = 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -19,36 +19,42 @@ def _compute_dtype(e: torch.Tensor) -> torch.dtype:
     return torch.float64 if e.dtype == torch.float64 else torch.float32
 
 
-def _blocks(n: int, v: int) -> tuple[int, int]:
+def _blocks(n: int, v: int, plan: Plan) -> tuple[int, int]:
+    """(tokens, vocabulary rows) per block: plan.tuning.torch_block, else 4096 rows × 2**22 elements."""
+    if plan.tuning.torch_block is not None:
+        block_n, block_v = plan.tuning.torch_block
+        return max(1, min(n, block_n)), max(1, min(v, block_v))
     block_v = max(1, min(v, 4096))
     block_n = max(1, min(n, _BLOCK_ELEMENTS // block_v))
     return block_n, block_v
 
 
-def _logits(e_blk, c_blk, b_blk, softcap):
-    """Capped logits of one block, and d(capped)/d(raw) when softcapped."""
-    z = e_blk @ c_blk.T
-    if b_blk is not None:
-        z = z + b_blk
-    return _logits_capped(z, softcap)
-
-
-def _logits_capped(z, softcap):
-    """(softcap·tanh(z/softcap), 1 − tanh²) of raw logits z; (z, None) without softcap."""
+def _logits(raw, b_blk, softcap):
+    """Logits z of a block of raw logits e·cᵀ (bias added, softcapped), and dz/d(raw + bias) when
+    softcapped (None otherwise)."""
+    z = raw if b_blk is None else raw + b_blk
     if softcap is None:
         return z, None
     th = torch.tanh(z / softcap)
     return softcap * th, 1.0 - th * th
 
 
-def forward_stats(e, c, bias, t_local, spec: ShardSpec):
+def _logit_grad(z, dcap, lse, coef_p, coef_t, coef_u, t_local, v0: int):
+    """G of a block of logits z [n, w] (columns v0.. of the shard): a·p + b·[j = t] + u, × dcap."""
+    g = coef_p[:, None] * torch.exp(z - lse[:, None]) + coef_u[:, None]
+    cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
+    g = g + torch.where(cols[None, :] == t_local[:, None], coef_t[:, None], 0.0)
+    return g if dcap is None else g * dcap
+
+
+def forward_stats(e, c, bias, t_local, plan: Plan):
     """Per-token (lse, x, s) of this shard, float32 [N] each (see backend.py)."""
-    n, v = e.shape[0], spec.n_valid
+    n, v = e.shape[0], plan.n_valid
     cdt = _compute_dtype(e)
     lse = torch.full((n,), float("-inf"), dtype=cdt, device=e.device)
     x = torch.zeros(n, dtype=cdt, device=e.device)
     s = torch.zeros(n, dtype=cdt, device=e.device)
-    block_n, block_v = _blocks(n, max(v, 1))
+    block_n, block_v = _blocks(n, max(v, 1), plan)
     for n0 in range(0, n, block_n):
         n1 = min(n, n0 + block_n)
         e_blk = e[n0:n1].to(cdt)
@@ -58,7 +64,7 @@ def forward_stats(e, c, bias, t_local, spec: ShardSpec):
         for v0 in range(0, v, block_v):
             v1 = min(v, v0 + block_v)
             b_blk = None if bias is None else bias[v0:v1].to(cdt)
-            z, _ = _logits(e_blk, c[v0:v1].to(cdt), b_blk, spec.softcap)
+            z, _ = _logits(e_blk @ c[v0:v1].to(cdt).T, b_blk, plan.softcap)
             # online log-sum-exp: S ← S·exp(m − m') + Σ exp(z − m')
             m_new = torch.maximum(m, z.amax(dim=1))
             acc = acc * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
@@ -66,7 +72,7 @@ def forward_stats(e, c, bias, t_local, spec: ShardSpec):
             in_blk = (t_blk >= v0) & (t_blk < v1)
             idx = (t_blk - v0).clamp(0, v1 - v0 - 1)
             x[n0:n1] += torch.where(in_blk, z.gather(1, idx[:, None]).squeeze(1), 0.0)
-            if spec.need_sum:
+            if plan.need_sum:
                 s[n0:n1] += z.sum(dim=1)
         if v > 0:
             lse[n0:n1] = m + torch.log(acc)
@@ -74,17 +80,17 @@ def forward_stats(e, c, bias, t_local, spec: ShardSpec):
     return tuple(t.float() if cdt == torch.float32 else t for t in out)
 
 
-def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
+def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
              need_de: bool, need_dc: bool, need_db: bool):
     """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see backend.py)."""
     n, d = e.shape
-    v, v_all = spec.n_valid, c.shape[0]
+    v, v_all = plan.n_valid, c.shape[0]
     cdt = _compute_dtype(e)
     de = torch.zeros(n, d, dtype=cdt, device=e.device) if need_de else None
     dc = torch.zeros_like(c) if need_dc else None
     db = torch.zeros(v_all, dtype=cdt, device=e.device) if need_db else None
     lse, coef_p, coef_t, coef_u = (t.to(cdt) for t in (lse, coef_p, coef_t, coef_u))
-    block_n, block_v = _blocks(n, max(v, 1))
+    block_n, block_v = _blocks(n, max(v, 1), plan)
     for v0 in range(0, v, block_v):
         v1 = min(v, v0 + block_v)
         c_blk = c[v0:v1].to(cdt)
@@ -93,13 +99,9 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
         for n0 in range(0, n, block_n):
             n1 = min(n, n0 + block_n)
             e_blk = e[n0:n1].to(cdt)
-            z, dcap = _logits(e_blk, c_blk, b_blk, spec.softcap)
-            p = torch.exp(z - lse[n0:n1, None])
-            g = coef_p[n0:n1, None] * p + coef_u[n0:n1, None]
-            cols = torch.arange(v0, v1, device=e.device)
-            g = g + torch.where(cols[None, :] == t_local[n0:n1, None], coef_t[n0:n1, None], 0.0)
-            if dcap is not None:
-                g = g * dcap
+            z, dcap = _logits(e_blk @ c_blk.T, b_blk, plan.softcap)
+            tok = slice(n0, n1)
+            g = _logit_grad(z, dcap, lse[tok], coef_p[tok], coef_t[tok], coef_u[tok], t_local[tok], v0)
             if need_de:
                 de[n0:n1] += g @ c_blk
             if need_dc:
@@ -117,35 +119,30 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
 
 # ---- gradient-in-forward mode (autograd.LossWithGradInForward) ----
 
-def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
-    """Z: the chunk's raw logits (bias included) in the compute dtype, and its rows' (lse, x, s)."""
+def logits_and_stats(e, c, bias, t_local, plan: Plan):
+    """Z: the chunk's raw logits e·c[:n_valid]ᵀ (no bias) in the compute dtype, and its rows'
+    (lse, x, s) (see backend.py)."""
     cdt = _compute_dtype(e)
-    v = spec.n_valid
+    v = plan.n_valid
     z = e.to(cdt) @ c[:v].to(cdt).T
-    if bias is not None:
-        z = z + bias[:v].to(cdt)
-    zc, _ = _logits_capped(z, spec.softcap)
+    zc, _ = _logits(z, None if bias is None else bias[:v].to(cdt), plan.softcap)
     lse = torch.logsumexp(zc, dim=1) if v > 0 else zc.new_full((z.shape[0],), float("-inf"))
     in_shard = (t_local >= 0) & (t_local < v)
     x = torch.where(in_shard, zc.gather(1, t_local.clamp(0, max(v - 1, 0))[:, None]).squeeze(1), 0.0) \
         if v > 0 else zc.new_zeros(z.shape[0])
-    s = zc.sum(dim=1) if spec.need_sum else torch.zeros_like(lse)
+    s = zc.sum(dim=1) if plan.need_sum else torch.zeros_like(lse)
     return z, lse, x, s
 
 
-def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec, dtype):
-    """G [n, n_valid] from the chunk's raw logits Z, kept in the compute dtype (exact; `dtype` is
-    the triton backend's storage dtype, unused here)."""
-    zc, dcap = _logits_capped(z, spec.softcap)
-    g = coef_p[:, None] * torch.exp(zc - lse[:, None]) + coef_u[:, None]
-    cols = torch.arange(z.shape[1], device=z.device)
-    g = g + torch.where(cols[None, :] == t_local[:, None], coef_t[:, None], 0.0)
-    if dcap is not None:
-        g = g * dcap
-    return g
+def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, dtype):
+    """G [n, n_valid] from the chunk's raw logits Z, in Z's (compute) dtype: wider than or equal
+    to `dtype`, as the contract allows (exact)."""
+    v = plan.n_valid
+    zc, dcap = _logits(z[:, :v], None if bias is None else bias[:v].to(z.dtype), plan.softcap)
+    return _logit_grad(zc, dcap, lse, coef_p, coef_t, coef_u, t_local, 0)
 
 
-def product_fp32(out, a, b, exact: bool, accumulate: bool) -> None:
+def product_fp32(out, a, b, plan: Plan, accumulate: bool) -> None:
     """out (float32/float64) (+)= a · b, computed in out's dtype."""
     if accumulate:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
@@ -153,13 +150,14 @@ def product_fp32(out, a, b, exact: bool, accumulate: bool) -> None:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def scale_in_place(t: torch.Tensor, k: torch.Tensor, block: int = 1 << 22) -> None:
-    """t (contiguous) *= k (a 0-d tensor), computed in float32 at least, in blocks, so that neither
-    k nor the product is rounded to a 16-bit dtype before the single final rounding."""
+def scale_in_place(t: torch.Tensor, k: torch.Tensor) -> None:
+    """t (contiguous) *= k (a 0-d tensor), computed in float32 at least, in blocks of 2**22
+    elements, so that neither k nor the product is rounded to a 16-bit dtype before the single
+    final rounding."""
     if t.dtype in (torch.float32, torch.float64):
         t.mul_(k.to(t.dtype))
         return
     flat = t.view(-1)
-    for i in range(0, flat.numel(), block):
-        blk = flat[i:i + block]
+    for i in range(0, flat.numel(), _BLOCK_ELEMENTS):
+        blk = flat[i:i + _BLOCK_ELEMENTS]
         blk.copy_(blk.float() * k)

@@ -5,32 +5,34 @@ logsumexp over the splits (a few floats per token).
 
 Operands reach the kernels through TMA tensor descriptors on Hopper and newer (and in the
 interpreter) when their rows are 16-byte aligned, through masked pointer loads otherwise
-(VPCCE_TMA=0 forces pointers). Measured on an H200: forward 18.4 → 14.6 ms, logit-gradient kernel
-20.4 → 18.4 ms at (8192, 4096, 128256) bf16.
+(`Tuning(use_tma=False)` forces pointers). Measured on an H200: forward 18.4 → 14.6 ms,
+logit-gradient kernel 20.4 → 18.4 ms at (8192, 4096, 128256) bf16.
 
 Backward, per chunk of vocabulary rows (G lives in dC's not-yet-written rows while it fits there,
 `_g_inside_dc`; then in a workspace of `width` columns from `_chunk_bytes`, at least
-MIN_CHUNK_COLUMNS):
+`tuning.min_chunk_columns`):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
   2. dE += G · C_chunk into a float32 accumulator, always dense (cuBLAS `addmm(out_dtype=float32)`
      on CUDA, the Triton kernel elsewhere); at the end it is narrowed to the input dtype IN PLACE;
   3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC): one
      cuBLAS GEMM, or, when skipping, `sparse_matmul_kernel` visiting only the kept token tiles.
 Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps "auto"
-(`_TileSkipPolicy`). The vocabulary is visited in id order; VPCCE_SORT=1 visits it in descending
-mean logit (score_j = mean_i(e_i)·c_j + b_j) so negligible tiles cluster when ids are shuffled.
+(`skip_policy`). The vocabulary is visited in id order.
 
 The gradient-in-forward mode (autograd.LossWithGradInForward) uses `logits_and_stats`,
-`grad_from_logits`, `product_fp32` and `scale_in_place`. Benchmark switches: VPCCE_G_IN_DC=0 keeps
-G in the workspace, VPCCE_GROUP_V sets the gradient kernel's grouping (default 12).
+`grad_from_logits`, `product_fp32` and `scale_in_place`.
 
-Both entry points of the default path are registered as torch custom ops, opaque to torch.compile and free of host
-synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph capture.
+Both entry points of the default path are registered as torch custom ops, opaque to torch.compile
+and free of host synchronisation (no .item()/.nonzero()), so they also run under CUDA-graph
+capture. Custom ops take scalars only: the plan's fields cross as scalars, its Tuning as a string (`Tuning.encode`).
+`counters` counts the paths taken (TMA or pointer loads, where G lived, block-sparse dC products,
+skip measurements), for tests and benchmarks; `counters.clear()` resets it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -42,27 +44,31 @@ except ImportError:  # triton < 3.4
     TensorDescriptor = None
 
 from . import triton_kernels as K
-from .backend import ShardSpec
+from .plan import Plan
+from .tuning import Tuning
 
-# The backward's working memory beyond dE and dC is held to ~9% of their size: the float32 dE
-# surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk, and small buffers.
-WORKSPACE_FRACTION = 0.09  # wider chunks = fewer float32 dE read-modify-writes (N·D·8 bytes each)
+# The backward's working memory beyond dE and dC is held to tuning.workspace_fraction (9%) of
+# their size: the float32 dE surplus (N·D·2 bytes for 16-bit inputs), the logit-gradient chunk,
+# and small buffers. Wider chunks = fewer float32 dE read-modify-writes (N·D·8 bytes each); chunks
+# narrower than tuning.min_chunk_columns make the backward launch-bound (measured on an H200: 501
+# chunks of 256 columns at N=16384 took 208 ms, chunks of 1024 took 136 ms).
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 512 << 20
-# Narrower chunks make the backward launch-bound (measured on an H200: 501 chunks of 256 columns
-# at N=16384 took 208 ms, chunks of 1024 took 136 ms).
-MIN_CHUNK_COLUMNS = 1024
+
+counters: Counter = Counter()  # paths taken; see the module docstring
 
 
-def _chunk_bytes(n: int, d: int, v: int, elt: int) -> int:
-    """Bytes for one chunk of logit gradients (plus gathered C rows when sorting, VPCCE_SORT=1)."""
+def _chunk_bytes(n: int, d: int, v: int, elt: int, tuning: Tuning) -> int:
+    """Bytes for the workspace chunk of logit gradients (tuning.chunk_bytes if set)."""
+    if tuning.chunk_bytes is not None:
+        return tuning.chunk_bytes
     grads = (n * d + v * d) * elt
     surplus = n * d * 2 if elt == 2 else 0
-    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, WORKSPACE_FRACTION * grads - surplus)))
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, tuning.workspace_fraction * grads - surplus)))
 
 
-def _round_width(columns: int, n_valid: int, multiple: int) -> int:
-    """Chunk width: at least MIN_CHUNK_COLUMNS, a multiple of `multiple`, no wider than needed."""
-    width = max(multiple, max(MIN_CHUNK_COLUMNS, columns) // multiple * multiple)
+def _round_width(columns: int, n_valid: int, multiple: int, min_columns: int) -> int:
+    """Chunk width: at least `min_columns`, a multiple of `multiple`, no wider than needed."""
+    width = max(multiple, max(min_columns, columns) // multiple * multiple)
     return min(width, triton.cdiv(max(n_valid, 1), multiple) * multiple)
 
 
@@ -70,40 +76,38 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _env_ints(name: str, default: tuple) -> tuple:
-    raw = os.environ.get(name)
-    return tuple(int(v) for v in raw.split(",")) if raw else default
-
-
-def _forward_config(dtype: torch.dtype) -> tuple:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); env VPCCE_FWD_CONFIG overrides."""
+def _forward_config(dtype: torch.dtype, tuning: Tuning) -> tuple:
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); tuning.forward_block overrides."""
+    if tuning.forward_block is not None:
+        return tuning.forward_block
     if _interpreting():
         return (16, 16, 16, 1, 1)
-    default = (128, 64, 32, 8, 3) if dtype == torch.float32 else (128, 256, 64, 8, 3)
-    return _env_ints("VPCCE_FWD_CONFIG", default)
+    return (128, 64, 32, 8, 3) if dtype == torch.float32 else (128, 256, 64, 8, 3)
 
 
-def _grad_config(dtype: torch.dtype) -> tuple:
+def _grad_config(dtype: torch.dtype, tuning: Tuning) -> tuple:
     """Logit-gradient tile = keep-flag granularity: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)."""
+    if tuning.grad_block is not None:
+        return tuning.grad_block
     if _interpreting():
         return (16, 16, 16, 1, 1)
-    default = (128, 128, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 4)
-    return _env_ints("VPCCE_GRAD_CONFIG", default)
+    return (128, 128, 32, 8, 3) if dtype == torch.float32 else (128, 128, 64, 8, 4)
 
 
-def _matmul_config(dtype: torch.dtype, listed: bool = False) -> tuple:
+def _matmul_config(dtype: torch.dtype, listed: bool, tuning: Tuning) -> tuple:
     """(BLOCK_M, BLOCK_NN, BLOCK_K, GROUP_M, warps, stages); BLOCK_M, BLOCK_K must divide 128.
 
     The block-sparse (listed) product uses BLOCK_K = 128 (one list entry per step) and wider
     tiles: on an H200 at 20% kept tiles 0.13 ms against 0.17 ms for the dense config (D = 4096).
+    tuning.matmul_block overrides both.
     """
+    if tuning.matmul_block is not None:
+        return tuning.matmul_block
     if _interpreting():
         return (16, 16, 16, 4, 1, 1)
     if dtype == torch.float32:
-        default = (128, 128, 32, 8, 8, 3)
-    else:
-        default = (128, 256, 128, 8, 8, 2) if listed else (128, 128, 64, 8, 8, 3)
-    return _env_ints("VPCCE_MM_CONFIG", default)
+        return (128, 128, 32, 8, 8, 3)
+    return (128, 256, 128, 8, 8, 2) if listed else (128, 128, 64, 8, 8, 3)
 
 
 def _dot_precision(dtype: torch.dtype, exact: bool) -> str:
@@ -118,9 +122,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tma_enabled(device: torch.device) -> bool:
-    """TMA descriptors: Hopper or newer (or the interpreter, which emulates them); VPCCE_TMA=0 off."""
-    if TensorDescriptor is None or os.environ.get("VPCCE_TMA") == "0":
+def _tma_enabled(device: torch.device, tuning: Tuning) -> bool:
+    """TMA descriptors: Hopper or newer (or the interpreter, which emulates them), unless
+    tuning.use_tma is off."""
+    if TensorDescriptor is None or not tuning.use_tma:
         return False
     if _interpreting():
         return True
@@ -135,32 +140,34 @@ def _descriptor(t: torch.Tensor, shape, strides, block):
     return TensorDescriptor(t, list(shape), list(strides), list(block))
 
 
-def _tma_operands(e: torch.Tensor, c: torch.Tensor, block_n: int, block_v: int, block_d: int):
+def _tma_operands(e: torch.Tensor, c: torch.Tensor, block_n: int, block_v: int, block_d: int,
+                  tuning: Tuning):
     """(E, C, True) as TMA descriptors (blocks [block_n, block_d], [block_v, block_d]) where
-    possible, else (e, c, False)."""
-    if not _tma_enabled(e.device):
-        return e, c, False
-    e_desc = _descriptor(e, e.shape, e.stride(), (block_n, block_d))
-    c_desc = _descriptor(c, c.shape, c.stride(), (block_v, block_d))
-    if e_desc is None or c_desc is None:
-        return e, c, False
-    return e_desc, c_desc, True
+    possible, else (e, c, False). Counted in `counters` ("tma" / "pointers")."""
+    e_desc = c_desc = None
+    if _tma_enabled(e.device, tuning):
+        e_desc = _descriptor(e, e.shape, e.stride(), (block_n, block_d))
+        c_desc = _descriptor(c, c.shape, c.stride(), (block_v, block_d))
+    tma = e_desc is not None and c_desc is not None
+    counters["tma" if tma else "pointers"] += 1
+    return (e_desc, c_desc, True) if tma else (e, c, False)
 
 
 @torch.library.custom_op("vocab_parallel_cce::triton_forward_stats", mutates_args=())
 def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
-                      n_valid: int, softcap: float, need_sum: bool, exact: bool
+                      n_valid: int, softcap: float, need_sum: bool, exact: bool, tuning_code: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, x, s) [N] of the shard; softcap 0 = none; tuning_code: Tuning.encode()."""
+    tuning = Tuning.decode(tuning_code)
     n, d = e.shape
-    block_n, block_v, block_d, warps, stages = _forward_config(e.dtype)
+    block_n, block_v, block_d, warps, stages = _forward_config(e.dtype, tuning)
     n_tiles, v_tiles = triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v)
     if n == 0 or n_valid == 0:
         return (e.new_full((n,), float("-inf"), dtype=torch.float32),
                 e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
-    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d)
+    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d, tuning)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
-    splits = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
-    splits = int(os.environ.get("VPCCE_SPLITS", splits))
+    splits = tuning.forward_splits or max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)
     out = torch.empty(3, splits, n, dtype=torch.float32, device=e.device)
@@ -176,7 +183,7 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
 
 
 @_forward_stats_op.register_fake
-def _(e, c, bias, t, n_valid, softcap, need_sum, exact):
+def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code):
     n = e.shape[0]
     return tuple(e.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -227,14 +234,14 @@ def _tile_lists(flags: torch.Tensor):
     return order.contiguous(), flags.sum(dim=1, dtype=torch.int32)
 
 
-def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists=None, counts=None,
-                   list_tile_m=1, list_tile_k=1, b_rows=None, out_rows=None, accumulate=False, exact=False):
+def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, tuning: Tuning, lists=None,
+                   counts=None, list_tile_m=1, list_tile_k=1, accumulate=False, exact=False):
     """OUT (+)= A·B with the Triton kernel; dense when `lists` is None."""
-    block_m, block_nn, block_k, group_m, warps, stages = _matmul_config(a.dtype, lists is not None)
+    block_m, block_nn, block_k, group_m, warps, stages = _matmul_config(a.dtype, lists is not None, tuning)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(nn, block_nn),)
     dense = lists is None
     a_arg, b_arg, tma, a_k_major = a, b, False, a_strides[0] == 1 and a_strides[1] != 1
-    if b_rows is None and _tma_enabled(a.device):
+    if _tma_enabled(a.device, tuning):
         if a_k_major:  # A = Gᵀ: describe G [k, m]
             a_desc = _descriptor(a, (k, m), (a_strides[1], 1), (block_k, block_m))
         else:
@@ -243,10 +250,8 @@ def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists
         if a_desc is not None and b_desc is not None:
             a_arg, b_arg, tma = a_desc, b_desc, True
     K.sparse_matmul_kernel[grid](
-        a_arg, b_arg, out, b if b_rows is None else b_rows, out if out_rows is None else out_rows,
-        out if dense else lists, out if dense else counts, m, nn, k, list_tile_m, list_tile_k,
-        *a_strides, *b_strides, *out_strides, 0 if dense else lists.stride(0),
-        HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None, ACCUMULATE=accumulate,
+        a_arg, b_arg, out, out if dense else lists, out if dense else counts, m, nn, k, list_tile_m, list_tile_k,
+        *a_strides, *b_strides, *out_strides, 0 if dense else lists.stride(0), ACCUMULATE=accumulate,
         DENSE=dense, BLOCK_M=block_m, BLOCK_NN=block_nn, BLOCK_K=block_k, GROUP_M=group_m,
         DOT_PRECISION=_dot_precision(a.dtype, exact), USE_TMA=tma, A_K_MAJOR=a_k_major,
         num_warps=warps, num_stages=stages,
@@ -256,8 +261,8 @@ def _sparse_matmul(a, a_strides, b, b_strides, out, out_strides, m, nn, k, lists
 _CUBLAS_FP32_OUT: dict = {}  # device → whether torch.addmm(..., out_dtype=float32) runs there
 
 
-def product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool,
-                 accumulate: bool = True) -> None:
+def _product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool, accumulate: bool,
+                  tuning: Tuning) -> None:
     """out [M, NN] float32 (+)= a [M, K] · b [K, NN], in float32 without a temporary.
 
     cuBLAS where it computes exactly that: `addmm(..., out_dtype=float32)` for 16-bit inputs where
@@ -277,11 +282,16 @@ def product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: boo
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _CUBLAS_FP32_OUT[out.device] = False
-    _sparse_matmul(a, a.stride(), b, b.stride(), out, out.stride(), a.shape[0], b.shape[1], a.shape[1],
+    _sparse_matmul(a, a.stride(), b, b.stride(), out, out.stride(), a.shape[0], b.shape[1], a.shape[1], tuning,
                    accumulate=accumulate, exact=exact)
 
 
-class _TileSkipPolicy:
+def product_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, plan: Plan, accumulate: bool) -> None:
+    """See backend.py: out float32 (+)= a · b (IEEE float32 dots in exact mode)."""
+    _product_fp32(out, a, b, plan.exact, accumulate, plan.tuning)
+
+
+class TileSkipPolicy:
     """Adaptive dC tile skipping (filter_eps "auto"): skip when it pays, judged from the fraction
     of kept 128×128 tiles measured in an earlier backward with the same classifier shape (device,
     vocabulary rows, D; not the token count, which varies from batch to batch).
@@ -290,16 +300,19 @@ class _TileSkipPolicy:
     untrained model), where the block-sparse kernel is slower than cuBLAS. The fraction travels
     to the host through a pinned buffer and is read once its CUDA event has completed, so no
     call ever waits for the GPU. The first call of a classifier shape runs dense and measures;
-    while dense, the (cheap but not free) measurement is repeated every REMEASURE_EVERY calls.
+    while dense, the (cheap but not free) measurement is repeated every
+    `tuning.skip_remeasure_every` calls. Skips while the fraction is below
+    `tuning.skip_keep_threshold` (H200: faster at 34% kept at (8192, 4096, 128256), slower at 54%).
     """
-
-    KEEP_THRESHOLD = 0.4  # H200: faster at 34% kept (8192, 4096, 128256), slower at 54%
-    REMEASURE_EVERY = 8
 
     def __init__(self):
         self.state: dict = {}  # key → {"fraction", "pinned", "event", "since"}
 
-    def plan(self, key) -> tuple[bool, bool]:
+    def reset(self) -> None:
+        """Forget every measurement: the next backward of each classifier shape runs dense."""
+        self.state.clear()
+
+    def decide(self, key, tuning: Tuning) -> tuple[bool, bool]:
         """(skip, measure) for the next backward of `key`."""
         st = self.state.get(key)
         if st is None:
@@ -308,11 +321,12 @@ class _TileSkipPolicy:
         if st["event"] is not None and not capturing and st["event"].query():  # no query while captured
             st["fraction"], st["event"] = float(st["pinned"]), None
         st["since"] += 1
-        skip = st["fraction"] is not None and st["fraction"] < self.KEEP_THRESHOLD
-        return skip, skip or st["since"] >= self.REMEASURE_EVERY
+        skip = st["fraction"] is not None and st["fraction"] < tuning.skip_keep_threshold
+        return skip, skip or st["since"] >= tuning.skip_remeasure_every
 
     def record(self, key, kept: torch.Tensor, total: int) -> None:
         """kept: device scalar, number of kept tiles out of `total`."""
+        counters["skip_measurements"] += 1
         st = self.state.setdefault(key, {"fraction": None, "pinned": None, "event": None, "since": 0})
         if kept.device.type != "cuda":
             st["fraction"], st["since"] = float(kept) / max(total, 1), 0
@@ -327,14 +341,17 @@ class _TileSkipPolicy:
         st["since"] = 0
 
 
-_SKIP_POLICY = _TileSkipPolicy()
+skip_policy = TileSkipPolicy()  # process-wide: measurements carry over from call to call
 
 
 @torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
 def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                  lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
-                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool
+                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u); softcap 0 = none;
+    filter_eps 0 = no skipping; tuning_code: Tuning.encode()."""
+    tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     v_all = c.shape[0]
     dev = e.device
@@ -347,87 +364,68 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     policy_key = (dev, n_valid, d)  # one classifier (shard): the token count may vary per call
     filtering = flagging
     if flagging and adaptive:
-        filtering, flagging = _SKIP_POLICY.plan(policy_key)
-
-    perm = None
-    if filtering and n_valid > 0 and n > 0 and os.environ.get("VPCCE_SORT") == "1":
-        # Visit the vocabulary in descending mean logit so negligible tiles cluster (opt-in: the
-        # gathered C rows cost the TMA loads; BPE-like ids are roughly frequency-ordered already).
-        mean_e = torch.mv(e.T, e.new_full((n,), 1.0 / n))  # GEMV, no float32 copy of e
-        score = torch.mv(c[:n_valid], mean_e).float()
-        if bias is not None:
-            score = score + bias[:n_valid].float()
-        perm = torch.argsort(score, descending=True).to(torch.int32)
+        filtering, flagging = skip_policy.decide(policy_key, tuning)
 
     # G is stored in the input dtype, as the unfused layer's logit gradient would be, except for
     # float16: G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero.
     g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
     g_elt = torch.finfo(g_dtype).bits // 8
-    block_n, block_v, block_d, warps, stages = _grad_config(e.dtype)
-    budget = _chunk_bytes(n, d, v_all, c.element_size())
-    # bytes per chunk column: a G column, plus the gathered C row when sorting
-    per_col = n * g_elt + (d * c.element_size() if perm is not None else 0)
-    width = _round_width(budget // max(per_col, 1), n_valid, block_v)
+    block_n, block_v, block_d, warps, stages = _grad_config(e.dtype, tuning)
+    budget = _chunk_bytes(n, d, v_all, c.element_size(), tuning)
+    width = _round_width(budget // max(n * g_elt, 1), n_valid, block_v, tuning.min_chunk_columns)
     g_buffer = None  # the workspace chunk, allocated once a chunk no longer fits inside dC
     # dC rows not yet written are free memory: while they can hold a chunk of G wider than the
     # workspace, G lives there (fewer chunks = fewer float32 dE read-modify-writes).
-    dc_bytes = dc.view(-1).view(torch.uint8) if (need_dc and perm is None and n > 0 and dc.is_contiguous()
-                                                 and os.environ.get("VPCCE_G_IN_DC") != "0") else None
+    use_dc = need_dc and n > 0 and dc.is_contiguous() and tuning.g_inside_dc
+    dc_bytes = dc.view(-1).view(torch.uint8) if use_dc else None
     n_tiles = triton.cdiv(n, block_n)
     flags = torch.ones(n_tiles, triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8, device=dev)
-    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d)
-    if perm is not None:
-        e_arg, c_arg, tma = e, c, False  # gathered rows: pointer loads
+    e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d, tuning)
     precision = _dot_precision(e.dtype, exact)
-    group_v = _env_ints("VPCCE_GROUP_V", (12,))[0]
 
     v_begin = 0
     while v_begin < (n_valid if n > 0 else 0):
         g = None
         if dc_bytes is not None:
             g, w = _g_inside_dc(dc_bytes, v_begin, n_valid, n, d * c.element_size(), g_dtype, block_v, width)
+        counters["g_in_dc" if g is not None else "g_in_workspace"] += 1
         if g is None:
             if g_buffer is None:
                 g_buffer = torch.empty(n, width, dtype=g_dtype, device=dev)
             g, w = g_buffer, min(width, n_valid - v_begin)
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
         K.logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](
-            e_arg, c_arg, c if bias is None else bias, t, lse, coef, c if perm is None else perm, g, chunk_flags,
+            e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, chunk_flags,
             n, d, n_valid, v_begin, w,
             e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
             softcap if softcap > 0 else 1.0, filter_eps,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_PERM=perm is not None,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=group_v,
+            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=tuning.group_v,
             num_warps=warps, num_stages=stages,
         )
         g_chunk = g[:, :w]
-        rows = None if perm is None else perm[v_begin:v_begin + w]
         if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
-            c_chunk = c[v_begin:v_begin + w] if rows is None else c.index_select(0, rows)
-            product_fp32(de_acc, g_chunk, c_chunk, exact)
-        if need_dc and filtering:  # dC[rows] = Gᵀ · E, skipping tiles whose softmax is negligible
+            _product_fp32(de_acc, g_chunk, c[v_begin:v_begin + w], exact, True, tuning)
+        if need_dc and filtering:  # dC_chunk = Gᵀ · E, skipping tiles whose softmax is negligible
+            counters["sparse_dc"] += 1
             list_v, count_v = _tile_lists(chunk_flags[:, : triton.cdiv(w, block_v)].T)
-            _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc if rows is not None else dc[v_begin:],
-                           dc.stride(), w, d, n, list_v, count_v, block_v, block_n, out_rows=rows, exact=exact)
+            _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n, tuning,
+                           list_v, count_v, block_v, block_n, exact=exact)
         elif need_dc:  # dC_chunk = Gᵀ · E, complete over tokens: one GEMM straight into dC
             if dev.type == "cuda" and g_dtype == e.dtype:
                 torch.mm(g_chunk.T, e, out=dc[v_begin:v_begin + w])
             else:
-                _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n,
+                _sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n, tuning,
                                exact=exact)
         if need_db:
-            col_sums = g_chunk.sum(dim=0, dtype=torch.float32)
-            if rows is None:
-                db[v_begin:v_begin + w] += col_sums
-            else:
-                db.index_add_(0, rows.long(), col_sums)
+            db[v_begin:v_begin + w] += g_chunk.sum(dim=0, dtype=torch.float32)
         v_begin += w
 
     if need_dc:
         dc[n_valid:].zero_()  # padding rows (after the loop: G may have lived in them)
     if flagging and adaptive:
-        _SKIP_POLICY.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
+        skip_policy.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
     if need_de:
         de = de_acc if e.dtype == torch.float32 else _narrow_in_place(de_acc, e.dtype)
     else:
@@ -436,26 +434,27 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 @_backward_op.register_fake
-def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db):
+def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db,
+      tuning_code):
     return (torch.empty_like(e) if need_de else e.new_empty(0),
             torch.empty_like(c) if need_dc else c.new_empty(0),
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
 
 
-def forward_stats(e, c, bias, t_local, spec: ShardSpec):
+def forward_stats(e, c, bias, t_local, plan: Plan):
     """See backend.py. Returns float32 (lse, x, s) [N] of this shard."""
-    return _forward_stats_op(e, c, bias, t_local, spec.n_valid, spec.softcap or 0.0,
-                             spec.need_sum, spec.exact)
+    return _forward_stats_op(e, c, bias, t_local, plan.n_valid, plan.softcap or 0.0, plan.need_sum,
+                             plan.exact, plan.tuning.encode())
 
 
-def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
+def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
              need_de: bool, need_dc: bool, need_db: bool):
-    """See backend.py. Filtering needs u = 0 (it is off with label smoothing)."""
+    """See backend.py. Skips dC tiles per plan.filter_eps (None, e.g. with label smoothing, whose
+    u ≠ 0 makes every tile matter: never)."""
     coef = torch.stack([coef_p, coef_t, coef_u]).float().contiguous()
-    filter_eps = 0.0 if (spec.filter_eps is None or spec.need_sum) else spec.filter_eps
-    de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, spec.n_valid,
-                              spec.softcap or 0.0, filter_eps, spec.adaptive_filter, spec.exact,
-                              need_de, need_dc, need_db)
+    de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, plan.n_valid,
+                              plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact,
+                              need_de, need_dc, need_db, plan.tuning.encode())
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)
 
 
@@ -464,29 +463,29 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec,
 ROW_BLOCK, ROW_WARPS = 2048, 8
 
 
-def logits_and_stats(e, c, bias, t_local, spec: ShardSpec):
-    """Z = e·c[:n_valid]ᵀ, float32 [n, n_valid] (rows padded to a multiple of 8), and the rows'
-    float32 (lse, x, s) [n] (bias and softcap applied to Z's values on the fly)."""
-    n, v = e.shape[0], spec.n_valid
+def logits_and_stats(e, c, bias, t_local, plan: Plan):
+    """Z = e·c[:n_valid]ᵀ (raw: no bias), float32 [n, n_valid] (rows padded to a multiple of 8),
+    and the rows' float32 (lse, x, s) [n] (bias and softcap applied to Z's values on the fly)."""
+    n, v = e.shape[0], plan.n_valid
     z = torch.empty(n, triton.cdiv(max(v, 1), 8) * 8, dtype=torch.float32, device=e.device)
     if v == 0 or n == 0:
         return z, (e.new_full((n,), float("-inf"), dtype=torch.float32),
                    e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
-    product_fp32(z[:, :v], e, c[:v].T, spec.exact, accumulate=False)
+    _product_fp32(z[:, :v], e, c[:v].T, plan.exact, False, plan.tuning)
     out = torch.empty(3, n, dtype=torch.float32, device=e.device)
     block = 16 if _interpreting() else ROW_BLOCK
     K.row_stats_kernel[(n,)](
         z, c if bias is None else bias, t_local, out, v, z.stride(0), n,
-        spec.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=spec.softcap is not None,
-        NEED_SUM=spec.need_sum, BLOCK=block, num_warps=ROW_WARPS,
+        plan.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None,
+        NEED_SUM=plan.need_sum, BLOCK=block, num_warps=ROW_WARPS,
     )
     return z, out[0], out[1], out[2]
 
 
-def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardSpec, dtype):
+def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, dtype):
     """G [n, n_valid] in `dtype` (float32 for float32), written over Z's storage (row i of G inside
     row i of Z)."""
-    n, v = z.shape[0], spec.n_valid
+    n, v = z.shape[0], plan.n_valid
     g = z if dtype == torch.float32 else z.view(dtype)
     if v == 0 or n == 0:
         return g[:, :v]
@@ -494,7 +493,7 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, spec: ShardS
     block = 16 if _interpreting() else ROW_BLOCK
     K.row_logit_grad_kernel[(n,)](
         z, g, z if bias is None else bias, t_local, lse.float().contiguous(), coef, v, z.stride(0), g.stride(0), n,
-        spec.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=spec.softcap is not None,
+        plan.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None,
         BLOCK=block, num_warps=ROW_WARPS,
     )
     return g[:, :v]

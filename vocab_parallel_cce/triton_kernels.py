@@ -9,7 +9,7 @@ optionally softcapped z ← cap·tanh(z/cap). All accumulation is float32.
   G = a·p + b·[j = t] + u  (× (1 − tanh²) when softcapped) plus a flag per tile saying whether
   any softmax value in it reaches `filter_eps` (or it holds a target).
 - `sparse_matmul_kernel`: OUT (+)= A·B visiting, for each row tile of A, only the K tiles listed
-  as non-negligible; optional row gather of B and row scatter of OUT (vocabulary ordering).
+  as non-negligible (or all of them).
 - `row_stats_kernel`, `row_logit_grad_kernel`: the gradient-in-forward mode's passes over a
   materialised float32 chunk of logits Z [n_c, V] (one program per token row): the row's
   (lse, correct logit, Σ logits), then G written over Z's own storage.
@@ -114,15 +114,15 @@ def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
 
 
 @triton.jit
-def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
+def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, G, FLAGS,
                       N, D, V, v_begin, width,
                       stride_en, stride_ed, stride_cv, stride_cd, stride_gn, stride_fn,
                       softcap, filter_eps,
-                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       USE_TMA: tl.constexpr, GROUP_V: tl.constexpr):
-    """G[n, j] for chunk positions j in [0, width) (vocabulary row PERM[v_begin + j])."""
+    """G[n, j] for chunk positions j in [0, width) (vocabulary row v_begin + j)."""
     # Grouped order over (vocabulary tile, token tile): GROUP_V vocabulary tiles (GROUP_V·BLOCK_V
     # rows of C) stay in L2 while E streams through them once; inside a group the vocabulary tile
     # varies fastest, so concurrent programs also share token tiles.
@@ -131,10 +131,7 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
     pos = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = (pos < width) & (v_begin + pos < V)
-    if HAS_PERM:
-        rows = tl.load(PERM + v_begin + pos, mask=mask_v, other=0)
-    else:
-        rows = v_begin + pos
+    rows = v_begin + pos
     z = _logit_tile(E, C, BIAS, pid_n * BLOCK_N, v_begin + pid_v * BLOCK_V, offs_n, rows, mask_n, mask_v, D,
                     stride_en, stride_ed, stride_cv, stride_cd,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, USE_TMA)
@@ -163,37 +160,32 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, PERM, G, FLAGS,
 
 
 @triton.jit
-def _pointer_product(A, B, B_ROWS, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
+def _pointer_product(A, B, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
                      stride_am, stride_ak, stride_bk, stride_bn,
-                     HAS_B_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + A[offs_m, k0:k0+BLOCK_K] · B[rows of k0:k0+BLOCK_K, offs_nn] with masked pointer loads."""
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + A[offs_m, k0:k0+BLOCK_K] · B[k0:k0+BLOCK_K, offs_nn] with masked pointer loads."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    if HAS_B_ROWS:
-        b_rows = tl.load(B_ROWS + offs_k, mask=mask_k, other=0)
-    else:
-        b_rows = offs_k
-    b = tl.load(B + b_rows[:, None].to(tl.int64) * stride_bk + offs_nn[None, :] * stride_bn,
+    b = tl.load(B + offs_k[:, None].to(tl.int64) * stride_bk + offs_nn[None, :] * stride_bn,
                 mask=mask_k[:, None] & mask_nn[None, :], other=0.0)
     acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
+def sparse_matmul_kernel(A, B, OUT, K_LIST, K_COUNT,
                          M, NN, K, list_tile_m, list_tile_k,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_list,
-                         HAS_B_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
                          ACCUMULATE: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          USE_TMA: tl.constexpr, A_K_MAJOR: tl.constexpr):
-    """OUT[rows_m, :] (+)= A[m, k] · B[rows_k, :] over all K (DENSE) or the listed K tiles.
+    """OUT (+)= A · B over all K (DENSE) or the listed K tiles.
 
     K_LIST[r, :K_COUNT[r]] are the indices of the non-negligible K tiles (of size list_tile_k) of
     row tile r (of size list_tile_m, a multiple of BLOCK_M); list_tile_k is a multiple of BLOCK_K.
-    USE_TMA: A and B are tensor descriptors (no B_ROWS): B over [K, NN], A over [M, K], or over
+    USE_TMA: A and B are tensor descriptors: B over [K, NN], A over [M, K], or over
     [K, M] when A_K_MAJOR (A = Gᵀ of a row-major G).
     """
     # grouped ordering: GROUP_M row tiles share each B column tile while it is in L2
@@ -224,14 +216,10 @@ def sparse_matmul_kernel(A, B, OUT, B_ROWS, OUT_ROWS, K_LIST, K_COUNT,
             b = B.load([k0, pid_n * BLOCK_NN])
             acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
         else:
-            acc = _pointer_product(A, B, B_ROWS, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
+            acc = _pointer_product(A, B, acc, k0, offs_m, offs_nn, mask_m, mask_nn, K,
                                    stride_am, stride_ak, stride_bk, stride_bn,
-                                   HAS_B_ROWS, BLOCK_K, DOT_PRECISION)
-    if HAS_OUT_ROWS:
-        out_rows = tl.load(OUT_ROWS + offs_m, mask=mask_m, other=0)
-    else:
-        out_rows = offs_m
-    out_ptrs = OUT + out_rows[:, None].to(tl.int64) * stride_om + offs_nn[None, :] * stride_on
+                                   BLOCK_K, DOT_PRECISION)
+    out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_nn[None, :] * stride_on
     mask = mask_m[:, None] & mask_nn[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -1,17 +1,22 @@
-"""Performance knobs of the Triton backend, in one place.
+"""Performance knobs of the two backends, in one place.
 
 Nothing here changes what is computed beyond float32 rounding order: block shapes, chunk sizes,
 load paths, the adaptive skip policy's thresholds. `Tuning.from_env()` is the only place in the
-library that reads `VPCCE_*` environment variables; benchmarks and tests pass a `Tuning`
-explicitly (`linear_cross_entropy(..., tuning=Tuning(...))`).
+library that reads `VPCCE_*` environment variables (`linear_cross_entropy` calls it when no
+`tuning=` is given); benchmarks and tests pass a `Tuning` explicitly
+(`linear_cross_entropy(..., tuning=Tuning(...))`).
 
-Block configs are tuples; `None` means "the dtype's default" (chosen in triton_backend.py):
+Block configs are tuples; `None` means "the dtype's default" (chosen in triton_backend.py; under
+TRITON_INTERPRET=1 small 16-wide blocks):
     forward_block, grad_block: (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
     matmul_block:              (BLOCK_M, BLOCK_NN, BLOCK_K, GROUP_M, num_warps, num_stages)
+    torch_block:               (tokens, vocabulary rows) per block of the torch backend
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -27,11 +32,13 @@ class Tuning:
     use_tma: bool = True  # TMA tensor descriptors on Hopper+ (and the interpreter) where layouts allow
     g_inside_dc: bool = True  # backward: logit-gradient chunks live in dC's unwritten rows
     group_v: int = 12  # vocabulary tiles per group of the logit-gradient kernel's grid
-    chunk_bytes: int | None = None  # backward workspace chunk (None: ~9% of dE + dC, 8–512 MiB)
+    chunk_bytes: int | None = None  # backward workspace chunk (None: workspace_fraction of dE + dC, 8–512 MiB)
+    workspace_fraction: float = 0.09  # backward memory beyond dE and dC, as a fraction of their size
     min_chunk_columns: int = 1024  # narrowest workspace chunk (narrower is launch-bound)
-    fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: chosen by size)
+    fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: ≈ D, at least 256)
     skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it
     skip_remeasure_every: int = 8  # "auto" skipping: re-measure every k dense calls
+    torch_block: BlockConfig | None = None  # torch backend block (None: 4096 rows, 2**22 elements)
 
     @classmethod
     def from_env(cls) -> "Tuning":
@@ -55,3 +62,14 @@ class Tuning:
 
     def with_(self, **changes) -> "Tuning":
         return replace(self, **changes)
+
+    def encode(self) -> str:
+        """The fields as a Python literal (a dict): how a Tuning crosses the custom-op boundary,
+        whose ops take scalars and strings only; `decode` inverts it. (repr, not json: torch.compile
+        traces repr of constants without a graph break.)"""
+        return repr({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def decode(text: str) -> "Tuning":
+        return Tuning(**ast.literal_eval(text))
