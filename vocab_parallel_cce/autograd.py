@@ -52,7 +52,7 @@ class LossWithGradInForward(torch.autograd.Function):
     """The loss with its gradients computed during the forward, for an upstream gradient that is
     the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
 
-    Chunks of `plan.chunk_tokens(D)` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]);
+    Chunks of `plan.tuning.grad_in_forward_chunk(D)` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]);
     its rows give the statistics (combined across ranks: one all-gather per chunk), `plan.token_loss`
     gives the chunk's per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
     G = a·p + b·[j = t] + u, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
@@ -86,7 +86,7 @@ class LossWithGradInForward(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
         # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
         fold = scale is not None and e.dtype != torch.float16
-        chunk = plan.chunk_tokens(d)
+        chunk = plan.tuning.grad_in_forward_chunk(d)
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
             e_c, t_c = e[n0:n1], t[n0:n1]

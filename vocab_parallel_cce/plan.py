@@ -59,8 +59,3 @@ class Plan:
             nll = nll + self.z_loss * lse * lse
         bad_target = valid & ((t < 0) | (t >= self.vocab_size))
         return torch.where(valid, torch.where(bad_target, float("nan"), nll), 0.0)
-
-    def chunk_tokens(self, d: int) -> int:
-        """Tokens per chunk of the gradient-in-forward mode: ≈ D, so that the float32 logits chunk
-        (n_c·V_r·4 bytes) is about the size of the float32 dC accumulator (V_r·D·4 bytes)."""
-        return self.tuning.fast_chunk_tokens or max(256, d // 128 * 128)

@@ -63,6 +63,12 @@ class Tuning:
     def with_(self, **changes) -> "Tuning":
         return replace(self, **changes)
 
+    def grad_in_forward_chunk(self, d: int) -> int:
+        """Tokens per chunk of the gradient-in-forward mode: fast_chunk_tokens, else ≈ D (at least
+        256), so that the float32 logits chunk (n_c·V_r·4 bytes) is about the size of the float32
+        dC accumulator (V_r·D·4 bytes)."""
+        return self.fast_chunk_tokens or max(256, d // 128 * 128)
+
     def encode(self) -> str:
         """The fields as a Python literal (a dict): how a Tuning crosses the custom-op boundary,
         whose ops take scalars and strings only; `decode` inverts it. (repr, not json: torch.compile
