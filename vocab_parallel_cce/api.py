@@ -242,8 +242,9 @@ def linear_cross_entropy(
         filter_eps: the triton backward may skip, in the product for c's gradient only, 128×128
             logit tiles whose softmax is below it everywhere. "auto": 2**-12 for bf16/fp16 inputs,
             applied only while the kept-tile fraction measured in an earlier call with the same
-            classifier is below 40% (it pays on trained-like logits, not on dense ones); a number:
-            always; None (and float32 inputs under "auto", and impl="triton_exact"): never.
+            classifier is below 40% (Tuning.skip_keep_threshold; it pays on trained-like logits, not
+            on dense ones); a number: always; None (and float32 inputs under "auto", label
+            smoothing, impl="triton_exact"): never.
             Under "auto" the call at which skipping starts depends on when the measurement
             reaches the host; pass None or a number for run-to-run identical gradients.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
