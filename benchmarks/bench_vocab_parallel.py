@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     softmax_stats,
     tflops,
     time_cuda,
+    tuning_type,
 )
 
 METHODS = ("vpcce", "vpcce_gif", "megatron", "megatron_fused")
@@ -152,10 +153,9 @@ def build_methods(names, args, group, rank, world, v_local, v_total):
                     return linear_cross_entropy(e, c, t, impl=_impl, group=group, vocab_start=start,
                                                 vocab_size=v_total, reduce_grad_e=True, grad_in_forward=_gif)
 
-                if gif:  # one all-gather per chunk of ≈ D tokens
-                    from vocab_parallel_cce.autograd import grad_in_forward_chunk
-
-                    nc = min(n, grad_in_forward_chunk(d))
+                if gif:  # one all-gather per token chunk (the Tuning's, ≈ D tokens by default)
+                    tuning_cls, _ = tuning_type()
+                    nc = min(n, tuning_cls.from_env().grad_in_forward_chunk(d))
                     comm = [("all_gather", (1, 3, nc), torch.float32)] * -(-n // nc) + [("all_reduce", (n, d), dt)]
                 else:
                     comm = [("all_gather", (1, 3, n), torch.float32), ("all_reduce", (n, d), dt)]

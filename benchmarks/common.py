@@ -17,6 +17,8 @@ Inputs (`make_inputs`):
           holding some p ≥ 2^-12 once the columns are sorted by mean logit; at V = 256000 ≈ 1.9 nats
           and ≈ 17% (check with `softmax_stats`). The statistics do not depend on D.
           Token ids are not shuffled by default (frequent tokens get low ids, as in BPE vocabularies).
+  zipf_shuffled  the same with the token ids permuted (frequent tokens anywhere in the vocabulary):
+          make_inputs(kind="zipf", shuffle=True).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # Zipf input defaults (see module docstring); tuned with softmax_stats at V = 128256.
 ZIPF_DEFAULTS = dict(exponent=1.1, a=0.9, boost=9.5, boost_std=4.0, noise=1.6, shuffle=False)
 RANDOM_LOGIT_STD = 2.0
+KINDS = ("random", "random1", "zipf", "zipf_shuffled")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,9 +84,11 @@ def make_inputs(n: int, d: int, v: int, dtype=torch.bfloat16, kind: str = "rando
         c = torch.randn(v, d, device=device, generator=g) * (std / math.sqrt(d))
         t = torch.randint(0, v, (n,), device=device, generator=g)
         return e.to(dtype), c.to(dtype), t
-    if kind != "zipf":
-        raise ValueError(f"kind: expected 'random', 'random1' or 'zipf', got {kind!r}")
+    if kind not in ("zipf", "zipf_shuffled"):
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     kw = {**ZIPF_DEFAULTS, **zipf_kw}
+    if kind == "zipf_shuffled":
+        kw["shuffle"] = True
     unknown = set(kw) - set(ZIPF_DEFAULTS)
     if unknown:
         raise TypeError(f"make_inputs: unknown zipf options {sorted(unknown)}")
@@ -361,10 +366,65 @@ class Method:
         return self.fn(e, c, t)
 
 
-def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | None = None,
-          grad_in_forward: bool = False) -> Method:
+def tuning_type():
+    """The library's `Tuning` class (None, with the reason, when this version has none)."""
+    try:
+        import vocab_parallel_cce as lib
+
+        cls = getattr(lib, "Tuning", None)
+        if cls is None:
+            from vocab_parallel_cce.tuning import Tuning as cls
+        return cls, ""
+    except Exception as err:  # noqa: BLE001
+        return None, short_error(err)
+
+
+def parse_tuning(spec: str):
+    """'group_v=8 g_inside_dc=0' (fields separated by spaces or ';') → `Tuning(group_v=8, ...)`.
+
+    Values: block configs as comma-separated ints ('grad_block=128,256,64,8,3'), booleans as
+    0/1/true/false, 'none' for None; other fields take the type of their default (int or float).
+    """
+    from dataclasses import fields as dc_fields
+
+    cls, why = tuning_type()
+    if cls is None:
+        raise ValueError(f"--tuning: the installed vocab_parallel_cce has no Tuning ({why})")
+    known = {f.name: f for f in dc_fields(cls)}
+    kw = {}
+    for item in spec.replace(";", " ").split():
+        name, sep, raw = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--tuning {spec!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}, got {item!r}")
+        default = known[name].default
+        if raw.lower() == "none":
+            kw[name] = None
+        elif name.endswith("_block"):
+            kw[name] = tuple(int(x) for x in raw.split(","))
+        elif isinstance(default, bool):
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"--tuning {item!r}: expected 0/1/true/false")
+            kw[name] = raw.lower() in ("1", "true")
+        elif isinstance(default, float):
+            kw[name] = float(raw)
+        else:
+            kw[name] = int(raw)
+    return cls(**kw)
+
+
+def _accepts_tuning(fn) -> bool:
+    import inspect
+
+    try:
+        return "tuning" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _ours(impl: str, filter_eps="auto", name: str | None = None, grad_in_forward: bool = False,
+          tuning=None, tuning_spec: str = "") -> Method:
     """Our function with `filter_eps` ("auto": adaptive dC tile skipping, None: dense, a number:
-    always skip); `env` sets triton_backend's switches (e.g. VPCCE_SORT=1) during each call."""
+    always skip), optionally `grad_in_forward=True` and a `Tuning` (passed as `tuning=`)."""
     name = name or f"vpcce_{impl}"
     try:
         from vocab_parallel_cce import linear_cross_entropy
@@ -373,31 +433,27 @@ def _ours(impl: str, filter_eps="auto", name: str | None = None, env: dict | Non
     kw = {} if filter_eps == "auto" else {"filter_eps": filter_eps}
     if grad_in_forward:
         kw["grad_in_forward"] = True
+    if tuning is not None:
+        if not _accepts_tuning(linear_cross_entropy):
+            return Method(name, None, skip_reason="this vocab_parallel_cce's linear_cross_entropy takes no tuning=")
+        kw["tuning"] = tuning
 
     def fn(e, c, t):
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
-            return linear_cross_entropy(e, c, t, impl=impl, **kw)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return linear_cross_entropy(e, c, t, impl=impl, **kw)
 
+    notes = [] if filter_eps == "auto" else [f"filter_eps={filter_eps if filter_eps is None else format(filter_eps, 'g')}"]
+    if grad_in_forward:
+        notes.append("grad_in_forward=True")
+    if tuning_spec:
+        notes.append(f"Tuning({tuning_spec})")
     if impl.startswith("triton"):
         try:
             import triton  # noqa: F401
         except Exception as err:  # noqa: BLE001
             return Method(name, None, skip_reason=f"triton missing ({short_error(err)})")
-        note = "" if filter_eps == "auto" else f"filter_eps={filter_eps if filter_eps is None else format(filter_eps, 'g')}"
-        if env:
-            note += " " + " ".join(f"{k}={v}" for k, v in env.items())
-        if grad_in_forward:
-            note += " grad_in_forward=True"
-        return Method(name, fn, needs_cuda=True, note=note.strip())
-    return Method(name, fn, max_nv=2.0**28, note="impl=torch (chunked reference path)")
+        return Method(name, fn, needs_cuda=True, note=" ".join(notes),
+                      extra={"adaptive": filter_eps == "auto" and not grad_in_forward, "tuning": tuning})
+    return Method(name, fn, max_nv=2.0**28, note=" ".join(["impl=torch (chunked reference path)"] + notes))
 
 
 def _torch_eager() -> Method:
@@ -415,6 +471,76 @@ def _torch_compile() -> Method:
 
     compiled = torch.compile(loss, dynamic=False)  # specialises (and recompiles) per shape
     return Method("torch_compile", compiled, note="torch.compile of torch_eager, dynamic=False")
+
+
+def _torch_linear_ce() -> Method:
+    """torch.nn.functional.linear_cross_entropy (torch ≥ 2.12), with its chunked path
+    (`options=torch.nn.LinearCrossEntropyOptions()`) where the installed torch has it."""
+    flce = getattr(F, "linear_cross_entropy", None)
+    if flce is None:
+        return Method("torch_linear_ce", None,
+                      skip_reason=f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    kw = {} if options_cls is None else {"options": options_cls()}
+
+    def fn(e, c, t):
+        return flce(e, c, t, **kw)
+
+    how = "options=LinearCrossEntropyOptions() (chunked)" if kw else "reference path"
+    return Method("torch_linear_ce", fn, note=f"torch {torch.__version__} F.linear_cross_entropy, {how}")
+
+
+_SINGLE_GROUP: dict = {}
+
+
+def single_process_group(device: torch.device):
+    """A process group of this process alone (NCCL on CUDA, gloo on CPU), made once; the world
+    group when torch.distributed is already initialised with one process."""
+    import socket
+
+    import torch.distributed as dist
+
+    key = torch.device(device).type
+    if key in _SINGLE_GROUP:
+        return _SINGLE_GROUP[key]
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        backend = "nccl" if key == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        group = dist.group.WORLD
+    elif dist.get_world_size() == 1:
+        group = dist.group.WORLD
+    else:
+        raise RuntimeError("torch.distributed already has several ranks; run this method in a single process")
+    _SINGLE_GROUP[key] = group
+    return group
+
+
+def _megatron_fused() -> Method:
+    """Megatron-core's fused vocab-parallel cross-entropy on materialised logits e @ c.T (the
+    input dtype, as Megatron's output layer gives), with a group of one process."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy as ce
+        from importlib.metadata import version as _v
+
+        version = _v("megatron-core")
+    except Exception as err:  # noqa: BLE001
+        return Method("megatron_fused", None, skip_reason=short_error(err))
+
+    def fn(e, c, t):
+        group = single_process_group(e.device)
+        logits = e @ c.T
+        # Megatron's layout: logits [s, b, V], targets [s, b] (here b = 1).
+        return ce(logits[:, None, :], t[:, None], group).mean()
+
+    return Method("megatron_fused", fn, note=f"megatron-core {version} fused_vocab_parallel_cross_entropy "
+                                               "on bf16 logits e @ c.T, 1-process group")
 
 
 def _liger() -> Method:
@@ -470,27 +596,50 @@ def _apple(exact: bool) -> Method:
 
 METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
     "vpcce_triton": lambda: _ours("triton"),
-    "vpcce_triton_exact": lambda: _ours("triton_exact"),
-    "vpcce_torch": lambda: _ours("torch"),
-    "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
-    "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense"),
     "vpcce_triton_gif": lambda: _ours("triton", name="vpcce_triton_gif", grad_in_forward=True),
-    "vpcce_triton_filter_sorted": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter_sorted",
-                                                {"VPCCE_SORT": "1"}),
+    "vpcce_triton_exact": lambda: _ours("triton_exact"),
+    "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense"),
+    "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
     "vpcce_triton_filter14": lambda: _ours("triton", 2.0**-14, "vpcce_triton_filter14"),
+    "vpcce_torch": lambda: _ours("torch"),
+    "vpcce_torch_gif": lambda: _ours("torch", name="vpcce_torch_gif", grad_in_forward=True),
     "torch_eager": _torch_eager,
     "torch_compile": _torch_compile,
+    "torch_linear_ce": _torch_linear_ce,
     "liger": _liger,
     "apple_cce": lambda: _apple(False),
     "apple_cce_exact": lambda: _apple(True),
+    "megatron_fused": _megatron_fused,
 }
-DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_exact", "torch_eager", "torch_compile", "liger",
-                   "apple_cce", "apple_cce_exact"]
+# Our methods that take a `Tuning` (run.py --tuning makes a variant of each one selected).
+TUNABLE = {"vpcce_triton": dict(impl="triton"),
+           "vpcce_triton_gif": dict(impl="triton", grad_in_forward=True),
+           "vpcce_triton_exact": dict(impl="triton_exact"),
+           "vpcce_triton_dense": dict(impl="triton", filter_eps=None),
+           "vpcce_triton_filter": dict(impl="triton", filter_eps=2.0**-12),
+           "vpcce_triton_filter14": dict(impl="triton", filter_eps=2.0**-14),
+           "vpcce_torch": dict(impl="torch"),
+           "vpcce_torch_gif": dict(impl="torch", grad_in_forward=True)}
+# Reference rows of run.py's loss suite: timed cuBLAS products, not losses.
+REFERENCE_ROWS = ("cublas_3x", "cublas_4x")
+DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_gif", "torch_compile", "torch_eager", "liger", "apple_cce",
+                   "megatron_fused", "torch_linear_ce", "cublas_3x", "cublas_4x"]
 
 
-def build_method(name: str) -> Method:
+def build_method(name: str, tuning_spec: str | None = None) -> Method:
+    """The method `name`; with `tuning_spec` ('field=value ...'), our method under that Tuning,
+    named 'name[spec]'."""
+    if tuning_spec:
+        label = f"{name}[{tuning_spec}]"
+        if name not in TUNABLE:
+            raise ValueError(f"--tuning applies to {sorted(TUNABLE)}, not {name!r}")
+        try:
+            tuning = parse_tuning(tuning_spec)
+        except ValueError as err:
+            return Method(label, None, skip_reason=str(err))
+        return _ours(name=label, tuning=tuning, tuning_spec=tuning_spec, **TUNABLE[name])
     if name not in METHOD_FACTORIES:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_FACTORIES)}")
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_FACTORIES) + list(REFERENCE_ROWS)}")
     try:
         return METHOD_FACTORIES[name]()
     except Exception as err:  # noqa: BLE001
@@ -498,17 +647,52 @@ def build_method(name: str) -> Method:
         return Method(name, None, skip_reason=short_error(err))
 
 
+def time_products(n: int, d: int, v: int, dtype=torch.bfloat16, device="cuda", warmup: int = 3, rep: int = 10,
+                  max_seconds: float | None = None, seed: int = 0) -> dict:
+    """Median ms of the three logits-shaped products of a loss's forward+backward, in `dtype`:
+    E·Cᵀ [N, V] (logits), G·C [N, D] (dE), Gᵀ·E [V, D] (dC), with G a random [N, V] tensor.
+    cublas_3x = their sum (the no-recompute floor), cublas_4x = that + one more E·Cᵀ (recompute)."""
+    g = _generator(torch.device(device), seed)
+    e = torch.randn(n, d, device=device, generator=g).to(dtype)
+    c = torch.randn(v, d, device=device, generator=g).to(dtype)
+    grad = (torch.randn(n, v, device=device, generator=g) * 1e-3).to(dtype)
+    z = torch.empty(n, v, device=device, dtype=dtype)
+    de = torch.empty(n, d, device=device, dtype=dtype)
+    dc = torch.empty(v, d, device=device, dtype=dtype)
+    out = {}
+    for label, fn in (("E@C.T [N,V]", lambda: torch.mm(e, c.T, out=z)),
+                      ("G@C [N,D]", lambda: torch.mm(grad, c, out=de)),
+                      ("G.T@E [V,D]", lambda: torch.mm(grad.T, e, out=dc))):
+        out[label], _ = time_cuda(fn, warmup, rep, max_seconds)
+    del e, c, grad, z, de, dc
+    three = sum(out.values())
+    return {"products_ms": out, "cublas_3x": three, "cublas_4x": three + out["E@C.T [N,V]"]}
+
+
 def env_info() -> dict:
-    info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    """Software and machine: versions, host, GPU name, count and driver."""
+    import platform
+    import subprocess
+
+    info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "python": platform.python_version(), "host": platform.node()}
     try:
         import triton
 
         info["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         info["triton"] = None
-    if torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name()
+    if torch.cuda.is_available():  # names from nvidia-smi: no CUDA context in a process that needs none
+        info["device_count"] = torch.cuda.device_count()
         info["cuda"] = torch.version.cuda
+        try:
+            first = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=20).stdout.split("\n")[0]
+            info["device_name"], info["driver"] = (x.strip() for x in first.split(",", 1))
+        except Exception:  # noqa: BLE001
+            info["driver"] = None
+        if torch.cuda.is_initialized() or not info.get("device_name"):
+            info["device_name"] = torch.cuda.get_device_name()
     from importlib.metadata import PackageNotFoundError, version
 
     for pkg in ("liger-kernel", "cut-cross-entropy", "megatron-core", "vocab_parallel_cce"):
@@ -536,3 +720,37 @@ def jsonable(x):
     if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
         return str(x)
     return x
+
+
+def run_logged(cmd: list[str], log_path: str, timeout: float | None = None, env: dict | None = None,
+               cwd: str | None = None) -> tuple[int, str]:
+    """Run `cmd`, echoing its output and saving it to `log_path`; (return code, its last lines).
+    Past `timeout` seconds its process group is killed and the return code is 124."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    tail: list[str] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env, cwd=cwd, start_new_session=True)
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+                del tail[:-30]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = 124
+        reader.join(timeout=10)
+    return rc, "\n".join(tail)
