@@ -349,7 +349,8 @@ class Fidelity:
         p.add_argument("--run-timeout", type=float, default=560.0)
         p.add_argument("--budget-s", type=float, default=540.0, help="start no run expected to end past this")
         p.add_argument("--aggregate", nargs="+", default=None, metavar="PATH",
-                       help="only tabulate the log.json files found under these folders (no training)")
+                       help="only tabulate saved runs: the log.json files under these folders whose path has "
+                            "a folder named fidelity* (this suite's OUT/fidelity*_raw/runs/), no training")
 
     @staticmethod
     def corpus_file(name: str, args, out) -> tuple[str | None, dict]:
@@ -421,6 +422,8 @@ class Fidelity:
         per_run = []
         for root in paths:
             for p in sorted(glob.glob(os.path.join(root, "**", "log.json"), recursive=True)):
+                if not any(part.startswith("fidelity") for part in os.path.abspath(p).split(os.sep)):
+                    continue  # e.g. the gpt suite's runs beside them
                 log = read_log(p)
                 if not log or "fused" not in log.get("runs", {}) or "native" not in log.get("runs", {}):
                     continue
