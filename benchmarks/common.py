@@ -469,7 +469,14 @@ def _torch_compile() -> Method:
         logits = e @ c.T
         return F.cross_entropy(logits.float(), t)
 
-    compiled = torch.compile(loss, dynamic=False)  # specialises (and recompiles) per shape
+    # dynamic=False specialises (recompiles) per shape and per grad mode: 2 per shape. Past dynamo's
+    # recompile limit (8) it would silently run eager, so raise it for the suites' 6 shapes.
+    import torch._dynamo
+
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+    compiled = torch.compile(loss, dynamic=False)
     return Method("torch_compile", compiled, note="torch.compile of torch_eager, dynamic=False")
 
 

@@ -30,6 +30,7 @@ ALL_SHAPES = ["8192x4096x128256", "8192x2304x256000", "8192x4096x151936", "4096x
               "16384x4096x32064", "16384x4096x16032"]
 DEFAULT_SHAPES = ["8192x4096x128256", "8192x2304x256000", "16384x4096x32064"]
 DEFAULT_KINDS = ["random", "zipf", "zipf_shuffled"]
+HARD_GRACE_S = 40.0  # a process still running this long past the budget is killed (its saved rows kept)
 
 
 def add_args(p):
@@ -55,8 +56,9 @@ def add_args(p):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="bf16 matmul peak for the %% column (default: measure an 8192³ matmul per process)")
     p.add_argument("--max-nv", type=float, default=None, help="raise the N·V cap of the slow torch path")
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="stop starting new cases after this many seconds (all kinds together)")
+    p.add_argument("--budget-s", type=float, default=510.0,
+                   help="start no new case after this many seconds (all kinds together); a process still "
+                        "running 40 s later is stopped")
     p.add_argument("--in-process", action="store_true",
                    help="run every kind in this process (debugging: the skip policy then sees mixed kinds)")
 
@@ -341,15 +343,8 @@ def merge_parts(parts: list[dict]) -> dict:
 
 def add_ratios(results: list[dict]) -> None:
     """ratio_torch_compile / ratio_cublas_4x: fwd+bwd time over that row's, same shape and kind."""
-    base = {}
-    for r in results:
-        if r.get("method") in ("torch_compile", "cublas_4x") and R._num(r.get("fwd_bwd_ms")):
-            base[(tuple(r["shape"]), r["kind"], r["method"])] = r["fwd_bwd_ms"]
-    for r in results:
-        ms = R._num(r.get("fwd_bwd_ms"))
-        for ref, key in (("torch_compile", "ratio_torch_compile"), ("cublas_4x", "ratio_cublas_4x")):
-            b = base.get((tuple(r["shape"]), r["kind"], ref))
-            r[key] = ms / b if ms is not None and b else None
+    for base, key in (("torch_compile", "ratio_torch_compile"), ("cublas_4x", "ratio_cublas_4x")):
+        R.add_ratio(results, "fwd_bwd_ms", key, base, lambda r: (tuple(r["shape"]), r["kind"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +463,7 @@ class Components:
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--reps", type=int, default=5, help="timed and profiled iterations")
         p.add_argument("--top", type=int, default=10, help="kernels listed per method")
-        p.add_argument("--budget-s", type=float, default=480.0)
+        p.add_argument("--budget-s", type=float, default=480.0, help="as for the loss suite")
         p.add_argument("--in-process", action="store_true")
 
     @staticmethod
@@ -613,7 +608,7 @@ def run_per_kind(suite: str, measure):
                 _save_json(cfg, cfg_path)
                 rc, tail = C.run_logged([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                       "run.py"), "_child", cfg_path],
-                                        out.raw(f"{name}.log"), timeout=max(60.0, share + 120))
+                                        out.raw(f"{name}.log"), timeout=max(30.0, deadline + HARD_GRACE_S - time.time()))
                 if rc != 0:
                     failures.append({"kinds": group, "returncode": rc, "log_tail": tail})
             if os.path.exists(part_path):

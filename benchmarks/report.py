@@ -61,6 +61,15 @@ def _num(x):
     return None
 
 
+def add_ratio(rows: list[dict], value_key: str, out_key: str, base_method: str, group) -> None:
+    """rows[i][out_key] = its value / the value of the `base_method` row of the same group(row)
+    (None where either is missing): the same-run ratios of the tables."""
+    base = {group(r): _num(r.get(value_key)) for r in rows if r.get("method") == base_method}
+    for r in rows:
+        v, b = _num(r.get(value_key)), base.get(group(r))
+        r[out_key] = v / b if v is not None and b else None
+
+
 def status(rec: dict) -> str:
     """'' for a measured row, else 'skipped: …' / 'ERROR …' (what a table shows instead)."""
     if "skipped" in rec:

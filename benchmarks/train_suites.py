@@ -58,18 +58,28 @@ class Budget:
         self.longest = max(self.longest, seconds)
 
 
-def machine_header(doc: dict, what: str) -> list[str]:
+def outcome(failures: list[dict], **doc) -> dict:
+    """A suite's document: its fields, the failures, and the runner's exit status (1 if any)."""
+    return {**doc, "failures": failures, "exit_status": 1 if failures else 0}
+
+
+def machine_header(doc: dict, what: str, intro: str) -> list[str]:
+    """Title (suite, GPU, date), machine and command, then `intro` (what the table measures)."""
     m = doc.get("machine", {})
     where = f"{m['device_name']} × {m.get('device_count', 1)}" if m.get("device_name") else "CPU"
     return [f"# {what}: {where}, {doc.get('date', '')}", "",
             f"host {m.get('host')}, torch {m.get('torch')}, triton {m.get('triton')}, driver {m.get('driver')}, "
-            f"megatron-core {m.get('megatron-core')}. Command: `{doc.get('command', '')}`", ""]
+            f"megatron-core {m.get('megatron-core')}. Command: `{doc.get('command', '')}`", "", intro, ""]
 
 
 # ----------------------------------------------------------------------------------------------
 class VocabParallel:
     """torchrun, tp = world size: ours (default, grad_in_forward) vs Megatron-core's vocab-parallel
     cross-entropy (unfused, fused) on materialised logits; one torchrun per --tp value."""
+
+    INTRO = ("Per rank, max over ranks; dE all-reduced over the group for every method; comm ms = the method's "
+             "collectives timed alone at the same sizes. × Megatron fused: fwd+bwd time over Megatron fused's, "
+             "same tp, kind and run.")
 
     @staticmethod
     def add_args(p):
@@ -86,12 +96,18 @@ class VocabParallel:
         p.add_argument("--check-dc", action="store_true")
         p.add_argument("--extra", default="", help="more bench_vocab_parallel.py arguments, one string")
         p.add_argument("--timeout-s", type=float, default=300.0, help="per torchrun")
+        p.add_argument("--budget-s", type=float, default=510.0, help="start no torchrun expected to end past this")
 
     @staticmethod
     def run(args, out) -> dict:
         results, failures = [], []
         raw = out.raw()
+        budget = Budget(args.budget_s)
         for tp in int_list(args.tp):
+            if not budget.fits():
+                failures.append({"tp": tp, "returncode": None, "log_tail": "not run: time budget (--budget-s)"})
+                continue
+            t0 = time.time()
             cmd = torchrun(tp) + [os.path.join(HERE, "bench_vocab_parallel.py"), "--out", raw,
                                   "--device", args.device, "--kinds", args.kinds, "--methods", args.methods]
             for flag, val in (("--tokens", args.tokens), ("--hidden", args.hidden), ("--vocab", args.vocab),
@@ -101,7 +117,9 @@ class VocabParallel:
             cmd += [f for f, on in (("--no-fwd", args.no_fwd), ("--no-check", args.no_check),
                                     ("--check-dc", args.check_dc)) if on]
             cmd += shlex.split(args.extra)
-            rc, tail = C.run_logged(cmd, out.raw(f"tp{tp}.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
+            rc, tail = C.run_logged(cmd, out.raw(f"tp{tp}.log"), timeout=min(args.timeout_s, budget.left() + 40),
+                                    env=child_env(), cwd=REPO)
+            budget.done(time.time() - t0)
             path = os.path.join(raw, f"bench_vp_tp{tp}.json")
             if os.path.exists(path):
                 with open(path) as f:
@@ -110,19 +128,12 @@ class VocabParallel:
                     results.append({**r, "tp": tp, "shape": [part["meta"]["n"], part["meta"]["d"], part["meta"]["v"]]})
             if rc != 0 or not os.path.exists(path):
                 failures.append({"tp": tp, "returncode": rc, "log_tail": tail})
-        base = {(r["tp"], r["kind"]): r["fwd_bwd_ms"] for r in results
-                if r.get("method") == "megatron_fused" and R._num(r.get("fwd_bwd_ms"))}
-        for r in results:
-            b, ms = base.get((r["tp"], r["kind"])), R._num(r.get("fwd_bwd_ms"))
-            r["ratio_megatron_fused"] = ms / b if b and ms is not None else None
-        return {"results": results, "failures": failures, "exit_status": 1 if failures else 0}
+        R.add_ratio(results, "fwd_bwd_ms", "ratio_megatron_fused", "megatron_fused", lambda r: (r["tp"], r["kind"]))
+        return outcome(failures, results=results)
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "vocab_parallel suite")
-        lines += ["Per rank, max over ranks; dE all-reduced over the group for every method; comm ms = the method's "
-                  "collectives timed alone at the same sizes. × Megatron fused: fwd+bwd time over Megatron fused's, "
-                  "same tp, kind and run.", ""]
+        lines = machine_header(doc, "vocab_parallel suite", VocabParallel.INTRO)
         rows = []
         for r in doc.get("results", []):
             rows.append([str(r["tp"]), "×".join(map(str, r.get("shape", []))), r["kind"],
@@ -192,6 +203,10 @@ class Gpt:
     """Megatron GPT training steps (launch/train_gpt.py --loss both --native-fused-ce): our fused loss
     per mode vs Megatron's fused cross-entropy, same weights and batches, per tp and tokens per step."""
 
+    INTRO = ("`launch/train_gpt.py --loss both --native-fused-ce`: each run trains with our fused loss, then with "
+             "Megatron's fused cross-entropy from the same initial weights and batches. tokens/s: median over the "
+             "steps after the first; peak MiB: max over ranks (whole step; forward+backward alone).")
+
     MODEL = ("--layers 2 --hidden 4096 --heads 32 --ffn-hidden 14336 --vocab-size 128256 --lexicon 32000 "
              "--corpus-tokens 300000")
 
@@ -204,7 +219,7 @@ class Gpt:
         p.add_argument("--model", default=Gpt.MODEL, help="model and data flags of train_gpt.py")
         p.add_argument("--extra", default="", help="more train_gpt.py flags")
         p.add_argument("--run-timeout", type=float, default=240.0, help="seconds per training run")
-        p.add_argument("--budget-s", type=float, default=540.0, help="start no run past this many seconds")
+        p.add_argument("--budget-s", type=float, default=510.0, help="start no run expected to end past this many seconds")
 
     @staticmethod
     def run(args, out) -> dict:
@@ -227,7 +242,7 @@ class Gpt:
                     if args.device == "cpu":
                         cmd += ["--device", "cpu"]
                     t0 = time.time()
-                    rc, tail = C.run_logged(cmd, out.raw(f"{name}.log"), timeout=min(args.run_timeout, budget.left() + 60),
+                    rc, tail = C.run_logged(cmd, out.raw(f"{name}.log"), timeout=min(args.run_timeout, budget.left() + 40),
                                             env=child_env(), cwd=REPO)
                     budget.done(time.time() - t0)
                     log = read_log(os.path.join(rundir, "log.json"))
@@ -236,7 +251,7 @@ class Gpt:
                         failures.append({"run": name, "returncode": rc, "log_tail": tail})
                         continue
                     results += Gpt.rows(log, run)
-        return {"runs": runs, "results": results, "failures": failures, "exit_status": 1 if failures else 0}
+        return outcome(failures, runs=runs, results=results)
 
     @staticmethod
     def rows(log: dict, run: dict) -> list[dict]:
@@ -264,10 +279,7 @@ class Gpt:
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "gpt suite")
-        lines += ["`launch/train_gpt.py --loss both --native-fused-ce`: each run trains with our fused loss, then with "
-                  "Megatron's fused cross-entropy from the same initial weights and batches. tokens/s: median over the "
-                  "steps after the first; peak MiB: max over ranks (whole step; forward+backward alone).", ""]
+        lines = machine_header(doc, "gpt suite", Gpt.INTRO)
         rows = [[str(r["tp"]), r["config"], Gpt.label(r["method"]), f"{r['tokens_per_s']:,.0f}",
                  R.fmt(r.get("ratio_native"), ".3f"), f"{r['peak_mb']:,.0f}", f"{r['fwd_bwd_peak_mb']:,.0f}",
                  f"{r['first_loss']:.3f} → {r['final_loss']:.3f} ({r['steps']})",
@@ -333,6 +345,11 @@ class Fidelity:
     already done (OUT/…_raw/runs/*/log.json) are kept, so a call per seed resumes a folder;
     --aggregate PATH... only tabulates saved logs."""
 
+    INTRO = ("Each run: `launch/train_gpt.py --loss both` (fused, then native from the same initial weights and "
+             "batches). Δ = mean over the last steps of (fused − native) training loss; per mode: mean and "
+             "standard deviation of Δ over seeds, against the seed-to-seed standard deviation of native's own "
+             "last-steps loss (|mean Δ| / that spread ≪ 1: the fused loss trains as native does).")
+
     @staticmethod
     def add_args(p):
         p.add_argument("--seeds", default="0,1,2", help="comma list of --seed values (weights and batches)")
@@ -346,8 +363,8 @@ class Fidelity:
         p.add_argument("--last", type=int, default=100, help="steps averaged at the end of each curve")
         p.add_argument("--preset", default=None, help="train_gpt.py --preset (default: its own: small on a GPU)")
         p.add_argument("--extra", default="", help="more train_gpt.py flags")
-        p.add_argument("--run-timeout", type=float, default=560.0)
-        p.add_argument("--budget-s", type=float, default=540.0, help="start no run expected to end past this")
+        p.add_argument("--run-timeout", type=float, default=550.0, help="seconds per training run")
+        p.add_argument("--budget-s", type=float, default=510.0, help="start no run expected to end past this many seconds")
         p.add_argument("--aggregate", nargs="+", default=None, metavar="PATH",
                        help="only tabulate saved runs: the log.json files under these folders whose path has "
                             "a folder named fidelity* (this suite's OUT/fidelity*_raw/runs/), no training")
@@ -406,15 +423,15 @@ class Fidelity:
                     cmd += (["--device", "cpu"] if args.device == "cpu" else []) + shlex.split(args.extra)
                     t0 = time.time()
                     rc, tail = C.run_logged(cmd, os.path.join(runs_dir, f"{name}.log"),
-                                            timeout=min(args.run_timeout, budget.left() + 60), env=child_env(), cwd=REPO)
+                                            timeout=min(args.run_timeout, budget.left() + 40), env=child_env(), cwd=REPO)
                     budget.done(time.time() - t0)
                     run["seconds"] = time.time() - t0
                     run["status"] = "ok" if rc == 0 else f"return code {rc}"
                     if rc != 0:
                         failures.append({"run": name, "returncode": rc, "log_tail": tail})
         doc = Fidelity.aggregate([runs_dir], args.last)
-        doc.update(corpora=corpora, runs=runs, failures=failures, exit_status=1 if failures else 0)
-        return doc
+        doc.update(corpora=corpora, runs=runs)
+        return outcome(failures, **doc)
 
     @staticmethod
     def aggregate(paths: list[str], last: int) -> dict:
@@ -477,11 +494,7 @@ class Fidelity:
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "fidelity suite")
-        lines += ["Each run: `launch/train_gpt.py --loss both` (fused, then native from the same initial weights and "
-                  "batches). Δ = mean over the last steps of (fused − native) training loss; per mode: mean and "
-                  "standard deviation of Δ over seeds, against the seed-to-seed standard deviation of native's own "
-                  "last-steps loss (|mean Δ| / that spread ≪ 1: the fused loss trains as native does).", ""]
+        lines = machine_header(doc, "fidelity suite", Fidelity.INTRO)
         rows = [[s["corpus"], s["mode"], ",".join(map(str, s["seeds"])), f"{s['steps']} (last {s['last']})",
                  R.fmt(s["native_last_mean"], ".4f"), R.fmt(s["mean_diff"], "+.2e"), R.fmt(s["std_diff"], ".1e"),
                  R.fmt(s["native_seed_std"], ".1e"), R.fmt(s["ratio_to_native_spread"], ".3f"),
@@ -580,19 +593,16 @@ class HF:
         rc, tail = C.run_logged(cmd, out.raw("bench_transformers.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
         part = read_log(os.path.join(raw, "bench_transformers.json")) or {}
         rows = part.get("rows", [])
-        base = next((r["step_ms"] for r in rows if r.get("method") == "unpatched" and "step_ms" in r), None)
-        for r in rows:
-            r["ratio_unpatched"] = r["step_ms"] / base if base and "step_ms" in r else None
+        R.add_ratio(rows, "step_ms", "ratio_unpatched", "unpatched", lambda r: 0)
         failures = [] if rc == 0 and rows else [{"returncode": rc, "log_tail": tail}]
-        return {"results": rows, "bench_args": part.get("args"), "failures": failures,
-                "exit_status": 1 if failures else 0}
+        return outcome(failures, results=rows, bench_args=part.get("args"))
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "hf suite")
         a = doc.get("bench_args") or {}
-        lines += [f"Llama-3-8B-shaped, {a.get('layers')} layers, random weights, bf16, batch {a.get('batch')} × seq "
-                  f"{a.get('seq')}; step = forward with labels + backward; median of {a.get('reps')}.", ""]
+        lines = machine_header(doc, "hf suite", (
+            f"Llama-3-8B-shaped, {a.get('layers')} layers, random weights, bf16, batch {a.get('batch')} × seq "
+            f"{a.get('seq')}; step = forward with labels + backward; median of {a.get('reps')}."))
         rows = [[r["method"], R.fmt(r.get("step_ms"), ".1f"), R.fmt(r.get("ratio_unpatched"), ".3f"),
                  R.fmt(r.get("peak_mb"), ".0f"), R.fmt(r.get("loss"), ".6f"), r.get("error", "")]
                 for r in doc.get("results", [])]
@@ -651,10 +661,10 @@ class Tests:
     @staticmethod
     def markdown(doc: dict) -> str:
         c = doc.get("counts", {})
-        lines = machine_header(doc, "tests suite")
-        lines += [f"`pytest {doc.get('args', {}).get('pytest_args')}`: **{c.get('passed')} passed**, "
-                  f"{c.get('failures')} failed, {c.get('errors')} errors, {c.get('skipped')} skipped "
-                  f"(return code {doc.get('returncode')}, {doc.get('seconds', 0):.0f} s).", ""]
+        lines = machine_header(doc, "tests suite", (
+            f"`pytest {doc.get('args', {}).get('pytest_args')}`: **{c.get('passed')} passed**, "
+            f"{c.get('failures')} failed, {c.get('errors')} errors, {c.get('skipped')} skipped "
+            f"(return code {doc.get('returncode')}, {doc.get('seconds', 0):.0f} s)."))
         if doc.get("failed"):
             lines += R.md_table(["test", "kind", "message"], [[f["test"], f["kind"], f["message"].replace("\n", " ")]
                                                               for f in doc["failed"]])
