@@ -432,11 +432,7 @@ def chart(doc: dict, path: str) -> str:
 
 def merge(docs: list[dict]) -> dict:
     """Several loss-suite documents (e.g. one call per kind) as one; ratios recomputed."""
-    out = dict(docs[0])
-    for key in ("processes", "inputs", "results", "failures"):
-        out[key] = [x for d in docs for x in d.get(key, [])]
-    out["merged_from"] = [d.get("command", "") for d in docs]
-    out["seconds"] = sum(d.get("seconds", 0) or 0 for d in docs)
+    out = R.concat_docs(docs, ("processes", "inputs", "results", "failures"))
     add_ratios(out["results"])
     return out
 
@@ -480,7 +476,9 @@ class Components:
             _sync(device)
         rows = []
         for ev in prof.key_averages():
-            if cuda:
+            if cuda:  # kernels only: an operator's device time is its kernels' again
+                if not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+                    continue
                 us = getattr(ev, "self_device_time_total", None)
                 if us is None:
                     us = getattr(ev, "self_cuda_time_total", 0)

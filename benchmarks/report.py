@@ -70,6 +70,16 @@ def add_ratio(rows: list[dict], value_key: str, out_key: str, base_method: str, 
         r[out_key] = v / b if v is not None and b else None
 
 
+def concat_docs(docs: list[dict], keys: tuple[str, ...]) -> dict:
+    """Several result documents of one suite as one: the first's fields, the lists `keys` joined."""
+    out = dict(docs[0])
+    for key in keys:
+        out[key] = [x for d in docs for x in d.get(key, [])]
+    out["merged_from"] = [d.get("command", "") for d in docs]
+    out["seconds"] = sum(d.get("seconds", 0) or 0 for d in docs)
+    return out
+
+
 def status(rec: dict) -> str:
     """'' for a measured row, else 'skipped: …' / 'ERROR …' (what a table shows instead)."""
     if "skipped" in rec:
@@ -104,7 +114,7 @@ def bar_chart(rows: list[dict], path: str, *, value_label: str, mem_label: str |
     width = max(9.0, 1.2 + 0.26 * len(groups) * (len(methods) + 1))
     ncol = max(1, min(len(methods) + len(refs), int(width // 2.6)))
     legend_rows = -(-(len(methods) + len(refs)) // ncol)
-    top_in = 0.3 + 0.2 * legend_rows + (0.3 if title else 0)
+    top_in = 0.1 + 0.2 * legend_rows + (0.3 if title else 0)
     height = 3.3 * n_axes + top_in
     fig, axes = plt.subplots(n_axes, 1, figsize=(width, height), squeeze=False)
     bar_w = 0.8 / max(1, len(methods))

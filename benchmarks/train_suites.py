@@ -149,6 +149,10 @@ class VocabParallel:
         return "\n".join(lines) + "\n"
 
     @staticmethod
+    def merge(docs: list[dict]) -> dict:  # e.g. tp 1 on one machine, tp 2 and 4 on another
+        return R.concat_docs(docs, ("results", "failures"))
+
+    @staticmethod
     def chart(doc: dict, path: str):
         rows = [{"group": f"tp={r['tp']}", "panel": r["kind"], "method": r["method"], "value": r.get("fwd_bwd_ms"),
                  "mem": r.get("fwd_bwd_peak_mb"), "ratio": r.get("ratio_megatron_fused"), "status": R.status(r)}
@@ -291,6 +295,10 @@ class Gpt:
                 lines.append(f"\n{r['name']}: {r['skipped']}")
         lines += failure_lines(doc)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def merge(docs: list[dict]) -> dict:
+        return R.concat_docs(docs, ("runs", "results", "failures"))
 
     @staticmethod
     def chart(doc: dict, path: str):
