@@ -155,7 +155,7 @@ def build_methods(names, args, group, rank, world, v_local, v_total):
 
                 if gif:  # one all-gather per token chunk (the Tuning's, ≈ D tokens by default)
                     tuning_cls, _ = tuning_type()
-                    nc = min(n, tuning_cls.from_env().grad_in_forward_chunk(d))
+                    nc = min(n, tuning_cls.from_env().grad_in_forward_chunk(n, v_local, 2 if dt == torch.bfloat16 else 4))
                     comm = [("all_gather", (1, 3, nc), torch.float32)] * -(-n // nc) + [("all_reduce", (n, d), dt)]
                 else:
                     comm = [("all_gather", (1, 3, n), torch.float32), ("all_reduce", (n, d), dt)]

@@ -120,6 +120,8 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     check_loss_options(softcap, label_smoothing, z_loss, filter_eps, impl)
+    if not (grad_in_forward is None or isinstance(grad_in_forward, bool)):
+        raise TypeError(f"grad_in_forward: expected None, True or False, got {grad_in_forward!r}")
     if grad_in_forward and return_lse:
         raise ValueError("grad_in_forward: needs return_lse=False (lse's gradient would be per token)")
     shift = int(shift) if isinstance(shift, bool) else shift
@@ -223,7 +225,7 @@ def linear_cross_entropy(
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
     vocab_parallel_options: VocabParallelOptions | None = None,
-    grad_in_forward: bool = False,
+    grad_in_forward: bool | None = None,
     tuning: Tuning | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits `e @ c.T (+ bias)` without materialising them.
@@ -264,13 +266,21 @@ def linear_cross_entropy(
             all-gathered in forward (e's gradient reduce-scattered in backward) and every rank
             returns the loss of ALL tokens (shift and "none" shapes refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad).
-        grad_in_forward: compute the gradients during the forward from materialised chunks of
-            ≈D tokens' logits (6·N·D·V FLOPs instead of 8; filter_eps is not used), for an upstream
-            gradient that is the same for every non-ignored token: "mean"/"sum", or "none" followed
-            by such a reduction (checked on the device: otherwise the gradients are NaN). Needs
-            return_lse=False; the backward may run only once (no retain_graph). More memory: a
-            float32 chunk of logits [≈D, V_local] and a float32 dC, together ≈ 4× dC's 16-bit
-            size. Without autograd (no input requires grad) it is the default path.
+        grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
+            from materialised logits (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not
+            used), for an upstream gradient that is the same for every non-ignored token:
+            "mean"/"sum", or "none" followed by such a reduction (checked on the device: otherwise
+            the gradients are NaN). Needs return_lse=False; the backward may run only once (no
+            retain_graph). Memory: the logits of all tokens in the input dtype (bf16; float32 for
+            other dtypes), as the unfused layer holds them, in token chunks of at most
+            Tuning.fast_logits_bytes (4 GiB; with several chunks dC accumulates in float32).
+            False (the memory-first mode): statistics in the forward, logits recomputed tile by
+            tile in the backward; the backward's memory stays within ~10% of the gradients.
+            None (default): the fast mode where it is exact and cheap to be in — the triton
+            backend, "mean"/"sum", no return_lse, some input requiring grad, not while
+            torch.compile traces (where the memory-first mode's custom ops avoid a graph break) —
+            else the memory-first mode. Without autograd (no input requires grad) the memory-first
+            forward runs in every case.
         tuning: performance knobs (block shapes, chunk sizes, TMA, skip-policy thresholds; see
             `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
 
@@ -284,6 +294,9 @@ def linear_cross_entropy(
     layout = _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel, vocab_parallel_options)
     backend, exact = _backend(impl, e)
     needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
+    if grad_in_forward is None:
+        grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
+                           and not torch.compiler.is_compiling())
     gif = grad_in_forward and needs_grad  # without autograd the default path runs
     device_type = e.device.type
     dtype = torch.get_autocast_dtype(device_type) if _autocast_enabled(device_type) else e.dtype

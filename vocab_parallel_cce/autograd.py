@@ -52,7 +52,9 @@ class LossWithGradInForward(torch.autograd.Function):
     """The loss with its gradients computed during the forward, for an upstream gradient that is
     the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
 
-    Chunks of `plan.tuning.grad_in_forward_chunk(D)` tokens: Z = E_c·C_rᵀ is materialised once (float32 [n_c, V_r]);
+    Chunks of `plan.tuning.grad_in_forward_chunk(...)` tokens (all of them while their logits fit
+    in `tuning.fast_logits_bytes`): Z = E_c·C_rᵀ is materialised once ([n_c, V_r]: bf16 for bf16
+    inputs, as the unfused layer's logits, else float32);
     its rows give the statistics (combined across ranks: one all-gather per chunk), `plan.token_loss`
     gives the chunk's per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
     G = a·p + b·[j = t] + u, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
@@ -74,7 +76,12 @@ class LossWithGradInForward(torch.autograd.Function):
         need_db = need_db and bias is not None
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
         de = torch.empty(e.shape, dtype=e.dtype, device=e.device) if need_de else None
-        dc_acc = torch.empty(c.shape, dtype=acc_dtype, device=c.device) if need_dc else None
+        z_elt = 2 if e.dtype == torch.bfloat16 and not plan.exact else max(4, e.element_size())
+        chunk = plan.tuning.grad_in_forward_chunk(n, v, z_elt)
+        # One chunk: dC = Gᵀ·E is one product, written once in c's dtype; several: accumulated over
+        # the chunks in float32, rounded once at the end.
+        dc_dtype = c.dtype if chunk >= n else acc_dtype
+        dc_acc = torch.empty(c.shape, dtype=dc_dtype, device=c.device) if need_dc else None
         if need_dc:
             dc_acc[v:].zero_()  # padding rows; the first chunk writes rows [0, v) (no zero-fill pass)
             if n == 0:
@@ -86,7 +93,6 @@ class LossWithGradInForward(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
         # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
         fold = scale is not None and e.dtype != torch.float16
-        chunk = plan.tuning.grad_in_forward_chunk(d)
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
             e_c, t_c = e[n0:n1], t[n0:n1]
@@ -113,8 +119,12 @@ class LossWithGradInForward(torch.autograd.Function):
                     de[n0:n1] = (g @ c[:v].to(g.dtype)).to(de.dtype)
                 if scale is not None and not fold:
                     backend.scale_in_place(de[n0:n1], scale)
-            if need_dc:
+            if need_dc and dc_acc.dtype == acc_dtype:
                 backend.product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), plan, accumulate=n0 > 0)
+            elif need_dc and g.dtype == dc_acc.dtype == e_c.dtype:  # the only chunk, 16-bit G
+                torch.mm(g.T, e_c, out=dc_acc[:v])
+            elif need_dc:  # the only chunk, G wider than c (torch backend)
+                dc_acc[:v] = (g.T @ e_c.to(g.dtype)).to(dc_acc.dtype)
             if need_db:
                 db[:v] += g.sum(dim=0, dtype=acc_dtype)
             del z, g

@@ -35,7 +35,8 @@ class Tuning:
     chunk_bytes: int | None = None  # backward workspace chunk (None: workspace_fraction of dE + dC, 8–512 MiB)
     workspace_fraction: float = 0.09  # backward memory beyond dE and dC, as a fraction of their size
     min_chunk_columns: int = 1024  # narrowest workspace chunk (narrower is launch-bound)
-    fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: ≈ D, at least 256)
+    fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: from fast_logits_bytes)
+    fast_logits_bytes: int = 4 << 30  # gradient-in-forward: largest logits chunk [n_c, V_r] held at once
     skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it
     skip_remeasure_every: int = 8  # "auto" skipping: re-measure every k dense calls
     torch_block: BlockConfig | None = None  # torch backend block (None: 4096 rows, 2**22 elements)
@@ -63,11 +64,15 @@ class Tuning:
     def with_(self, **changes) -> "Tuning":
         return replace(self, **changes)
 
-    def grad_in_forward_chunk(self, d: int) -> int:
-        """Tokens per chunk of the gradient-in-forward mode: fast_chunk_tokens, else ≈ D (at least
-        256), so that the float32 logits chunk (n_c·V_r·4 bytes) is about the size of the float32
-        dC accumulator (V_r·D·4 bytes)."""
-        return self.fast_chunk_tokens or max(256, d // 128 * 128)
+    def grad_in_forward_chunk(self, n: int, v: int, element_size: int) -> int:
+        """Tokens per chunk of the gradient-in-forward mode for n tokens and V_r = v rows of logits
+        stored in `element_size` bytes: fast_chunk_tokens, else all n tokens when their logits fit
+        in fast_logits_bytes (then dC is one product, written once, as the unfused layer would),
+        else the most tokens (a multiple of 128) that fit (dC then accumulates in float32)."""
+        if self.fast_chunk_tokens:
+            return self.fast_chunk_tokens
+        fit = self.fast_logits_bytes // max(1, v * element_size)
+        return max(1, n) if fit >= n else max(128, fit // 128 * 128)
 
     def encode(self) -> str:
         """The fields as a Python literal (a dict): how a Tuning crosses the custom-op boundary,
