@@ -421,18 +421,19 @@ def _accepts_tuning(fn) -> bool:
         return False
 
 
-def _ours(impl: str, filter_eps="auto", name: str | None = None, grad_in_forward: bool = False,
+def _ours(impl: str, filter_eps="auto", name: str | None = None, grad_in_forward: bool | None = None,
           tuning=None, tuning_spec: str = "") -> Method:
     """Our function with `filter_eps` ("auto": adaptive dC tile skipping, None: dense, a number:
-    always skip), optionally `grad_in_forward=True` and a `Tuning` (passed as `tuning=`)."""
+    always skip), the mode `grad_in_forward` (None: the library's default; True: fast; False:
+    memory-first, where filter_eps applies) and a `Tuning` (passed as `tuning=`)."""
     name = name or f"vpcce_{impl}"
     try:
         from vocab_parallel_cce import linear_cross_entropy
     except Exception as err:  # noqa: BLE001
         return Method(name, None, skip_reason=short_error(err))
     kw = {} if filter_eps == "auto" else {"filter_eps": filter_eps}
-    if grad_in_forward:
-        kw["grad_in_forward"] = True
+    if grad_in_forward is not None:
+        kw["grad_in_forward"] = grad_in_forward
     if tuning is not None:
         if not _accepts_tuning(linear_cross_entropy):
             return Method(name, None, skip_reason="this vocab_parallel_cce's linear_cross_entropy takes no tuning=")
@@ -604,10 +605,11 @@ def _apple(exact: bool) -> Method:
 METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
     "vpcce_triton": lambda: _ours("triton"),
     "vpcce_triton_gif": lambda: _ours("triton", name="vpcce_triton_gif", grad_in_forward=True),
+    "vpcce_triton_memory": lambda: _ours("triton", name="vpcce_triton_memory", grad_in_forward=False),
     "vpcce_triton_exact": lambda: _ours("triton_exact"),
-    "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense"),
-    "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter"),
-    "vpcce_triton_filter14": lambda: _ours("triton", 2.0**-14, "vpcce_triton_filter14"),
+    "vpcce_triton_dense": lambda: _ours("triton", None, "vpcce_triton_dense", grad_in_forward=False),
+    "vpcce_triton_filter": lambda: _ours("triton", 2.0**-12, "vpcce_triton_filter", grad_in_forward=False),
+    "vpcce_triton_filter14": lambda: _ours("triton", 2.0**-14, "vpcce_triton_filter14", grad_in_forward=False),
     "vpcce_torch": lambda: _ours("torch"),
     "vpcce_torch_gif": lambda: _ours("torch", name="vpcce_torch_gif", grad_in_forward=True),
     "torch_eager": _torch_eager,
@@ -621,15 +623,16 @@ METHOD_FACTORIES: dict[str, Callable[[], Method]] = {
 # Our methods that take a `Tuning` (run.py --tuning makes a variant of each one selected).
 TUNABLE = {"vpcce_triton": dict(impl="triton"),
            "vpcce_triton_gif": dict(impl="triton", grad_in_forward=True),
+           "vpcce_triton_memory": dict(impl="triton", grad_in_forward=False),
            "vpcce_triton_exact": dict(impl="triton_exact"),
-           "vpcce_triton_dense": dict(impl="triton", filter_eps=None),
-           "vpcce_triton_filter": dict(impl="triton", filter_eps=2.0**-12),
-           "vpcce_triton_filter14": dict(impl="triton", filter_eps=2.0**-14),
+           "vpcce_triton_dense": dict(impl="triton", filter_eps=None, grad_in_forward=False),
+           "vpcce_triton_filter": dict(impl="triton", filter_eps=2.0**-12, grad_in_forward=False),
+           "vpcce_triton_filter14": dict(impl="triton", filter_eps=2.0**-14, grad_in_forward=False),
            "vpcce_torch": dict(impl="torch"),
            "vpcce_torch_gif": dict(impl="torch", grad_in_forward=True)}
 # Reference rows of run.py's loss suite: timed cuBLAS products, not losses.
 REFERENCE_ROWS = ("cublas_3x", "cublas_4x")
-DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_gif", "torch_compile", "torch_eager", "liger", "apple_cce",
+DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_memory", "torch_compile", "torch_eager", "liger", "apple_cce",
                    "megatron_fused", "torch_linear_ce", "cublas_3x", "cublas_4x"]
 
 

@@ -66,10 +66,11 @@ class LossWithGradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, e, c, bias, t, plan: Plan, count):
+    def forward(ctx, e, c, bias, t, plan: Plan, count, loss_mask=None):
         """e [N, D], c [V_r, D], bias [V_r] or None, t [N] global ids, count: number of valid tokens
-        (device scalar, "mean"; else None) → scalar loss ("mean", "sum") or per-token loss [N]
-        ("none"), float32 (float64 for float64 e)."""
+        (device scalar, "mean"; else None), loss_mask [N] bool or None ("none" only: tokens where
+        it is False keep their loss but get no gradient; their upstream gradient must be 0) →
+        scalar loss ("mean", "sum") or per-token loss [N] ("none"), float32 (float64 for float64 e)."""
         n, d = e.shape
         v, reduction, backend = plan.n_valid, plan.reduction, plan.backend
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
@@ -90,6 +91,7 @@ class LossWithGradInForward(torch.autograd.Function):
         total = torch.zeros((), dtype=acc_dtype, device=e.device)
         per_token = torch.empty(n, dtype=acc_dtype, device=e.device) if reduction == "none" else None
         active = torch.empty(n, dtype=torch.bool, device=e.device) if reduction == "none" else None
+        held = torch.zeros(n, dtype=torch.bool, device=e.device) if loss_mask is not None else None
         scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
         # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
         fold = scale is not None and e.dtype != torch.float16
@@ -108,7 +110,13 @@ class LossWithGradInForward(torch.autograd.Function):
                 total += loss_c.detach().sum().to(acc_dtype)
             else:
                 per_token[n0:n1] = loss_c.detach()
-                active[n0:n1] = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
+                scored = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
+                if loss_mask is not None:
+                    m = loss_mask[n0:n1]
+                    coef = [torch.where(m, q, 0.0) for q in coef]
+                    held[n0:n1] = scored & ~m
+                    scored = scored & m
+                active[n0:n1] = scored
             if fold:
                 coef = [q * scale for q in coef]
             g = backend.grad_from_logits(z, bias, t_local, lse, *coef, plan, e.dtype)
@@ -139,7 +147,7 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.plan, ctx.active = plan, active
+        ctx.plan, ctx.active, ctx.held = plan, active, held
         out = total if per_token is None else per_token
         return out.float() if acc_dtype == torch.float32 else out
 
@@ -149,22 +157,25 @@ class LossWithGradInForward(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
                                "(retain_graph is not supported in this mode)")
         grads, ctx.grads = ctx.grads, None
-        k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active)
+        k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
         for q in grads:
             if q is not None:
                 ctx.plan.backend.scale_in_place(q, k)
         _reduce_grad_e(grads[0], ctx.plan)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def _uniform_upstream(g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def _uniform_upstream(g: torch.Tensor, active: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
     """The common value s of g [N] over the active tokens (0 when there are none), or NaN when
-    max|g_i − s| > 1e-6·max|g_i| there. A device scalar: no host sync."""
+    max|g_i − s| > 1e-6·max|g_i| there, or when g is not exactly 0 on a `held` token (a loss kept
+    without gradient: the loss mask promised it). A device scalar: no host sync."""
     if g.numel() == 0:
         return g.new_zeros(())
     g = g if g.dtype == torch.float64 else g.float()
+    broken = torch.where(held, g != 0, False).any() if held is not None else None
     g = torch.where(active, g, 0.0)  # whatever the inactive tokens received (even inf/NaN) is unused
     s = g.sum() / active.sum().clamp(min=1)
     deviation = torch.where(active, (g - s).abs(), 0.0).amax()
     bound = 1e-6 * g.abs().amax()
-    return torch.where(deviation <= bound, s, torch.full_like(s, float("nan")))
+    ok = deviation <= bound if broken is None else (deviation <= bound) & ~broken
+    return torch.where(ok, s, torch.full_like(s, float("nan")))
