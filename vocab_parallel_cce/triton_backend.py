@@ -44,7 +44,6 @@ except ImportError:  # triton < 3.4
     TensorDescriptor = None
 
 from . import triton_gemm as G
-from . import stats
 from . import triton_kernels as K
 from .plan import Plan
 from .tuning import Tuning
