@@ -1,7 +1,8 @@
 """The autograd Functions of the two modes; both take the call's `Plan` whole.
 
-`ShardStats` (default) returns the GLOBAL per-token (lse, x, s) (see backend.py), already combined
-across the vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ignore_index,
+`ShardStats` (default) returns the GLOBAL per-token (lse, x, s) (see backend.py; and the optional
+statistics of stats.py where the plan asks for them), already combined across the
+vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ignore_index,
 reductions, return_lse) is ordinary PyTorch on [N] vectors, so its gradient reaches the backward
 below as three per-token coefficients:
     ∂L/∂z_ij = (∂L/∂lse_i)·p_ij + (∂L/∂x_i)·[j = t_i] + (∂L/∂s_i).
@@ -21,28 +22,46 @@ def _reduce_grad_e(de, plan: Plan) -> None:
 
 
 class ShardStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, e, c, bias, t_local, plan: Plan):
-        """e [N, D], c [V_local, D], bias [V_local] or None, t_local [N] int64 → 3 × float32 [N]."""
-        lse, x, s = plan.backend.forward_stats(e, c, bias, t_local, plan)
-        if plan.world > 1:
-            lse, x, s = vp.combine_shard_stats(lse, x, s, plan.group)
-        ctx.save_for_backward(e, c, bias, t_local, lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(*(() if plan.need_sum else (s,)))
-        return lse, x, s
+    """The global per-token statistics `plan.stat_names` (stats.py): (lse, x, s), then the
+    entropy's pz = Σ_j p_j z_j and the (max, argmax) when the plan asks for them. The argmax is a
+    global id (float) and, with max, not differentiable. With pz, ∂pz/∂z_j = p_j·(1 + z_j − pz),
+    so the backward's coefficient of p becomes ∂L/∂lse + ∂L/∂pz and G gains
+    (∂L/∂pz)·p_j·(z_j − pz) (kept as z − pz: no cancellation between two large terms)."""
 
     @staticmethod
-    def backward(ctx, g_lse, g_x, g_s):
-        e, c, bias, t_local, lse = ctx.saved_tensors
+    def forward(ctx, e, c, bias, t_local, plan: Plan):
+        """e [N, D], c [V_local, D], bias [V_local] or None, t_local [N] int64 → k × float32 [N]
+        (float64 for float64 inputs)."""
+        names = plan.stat_names
+        stats = list(plan.backend.forward_stats(e, c, bias, t_local, plan))
+        if plan.need_argmax:
+            stats[names.index("argmax")] = stats[names.index("argmax")] + plan.vocab_start  # global ids
+        if plan.world > 1:
+            stats = list(vp.combine_stats(stats, names, plan.group))  # one collective for all of them
+        stats = [q.clone() if q._base is not None else q for q in stats]  # no views as outputs
+        ctx.save_for_backward(e, c, bias, t_local, stats[0], stats[3] if plan.need_entropy else None)
+        ctx.plan = plan
+        frozen = ([] if plan.need_sum else [stats[2]]) + [stats[names.index(k)] for k in ("max", "argmax")
+                                                          if k in names]
+        ctx.mark_non_differentiable(*frozen)
+        return tuple(stats)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        e, c, bias, t_local, lse, pz = ctx.saved_tensors
         plan: Plan = ctx.plan
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         zeros = torch.zeros_like(lse)
-        coef = [zeros if g is None else g.to(lse.dtype) for g in (g_lse, g_x, g_s)]
+        coef = [zeros if g is None else g.to(lse.dtype) for g in grads[:3]]
         if not plan.need_sum:
             coef[2] = zeros
+        extra = {}
+        if plan.need_entropy:
+            q = zeros if grads[3] is None else grads[3].to(lse.dtype)
+            coef[0] = coef[0] + q
+            extra = dict(coef_q=q, mean_z=pz)
         de, dc, db = plan.backend.backward(
-            e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None
+            e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None, **extra
         )
         _reduce_grad_e(de, plan)
         return de, dc, db, None, None

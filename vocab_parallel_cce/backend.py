@@ -9,15 +9,23 @@ into the shard's local numbering (`t_local = target - vocab_start`, int64 [N]); 
 Logits, per token i and local row j < n_valid:
     raw      r_ij = e_i·c_j                      (what `logits_and_stats` returns as Z: NO bias)
     logit    z_ij = cap·tanh((r_ij + b_j)/cap)   (just r_ij + b_j without softcap)
+                    / T                          (plan.temperature; default path only)
 
 Statistics (`forward_stats`, `logits_and_stats`):
     lse_i = log Σ_{j<n_valid} exp(z_ij)      (-inf when n_valid == 0)
     x_i   = z_{i,t_i} if 0 ≤ t_i < n_valid else 0
-    s_i   = Σ_{j<n_valid} z_ij               (only when `plan.need_sum`; else 0)
+    s_i   = Σ_{j<n_valid} z_ij               (only when `plan.need_sum`; else 0;
+                                              Σ_j w_j z_ij with w = `plan.sum_weights`)
+`forward_stats` then returns, in `plan.stat_names` order, the optional ones the plan asks for
+(stats.py): pz_i = Σ_j p_ij z_ij under the shard's own softmax, max_i, argmax_i (shard-local
+column, as a float; smallest on ties).
 
 Logit gradient, given the GLOBAL lse_i and per-token coefficients (a_i, b_i, u_i):
-    G_ij = (a_i·p_ij + b_i·[j = t_i] + u_i) · (1 − tanh²((r_ij + b_j)/cap) when softcapped)
+    G_ij = (a_i·p_ij + b_i·[j = t_i] + u_i·w_j + q_i·p_ij·(z_ij − pz_i))
+           · (1 − tanh²((r_ij + b_j)/cap) when softcapped) · (1/T)
     p_ij = exp(z_ij − lse_i),  G_ij = 0 for padded rows j ≥ n_valid,
+    (w_j = 1 without `plan.sum_weights`; the q term only when `backward` gets coef_q and the
+    GLOBAL pz as mean_z)
 and `backward` returns dE = G·C [N, D], dC = Gᵀ·E [V_local, D], dbias = Σ_i G_ij [V_local] in the
 inputs' dtypes (None where not asked for). The triton backend may skip dC tiles (never dE's) per
 `plan.filter_eps` / `plan.adaptive_filter`; the torch backend is always exact.
@@ -42,15 +50,18 @@ class Backend(Protocol):
     # ---- default path (autograd.ShardStats): statistics forward, recomputed logits backward
 
     def forward_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
-                      plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
-        """This shard's (lse, x, s), [N] each, float32 (float64 for float64 inputs)."""
+                      plan: Plan) -> tuple[Tensor, ...]:
+        """This shard's statistics `plan.stat_names` ((lse, x, s) for the plain loss), [N] each,
+        float32 (float64 for float64 inputs)."""
 
     def backward(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                  coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
-                 need_de: bool, need_dc: bool, need_db: bool
+                 need_de: bool, need_dc: bool, need_db: bool,
+                 coef_q: Optional[Tensor] = None, mean_z: Optional[Tensor] = None
                  ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """(dE [N, D], dC [V_local, D], dbias [V_local]) from the global lse [N] and the
-        coefficients (a, b, u) [N]; rows ≥ n_valid of dC and dbias are 0."""
+        coefficients (a, b, u) [N] (and the entropy's q with the global pz, [N] each); rows ≥
+        n_valid of dC and dbias are 0."""
 
     # ---- gradient-in-forward mode (autograd.LossWithGradInForward), per token chunk [n, D]
 

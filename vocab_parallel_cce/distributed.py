@@ -3,7 +3,8 @@
 Each rank holds vocabulary rows [s_r, s_r + V_r). Its kernel gives per-token partial statistics
 (lse_r, x_r, s_r); they combine as
     lse = log Σ_r exp(lse_r)   (max first),   x = Σ_r x_r,   s = Σ_r s_r
-in ONE all-gather of a [3, N] float32 block per rank (never logits). Also: the check that the
+(and the optional statistics of stats.py: entropy's pz, max / argmax) in ONE all-gather of a
+[k, N] float32 block per rank (k = 3 for the plain loss; never logits). Also: the check that the
 ranks' shards tile the vocabulary (cached per group), sequence-parallel gather / reduce-scatter.
 """
 
@@ -13,6 +14,8 @@ import weakref
 
 import torch
 import torch.distributed as dist
+
+from . import stats
 
 
 # torch >= 2.13 deprecates the *_tensor names in favour of *_single; older torch lacks the latter.
@@ -74,10 +77,15 @@ def all_gather_along_dim0(t: torch.Tensor, group, what: str) -> torch.Tensor:
 
 def combine_shard_stats(lse: torch.Tensor, x: torch.Tensor, s: torch.Tensor, group):
     """Global (lse, x, s) from each rank's partial values, [N] each (float32, or float64)."""
-    stacked = torch.stack([lse, x, s])  # [3, N]
-    gathered = all_gather_along_dim0(stacked[None], group, "combine per-token LSE")  # [world, 3, N]
-    g_lse = torch.logsumexp(gathered[:, 0], dim=0)
-    return g_lse, gathered[:, 1].sum(0), gathered[:, 2].sum(0)
+    return combine_stats((lse, x, s), stats.BASE, group)
+
+
+def combine_stats(partial, names: tuple[str, ...], group) -> tuple[torch.Tensor, ...]:
+    """The global statistics `names` (stats.py) from this rank's partial ones, [N] each (float32,
+    or float64), in ONE all-gather of the stacked [k, N] block (argmax as global ids)."""
+    stacked = torch.stack(tuple(partial))  # [k, N]
+    gathered = all_gather_along_dim0(stacked[None], group, "combine per-token LSE")  # [world, k, N]
+    return stats.merge(gathered, names)
 
 
 def all_reduce_sum(t: torch.Tensor, group, what: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import stats
 from .tuning import Tuning
 
 if TYPE_CHECKING:
@@ -41,21 +42,74 @@ class Plan:
     grad_in_forward: bool  # gradients computed in the forward (and needed: some input requires grad)
     # performance knobs
     tuning: Tuning
+    # optional options and statistics (the plain loss asks for none of them; the kernels compute
+    # each only when asked: stats.py lists the statistics)
+    temperature: float = 1.0  # z ← z / T after the softcap (linear_log_probs)
+    # F.cross_entropy's `weight`: [≥ vocab_size] of the GLOBAL vocabulary (on every rank), float32
+    # (float64 for float64 inputs); a constant (no gradient)
+    class_weights: torch.Tensor | None = None
+    need_entropy: bool = False  # statistic pz = Σ_j p_j z_j (the entropy lse − pz and its gradient)
+    need_argmax: bool = False  # statistics max, argmax (token accuracy, predicted tokens)
 
     @property
     def need_sum(self) -> bool:
-        """Whether the statistics include s = Σ_j z_ij (label smoothing needs the logit mean)."""
+        """Whether the statistics include s = Σ_j z_ij (Σ_j w_j z_ij with class weights): label
+        smoothing needs it."""
         return self.label_smoothing > 0
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """The per-token statistics this call computes, in order (stats.py)."""
+        return stats.names(self.need_entropy, self.need_argmax)
+
+    @property
+    def sum_weights(self) -> torch.Tensor | None:
+        """This shard's class weights [n_valid] when s is the weighted sum Σ_j w_j z_ij, else None."""
+        if self.class_weights is None or not self.need_sum:
+            return None
+        return self.class_weights[self.vocab_start:self.vocab_start + self.n_valid].contiguous()
 
     def token_loss(self, lse: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-token loss [N] from the global statistics (lse, x = correct logit, s = Σ logits) and
         the global targets t [N]: (1−ε)(lse − x) + ε(lse − s/V) + λ·lse², 0 at ignored tokens,
-        NaN at targets outside [0, vocab_size)."""
+        NaN at targets outside [0, vocab_size). With class weights w (F.cross_entropy's):
+        (1−ε)·w_t·(lse − x) + (ε/V)·(Σ_j w_j·lse − s) + λ·lse², s = Σ_j w_j z_j (`token_loss_parts`)."""
+        ce, zl = self.token_loss_parts(lse, x, s, t)
+        return ce if zl is None else ce + zl
+
+    def token_loss_parts(self, lse, x, s, t) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cross-entropy part, z-loss part λ·lse² or None when λ = 0) of `token_loss`, [N] each,
+        0 at ignored tokens, NaN at out-of-range targets. "mean" divides the first by the summed
+        class weights of the non-ignored targets (their count without weights), the second by
+        their count (`mean_denominators`)."""
         valid = t != self.ignore_index
         nll = lse - x
-        if self.label_smoothing > 0:
-            nll = (1.0 - self.label_smoothing) * nll + self.label_smoothing * (lse - s / self.vocab_size)
-        if self.z_loss > 0:
-            nll = nll + self.z_loss * lse * lse
+        eps, weights = self.label_smoothing, self.class_weights
+        if weights is not None:
+            nll = self.target_weights(t) * nll
+        if eps > 0:
+            if weights is None:
+                smooth = lse - s / self.vocab_size
+            else:
+                smooth = (weights[:self.vocab_size].sum() * lse - s) / self.vocab_size
+            nll = (1.0 - eps) * nll + eps * smooth
         bad_target = valid & ((t < 0) | (t >= self.vocab_size))
-        return torch.where(valid, torch.where(bad_target, float("nan"), nll), 0.0)
+
+        def masked(q):
+            return torch.where(valid, torch.where(bad_target, float("nan"), q), 0.0)
+
+        return masked(nll), (masked(self.z_loss * lse * lse) if self.z_loss > 0 else None)
+
+    def target_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """class_weights[t] [N] (any value at ignored or out-of-range targets)."""
+        return self.class_weights[t.clamp(0, self.vocab_size - 1)]
+
+    def mean_denominators(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """("mean"'s divisor of the cross-entropy part, of the z-loss part) as device scalars: the
+        summed class weights of the non-ignored targets (their count without weights), and their
+        count; each replaced by 1 where it is 0 (all ignored: loss 0, zero gradients)."""
+        valid = t != self.ignore_index
+        count = valid.sum()
+        ce = count if self.class_weights is None else torch.where(valid, self.target_weights(t), 0).sum()
+        return (torch.where(ce == 0, torch.ones_like(ce), ce),
+                count.clamp(min=1))

@@ -29,31 +29,46 @@ def _blocks(n: int, v: int, plan: Plan) -> tuple[int, int]:
     return block_n, block_v
 
 
-def _logits(raw, b_blk, softcap):
-    """Logits z of a block of raw logits e·cᵀ (bias added, softcapped), and dz/d(raw + bias) when
-    softcapped (None otherwise)."""
+def _logits(raw, b_blk, softcap, temperature: float = 1.0):
+    """Logits z of a block of raw logits e·cᵀ (bias added, softcapped, divided by the temperature),
+    and dz/d(raw + bias) when softcapped or tempered (None otherwise)."""
     z = raw if b_blk is None else raw + b_blk
-    if softcap is None:
-        return z, None
-    th = torch.tanh(z / softcap)
-    return softcap * th, 1.0 - th * th
+    dz = None
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z, dz = softcap * th, 1.0 - th * th
+    if temperature != 1.0:
+        z = z / temperature
+        dz = (1.0 / temperature) if dz is None else dz / temperature
+    return z, dz
 
 
-def _logit_grad(z, dcap, lse, coef_p, coef_t, coef_u, t_local, v0: int):
-    """G of a block of logits z [n, w] (columns v0.. of the shard): a·p + b·[j = t] + u, × dcap."""
-    g = coef_p[:, None] * torch.exp(z - lse[:, None]) + coef_u[:, None]
+def _logit_grad(z, dcap, lse, coef_p, coef_t, coef_u, t_local, v0: int, w_blk=None, coef_q=None, mean_z=None):
+    """G of a block of logits z [n, w] (columns v0.. of the shard): a·p + b·[j = t] + u·w_j
+    (+ q·p·(z − pz) for the entropy), × dcap (w_j = 1 without class weights)."""
+    p = torch.exp(z - lse[:, None])
+    g = coef_p[:, None] * p + (coef_u[:, None] if w_blk is None else coef_u[:, None] * w_blk)
+    if coef_q is not None:
+        g = g + coef_q[:, None] * p * (z - mean_z[:, None])
     cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
     g = g + torch.where(cols[None, :] == t_local[:, None], coef_t[:, None], 0.0)
     return g if dcap is None else g * dcap
 
 
 def forward_stats(e, c, bias, t_local, plan: Plan):
-    """Per-token (lse, x, s) of this shard, float32 [N] each (see backend.py)."""
+    """This shard's statistics `plan.stat_names` (lse, x, s, then pz / max, argmax when asked),
+    float32 [N] each (float64 for float64 inputs; see backend.py and stats.py)."""
     n, v = e.shape[0], plan.n_valid
     cdt = _compute_dtype(e)
-    lse = torch.full((n,), float("-inf"), dtype=cdt, device=e.device)
-    x = torch.zeros(n, dtype=cdt, device=e.device)
-    s = torch.zeros(n, dtype=cdt, device=e.device)
+    names = plan.stat_names
+    out = torch.zeros(len(names), n, dtype=cdt, device=e.device)
+    lse, x, s = out[0], out[1], out[2]
+    lse.fill_(float("-inf"))
+    pz = out[names.index("pz")] if plan.need_entropy else None
+    vmax, amax = (out[names.index("max")], out[names.index("argmax")]) if plan.need_argmax else (None, None)
+    if vmax is not None:
+        vmax.fill_(float("-inf"))
+    w_all = plan.sum_weights
     block_n, block_v = _blocks(n, max(v, 1), plan)
     for n0 in range(0, n, block_n):
         n1 = min(n, n0 + block_n)
@@ -61,27 +76,37 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
         t_blk = t_local[n0:n1]
         m = torch.full((n1 - n0,), float("-inf"), dtype=cdt, device=e.device)
         acc = torch.zeros(n1 - n0, dtype=cdt, device=e.device)
+        acc_z = torch.zeros(n1 - n0, dtype=cdt, device=e.device)  # Σ exp(z − m)·z (entropy)
         for v0 in range(0, v, block_v):
             v1 = min(v, v0 + block_v)
             b_blk = None if bias is None else bias[v0:v1].to(cdt)
-            z, _ = _logits(e_blk @ c[v0:v1].to(cdt).T, b_blk, plan.softcap)
+            z, _ = _logits(e_blk @ c[v0:v1].to(cdt).T, b_blk, plan.softcap, plan.temperature)
             # online log-sum-exp: S ← S·exp(m − m') + Σ exp(z − m')
-            m_new = torch.maximum(m, z.amax(dim=1))
-            acc = acc * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
+            blk_max, blk_arg = z.max(dim=1)  # first maximal column: ties go to the smallest id
+            if vmax is not None:
+                better = blk_max > vmax[n0:n1]
+                amax[n0:n1] = torch.where(better, (blk_arg + v0).to(cdt), amax[n0:n1])
+                vmax[n0:n1] = torch.maximum(vmax[n0:n1], blk_max)
+            m_new = torch.maximum(m, blk_max)
+            scale, ez = torch.exp(m - m_new), torch.exp(z - m_new[:, None])
+            acc = acc * scale + ez.sum(dim=1)
+            if pz is not None:
+                acc_z = acc_z * scale + (ez * z).sum(dim=1)
             m = m_new
             in_blk = (t_blk >= v0) & (t_blk < v1)
             idx = (t_blk - v0).clamp(0, v1 - v0 - 1)
             x[n0:n1] += torch.where(in_blk, z.gather(1, idx[:, None]).squeeze(1), 0.0)
             if plan.need_sum:
-                s[n0:n1] += z.sum(dim=1)
+                s[n0:n1] += z.sum(dim=1) if w_all is None else z @ w_all[v0:v1].to(cdt)
         if v > 0:
             lse[n0:n1] = m + torch.log(acc)
-    out = (lse, x, s)
-    return tuple(t.float() if cdt == torch.float32 else t for t in out)
+            if pz is not None:
+                pz[n0:n1] = acc_z / acc
+    return tuple(out.float() if cdt == torch.float32 else out)
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool):
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None):
     """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see backend.py)."""
     n, d = e.shape
     v, v_all = plan.n_valid, c.shape[0]
@@ -90,18 +115,23 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
     dc = torch.zeros_like(c) if need_dc else None
     db = torch.zeros(v_all, dtype=cdt, device=e.device) if need_db else None
     lse, coef_p, coef_t, coef_u = (t.to(cdt) for t in (lse, coef_p, coef_t, coef_u))
+    if coef_q is not None:
+        coef_q, mean_z = coef_q.to(cdt), mean_z.to(cdt)
+    w_all = plan.sum_weights
     block_n, block_v = _blocks(n, max(v, 1), plan)
     for v0 in range(0, v, block_v):
         v1 = min(v, v0 + block_v)
         c_blk = c[v0:v1].to(cdt)
         b_blk = None if bias is None else bias[v0:v1].to(cdt)
+        w_blk = None if w_all is None else w_all[v0:v1].to(cdt)
         dc_blk = torch.zeros(v1 - v0, d, dtype=cdt, device=e.device) if need_dc else None
         for n0 in range(0, n, block_n):
             n1 = min(n, n0 + block_n)
             e_blk = e[n0:n1].to(cdt)
-            z, dcap = _logits(e_blk @ c_blk.T, b_blk, plan.softcap)
+            z, dcap = _logits(e_blk @ c_blk.T, b_blk, plan.softcap, plan.temperature)
             tok = slice(n0, n1)
-            g = _logit_grad(z, dcap, lse[tok], coef_p[tok], coef_t[tok], coef_u[tok], t_local[tok], v0)
+            g = _logit_grad(z, dcap, lse[tok], coef_p[tok], coef_t[tok], coef_u[tok], t_local[tok], v0, w_blk,
+                            None if coef_q is None else coef_q[tok], None if mean_z is None else mean_z[tok])
             if need_de:
                 de[n0:n1] += g @ c_blk
             if need_dc:

@@ -44,6 +44,7 @@ except ImportError:  # triton < 3.4
     TensorDescriptor = None
 
 from . import triton_gemm as G
+from . import stats
 from . import triton_kernels as K
 from .plan import Plan
 from .tuning import Tuning
@@ -156,37 +157,46 @@ def _tma_operands(e: torch.Tensor, c: torch.Tensor, block_n: int, block_v: int, 
 
 @torch.library.custom_op("vocab_parallel_cce::triton_forward_stats", mutates_args=())
 def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
-                      n_valid: int, softcap: float, need_sum: bool, exact: bool, tuning_code: str
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, x, s) [N] of the shard; softcap 0 = none; tuning_code: Tuning.encode()."""
+                      n_valid: int, softcap: float, need_sum: bool, exact: bool, tuning_code: str,
+                      sum_weights: Optional[torch.Tensor], inv_temp: float, need_pz: bool, need_argmax: bool
+                      ) -> list[torch.Tensor]:
+    """The shard's statistics, k float32 [N], `stats.names(need_pz, need_argmax)` (lse, x, s,
+    then pz, then max, argmax); softcap 0 = none; sum_weights [n_valid] float32: s = Σ_j w_j z_j;
+    inv_temp 1 = no temperature; tuning_code: Tuning.encode()."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
+    names = stats.names(need_pz, need_argmax)
     block_n, block_v, block_d, warps, stages = _forward_config(e.dtype, tuning)
     n_tiles, v_tiles = triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v)
     if n == 0 or n_valid == 0:
-        return (e.new_full((n,), float("-inf"), dtype=torch.float32),
-                e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
+        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
+        return [e.new_full((n,), float("-inf") if k in low else 0.0, dtype=torch.float32) for k in names]
     e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d, tuning)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
     splits = tuning.forward_splits or max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)
-    out = torch.empty(3, splits, n, dtype=torch.float32, device=e.device)
+    # rows 0-2 always; the kernel writes rows 3 (pz) and 4, 5 (max, argmax) only when asked
+    out = torch.empty(3 if len(names) == 3 else 6, splits, n, dtype=torch.float32, device=e.device)
     K.forward_kernel[(splits, n_tiles)](
         e_arg, c_arg, c if bias is None else bias, t, out, n, d, n_valid, tiles_per_split,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1), out.stride(0), out.stride(1),
-        softcap if softcap > 0 else 1.0,
+        softcap if softcap > 0 else 1.0, out if sum_weights is None else sum_weights, inv_temp,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, NEED_SUM=need_sum,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-        DOT_PRECISION=_dot_precision(e.dtype, exact), USE_TMA=tma, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(e.dtype, exact), USE_TMA=tma,
+        HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, NEED_PZ=need_pz, NEED_ARGMAX=need_argmax,
+        num_warps=warps, num_stages=stages,
     )
-    return torch.logsumexp(out[0], dim=0), out[1].sum(0), out[2].sum(0)
+    if len(names) == 3:
+        return [torch.logsumexp(out[0], dim=0), out[1].sum(0), out[2].sum(0)]
+    rows = [0, 1, 2] + ([3] if need_pz else []) + ([4, 5] if need_argmax else [])
+    return list(stats.merge(out[rows].transpose(0, 1), names))  # the splits are disjoint vocabulary parts
 
 
 @_forward_stats_op.register_fake
-def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code):
-    n = e.shape[0]
-    return tuple(e.new_empty(n, dtype=torch.float32) for _ in range(3))
+def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code, sum_weights, inv_temp, need_pz, need_argmax):
+    return [e.new_empty(e.shape[0], dtype=torch.float32) for _ in stats.names(need_pz, need_argmax)]
 
 
 def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -348,10 +358,12 @@ skip_policy = TileSkipPolicy()  # process-wide: measurements carry over from cal
 @torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
 def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                  lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
-                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str
+                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str,
+                 sum_weights: Optional[torch.Tensor], inv_temp: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u); softcap 0 = none;
-    filter_eps 0 = no skipping; tuning_code: Tuning.encode()."""
+    """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u), or [5, N] with the
+    entropy's (q, pz); softcap 0 = none; filter_eps 0 = no skipping; tuning_code: Tuning.encode();
+    sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     v_all = c.shape[0]
@@ -399,10 +411,11 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
             e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, chunk_flags,
             n, d, n_valid, v_begin, w,
             e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
-            softcap if softcap > 0 else 1.0, filter_eps,
+            softcap if softcap > 0 else 1.0, filter_eps, lse if sum_weights is None else sum_weights, inv_temp,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
             EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=tuning.group_v,
+            HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, HAS_PZ=coef.shape[0] == 5,
             num_warps=warps, num_stages=stages,
         )
         g_chunk = g[:, :w]
@@ -436,26 +449,35 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
 
 @_backward_op.register_fake
 def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db,
-      tuning_code):
+      tuning_code, sum_weights, inv_temp):
     return (torch.empty_like(e) if need_de else e.new_empty(0),
             torch.empty_like(c) if need_dc else c.new_empty(0),
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
 
 
+def _sum_weights(plan: Plan):
+    w = plan.sum_weights
+    return None if w is None else w.float().contiguous()
+
+
 def forward_stats(e, c, bias, t_local, plan: Plan):
-    """See backend.py. Returns float32 (lse, x, s) [N] of this shard."""
-    return _forward_stats_op(e, c, bias, t_local, plan.n_valid, plan.softcap or 0.0, plan.need_sum,
-                             plan.exact, plan.tuning.encode())
+    """See backend.py. Returns this shard's float32 statistics `plan.stat_names`, [N] each."""
+    out = _forward_stats_op(e, c, bias, t_local, plan.n_valid, plan.softcap or 0.0, plan.need_sum,
+                            plan.exact, plan.tuning.encode(), _sum_weights(plan), 1.0 / plan.temperature,
+                            plan.need_entropy, plan.need_argmax)
+    return tuple(out)
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool):
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None):
     """See backend.py. Skips dC tiles per plan.filter_eps (None, e.g. with label smoothing, whose
     u ≠ 0 makes every tile matter: never)."""
-    coef = torch.stack([coef_p, coef_t, coef_u]).float().contiguous()
+    rows = [coef_p, coef_t, coef_u] + ([] if coef_q is None else [coef_q, mean_z])
+    coef = torch.stack(rows).float().contiguous()
     de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, plan.n_valid,
                               plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact,
-                              need_de, need_dc, need_db, plan.tuning.encode())
+                              need_de, need_dc, need_db, plan.tuning.encode(), _sum_weights(plan),
+                              1.0 / plan.temperature)
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)
 
 

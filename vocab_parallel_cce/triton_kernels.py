@@ -75,10 +75,19 @@ def _logit_tile(E, C, BIAS, n0, v0, offs_n, rows, mask_n, mask_v, D,
 @triton.jit
 def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
                    stride_en, stride_ed, stride_cv, stride_cd, stride_oq, stride_os, softcap,
+                   SUMW, inv_temp,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """OUT[0|1|2, split, n] = partial (lse, correct logit, Σ logits) over the split's V tiles."""
+                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                   HAS_SUMW: tl.constexpr = False, HAS_TEMP: tl.constexpr = False,
+                   NEED_PZ: tl.constexpr = False, NEED_ARGMAX: tl.constexpr = False):
+    """OUT[0|1|2, split, n] = partial (lse, correct logit, Σ logits) over the split's V tiles.
+
+    Optional (stats.py), each only when its switch is on: HAS_SUMW: row 2 is Σ_j w_j z_j
+    (SUMW [V] float32 class weights); HAS_TEMP: z ← z·inv_temp after the softcap; NEED_PZ:
+    OUT[3] = Σ_j p_j z_j under the split's own softmax; NEED_ARGMAX: OUT[4] = max_j z_j,
+    OUT[5] = its smallest column (as a float).
+    """
     pid_s = tl.program_id(0)  # fastest: concurrent programs share token tiles (E stays in L2)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,6 +97,8 @@ def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
     s = tl.zeros((BLOCK_N,), tl.float32)
     x = tl.zeros((BLOCK_N,), tl.float32)
     zsum = tl.zeros((BLOCK_N,), tl.float32)
+    pz = tl.zeros((BLOCK_N,), tl.float32)  # Σ_j exp(z_j − m)·z_j (NEED_PZ)
+    arg = tl.zeros((BLOCK_N,), tl.int32)  # column of the running max (NEED_ARGMAX)
     first = pid_s * tiles_per_split
     for vt in range(first, first + tiles_per_split):
         offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -97,32 +108,61 @@ def forward_kernel(E, C, BIAS, TGT, OUT, N, D, V, tiles_per_split,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, USE_TMA)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
+        if HAS_TEMP:
+            z = z * inv_temp
         is_target = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]
         x += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if NEED_SUM:
-            zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+            if HAS_SUMW:
+                w = tl.load(SUMW + offs_v, mask=mask_v, other=0.0)
+                zsum += tl.sum(tl.where(mask_v[None, :], z * w[None, :], 0.0), axis=1)
+            else:
+                zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+        z_finite = z  # before the −inf masking: ez·z_finite is never 0·(−inf)
         z = tl.where(mask_v[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        if NEED_ARGMAX:  # tiles in increasing id order: only a strictly larger max moves the argmax
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], offs_v[None, :], 2147483647), axis=1)
+            arg = tl.where(tile_max > m, tile_arg, arg)
         # online LSE: s ← s·exp(m − m') + Σ_j exp(z_j − m'), guarded for m' = −inf
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_new = tl.maximum(m, tile_max)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        if NEED_PZ:
+            ez = tl.exp(z - m_ref[:, None])
+            rescale = tl.exp(m - m_ref)
+            s = s * rescale + tl.sum(ez, axis=1)
+            pz = pz * rescale + tl.sum(tl.where(mask_v[None, :], ez * z_finite, 0.0), axis=1)
+        else:
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
         m = m_new
     out = OUT + pid_s * stride_os + offs_n
     tl.store(out, m + tl.log(s), mask=mask_n)
     tl.store(out + stride_oq, x, mask=mask_n)
     tl.store(out + 2 * stride_oq, zsum, mask=mask_n)
+    if NEED_PZ:
+        tl.store(out + 3 * stride_oq, pz / s, mask=mask_n)
+    if NEED_ARGMAX:
+        tl.store(out + 4 * stride_oq, m, mask=mask_n)
+        tl.store(out + 5 * stride_oq, arg.to(tl.float32), mask=mask_n)
 
 
 @triton.jit
 def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, G, FLAGS,
                       N, D, V, v_begin, width,
                       stride_en, stride_ed, stride_cv, stride_cd, stride_gn, stride_fn,
-                      softcap, filter_eps,
+                      softcap, filter_eps, SUMW, inv_temp,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      USE_TMA: tl.constexpr, GROUP_V: tl.constexpr):
-    """G[n, j] for chunk positions j in [0, width) (vocabulary row v_begin + j)."""
+                      USE_TMA: tl.constexpr, GROUP_V: tl.constexpr,
+                      HAS_SUMW: tl.constexpr = False, HAS_TEMP: tl.constexpr = False,
+                      HAS_PZ: tl.constexpr = False):
+    """G[n, j] for chunk positions j in [0, width) (vocabulary row v_begin + j).
+
+    Optional terms, each only when its switch is on: HAS_SUMW: u·w_j instead of u (SUMW [V]
+    float32 class weights); HAS_PZ: + q·p·(z − pz) with q = COEF[3], pz = COEF[4] (the entropy);
+    HAS_TEMP: z = (softcapped logit)·inv_temp, and G gets the factor inv_temp.
+    """
     # Grouped order over (vocabulary tile, token tile): GROUP_V vocabulary tiles (GROUP_V·BLOCK_V
     # rows of C) stay in L2 while E streams through them once; inside a group the vocabulary tile
     # varies fastest, so concurrent programs also share token tiles.
@@ -138,6 +178,8 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, G, FLAGS,
     if HAS_SOFTCAP:
         th = _tanh(z / softcap)
         z = softcap * th
+    if HAS_TEMP:
+        z = z * inv_temp
     tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
     lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
     a = tl.load(COEF + offs_n, mask=mask_n, other=0.0)
@@ -146,7 +188,17 @@ def logit_grad_kernel(E, C, BIAS, TGT, LSE, COEF, G, FLAGS,
     p = tl.exp(z - lse[:, None])
     valid = mask_n[:, None] & mask_v[None, :]
     is_target = (rows[None, :] == tgt[:, None]) & valid
-    g = a[:, None] * p + tl.where(is_target, b[:, None], 0.0) + u[:, None]
+    if HAS_SUMW:
+        w = tl.load(SUMW + rows, mask=mask_v, other=0.0)
+        g = a[:, None] * p + tl.where(is_target, b[:, None], 0.0) + u[:, None] * w[None, :]
+    else:
+        g = a[:, None] * p + tl.where(is_target, b[:, None], 0.0) + u[:, None]
+    if HAS_PZ:
+        q = tl.load(COEF + 3 * N + offs_n, mask=mask_n, other=0.0)
+        mean_z = tl.load(COEF + 4 * N + offs_n, mask=mask_n, other=0.0)
+        g += q[:, None] * p * (z - mean_z[:, None])
+    if HAS_TEMP:
+        g = g * inv_temp
     if HAS_SOFTCAP:
         g = g * (1.0 - th * th)
     g = tl.where(valid, g, 0.0)
