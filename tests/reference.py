@@ -8,6 +8,10 @@ independent:
     loss_i = (1 − ε)(lse_i − z_{i,y_i}) + ε (lse_i − mean_j z_ij) + λ lse_i²
     ignored tokens (y_i == ignore_index) have loss 0; "mean" divides by the number of
     non-ignored tokens (0 when there are none); shift k: e[..., :-k, :] predicts targets[..., k:].
+    class weights w: the cross-entropy is (1 − ε) w_y (lse − z_y) + (ε/V) Σ_j w_j (lse − z_j)
+    (F.cross_entropy's), "mean" divides it by Σ w_y over non-ignored tokens; λ lse² unweighted.
+
+RL: log_prob_i = z_{i,y_i} − lse_i and entropy_i = −Σ_j p_ij log p_ij of z / T (0 when ignored).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def reference_loss(
     z_loss: float = 0.0,
     vocab_size: int | None = None,
     return_lse: bool = False,
+    class_weights: torch.Tensor | None = None,
 ):
     """Loss (and optionally the per-token log-sum-exp) in float64, differentiable w.r.t. e, c, bias.
 
@@ -68,25 +73,70 @@ def reference_loss(
     nll = lse - z_y
     # an out-of-range target that is not ignored has no correct logit: NaN, never a silent number
     nll = torch.where(in_range | ignored, nll, torch.full_like(nll, float("nan")))
-    loss = (1.0 - label_smoothing) * nll
+    # class weights w (F.cross_entropy's `weight`): w_y·nll, smoothing term (1/V)·Σ_j w_j·(lse − z_j)
+    w = torch.ones(vocab, dtype=torch.float64) if class_weights is None else class_weights[:vocab].double()
+    w_y = w[safe_y]
+    loss = (1.0 - label_smoothing) * w_y * nll
     if label_smoothing:
-        loss = loss + label_smoothing * (lse - z.mean(dim=-1))
+        loss = loss + label_smoothing * ((lse[:, None] - z) * w).sum(dim=-1) / vocab
+    zl = torch.zeros_like(loss)
     if z_loss:
-        loss = loss + z_loss * lse * lse
+        zl = z_loss * lse * lse  # never class-weighted
     loss = torch.where(ignored, torch.zeros_like(loss), loss)
+    zl = torch.where(ignored, torch.zeros_like(zl), zl)
 
     if reduction == "mean":
         count = int((~ignored).sum())
-        out = loss.sum() / count if count > 0 else loss.sum() * 0.0
+        weight_sum = w_y[~ignored].sum()
+        weight_sum = weight_sum if weight_sum != 0 else torch.ones_like(weight_sum)  # all weights 0: loss 0
+        # the weighted cross-entropy over the summed weights, the z-loss over the count
+        out = (loss.sum() / weight_sum + zl.sum() / count) if count > 0 else (loss + zl).sum() * 0.0
+        loss = loss + zl
     elif reduction == "sum":
-        out = loss.sum()
+        out = (loss + zl).sum()
     elif reduction == "none":
-        out = loss.reshape(out_shape)
+        out = (loss + zl).reshape(out_shape)
     else:
         raise ValueError(reduction)
     if return_lse:
         return out, lse.reshape(out_shape)
     return out
+
+
+def reference_log_probs(e, c, targets, bias=None, softcap=None, temperature=1.0, ignore_index=-100, shift=0,
+                        vocab_size=None):
+    """(log_probs, entropy) in float64 from materialised logits z = (e·cᵀ + b, softcapped) / T,
+    differentiable; shaped like targets[..., shift:]."""
+    e_used, y = _shifted(e.double(), targets, int(shift))
+    z = e_used.reshape(-1, e.shape[-1]) @ c.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z[:, : c.shape[0] if vocab_size is None else vocab_size] / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    y_flat = y.reshape(-1).long()
+    ignored = y_flat == ignore_index
+    in_range = (y_flat >= 0) & (y_flat < z.shape[1])
+    lp = logp.gather(1, torch.where(in_range, y_flat, 0)[:, None]).squeeze(1)
+    lp = torch.where(in_range | ignored, lp, torch.full_like(lp, float("nan")))
+    ent = -(logp.exp() * logp).sum(dim=-1)
+    zero = torch.zeros_like(lp)
+    return torch.where(ignored, zero, lp).reshape(y.shape), torch.where(ignored, zero, ent).reshape(y.shape)
+
+
+def reference_argmax(e, c, targets=None, bias=None, softcap=None, shift=0, vocab_size=None):
+    """Smallest id of the maximal logit per token (float64), shaped like targets[..., shift:]."""
+    e_used = e[..., :-shift, :] if shift else e
+    z = e_used.double().reshape(-1, e.shape[-1]) @ c.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z[:, : c.shape[0] if vocab_size is None else vocab_size]
+    top = z.amax(dim=1, keepdim=True)
+    ids = torch.arange(z.shape[1]).expand_as(z)
+    return torch.where(z == top, ids, z.shape[1]).amin(dim=1).reshape(e_used.shape[:-1])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

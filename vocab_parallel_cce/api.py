@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import warnings
 from dataclasses import dataclass
@@ -14,23 +16,89 @@ from . import torch_backend
 from .autograd import LossWithGradInForward, ShardStats
 from .backend import Backend
 from .distributed import clear_layout_cache  # noqa: F401  (documented as vocab_parallel_cce.api.clear_layout_cache)
+from . import stats
 from .plan import Plan
 from .tuning import Tuning
 
 Reduction = Literal["mean", "sum", "none"]
 IMPLS = ("auto", "triton", "triton_exact", "torch")
-# Apple CCE's names, so `impl=` values written for it keep working.
-IMPL_ALIASES = {"cce": "triton", "cce_exact": "triton_exact", "torch_compile": "torch"}
+# Apple CCE's names, so `impl=` values written for it keep working, each mapped to our equivalent.
+# Our dE is never filtered and always accumulates in float32, and dC is one float32-accumulated
+# product per vocabulary chunk, so the Kahan variants differ from "cce" only in dC filtering.
+IMPL_ALIASES = {
+    "cce": "triton", "cce_exact": "triton_exact", "torch_compile": "torch",
+    "cce_kahan_full_c": "triton",  # dC unfiltered (below), dE filtered in Apple's: never in ours
+    "cce_kahan_full_e": "triton",  # dC filtered per filter_eps, dE unfiltered: as ours always is
+    "cce_kahan_full": "triton_exact", "cce_kahan_full_c_full_e": "triton_exact",  # = cce_exact
+}  # fmt: skip
+_DC_UNFILTERED_IMPLS = {"cce_kahan_full_c"}
+
+
+class LinearCrossEntropyImpl(enum.IntEnum):
+    """`impl=` as an enum, as Apple CCE's (same members and values; ours after them). A member
+    given as `impl` stands for its lower-case name."""
+
+    CCE = enum.auto()
+    TORCH_COMPILE = enum.auto()
+    CCE_KAHAN_FULL_C = enum.auto()
+    CCE_KAHAN_FULL_E = enum.auto()
+    CCE_EXACT = enum.auto()
+    CCE_KAHAN_FULL_C_FULL_E = enum.auto()
+    CCE_KAHAN_FULL = enum.auto()
+    AUTO = enum.auto()
+    TRITON = enum.auto()
+    TRITON_EXACT = enum.auto()
+    TORCH = enum.auto()
+
+
+def _impl_name(impl: str | LinearCrossEntropyImpl) -> str:
+    return impl.name.lower() if isinstance(impl, LinearCrossEntropyImpl) else impl
 
 
 @dataclass
 class VocabParallelOptions:
-    """Apple CCE's vocabulary-parallel options: this rank holds classifier rows [start, stop)."""
+    """Apple CCE's vocabulary-parallel options: this rank holds classifier rows [start, stop).
+
+    `group=None` is the default process group (torch.distributed's WORLD), as in Apple CCE's
+    collectives; without an initialised process group, one rank holding [0, V).
+    """
 
     start: int
     stop: int
     group: Any = None
     reduce_e_grad: bool = True
+
+    @classmethod
+    def from_vocab(cls, vocab_size: int, group: Any = None, reduce_e_grad: bool = True) -> "VocabParallelOptions":
+        """This rank's part of `vocab_size` rows split over `group` (None: the default group) in
+        contiguous ranges by rank, the first `vocab_size % world` ranks holding one row more."""
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size: expected an int > 0, got {vocab_size!r}")
+        world = vp.group_size(_default_group(group))
+        rank = vp.group_rank(_default_group(group)) if world > 1 else 0
+        base, extra = divmod(vocab_size, world)
+        start = rank * base + min(rank, extra)
+        return cls(start, start + base + (rank < extra), group, reduce_e_grad)
+
+
+def _default_group(group):
+    """Apple CCE's reading of group=None: the default process group where one is initialised."""
+    if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.group.WORLD
+    return group
+
+
+@dataclass
+class CrossEntropyOutput:
+    """What `linear_cross_entropy` returns when asked for more than the loss (as Liger-Kernel's
+    fused linear cross-entropy does): each field None unless asked for. Per-token fields are
+    shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way
+    token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
+    predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
+    lse: torch.Tensor | None = None  # return_lse
 
 
 def _no_triton_reason(device: torch.device, impl: str) -> str | None:
@@ -179,7 +247,8 @@ def _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel,
             raise ValueError(
                 f"vocab_parallel_options: stop - start = {options.stop - options.start} but c has {c.shape[0]} rows"
             )
-        return _layout(c, options.group, options.start, vocab_size, options.reduce_e_grad, sequence_parallel, None)
+        group = _default_group(options.group)  # Apple CCE's None: the default process group
+        return _layout(c, group, options.start, vocab_size, options.reduce_e_grad, sequence_parallel, None)
     v_local = c.shape[0]
     world = 1
     if group is not None:
@@ -215,24 +284,39 @@ def linear_cross_entropy(
     shift: int | bool = 0,
     return_lse: bool = False,
     filter_eps: float | str | None = "auto",
+    accum_e_fp32: bool = False,
+    accum_c_fp32: bool = False,
+    filter_e_grad: bool = True,
+    filter_c_grad: bool = True,
+    impl: str | LinearCrossEntropyImpl = "auto",
+    vocab_parallel_options: VocabParallelOptions | None = None,
     *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    impl: str = "auto",
+    class_weights: torch.Tensor | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     group: Any = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
-    vocab_parallel_options: VocabParallelOptions | None = None,
     grad_in_forward: bool | None = None,
     tuning: Tuning | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of the logits `e @ c.T (+ bias)` without materialising them.
+
+    The positional arguments are Apple CCE's, in its order (accum_e_fp32, accum_c_fp32 and
+    filter_e_grad are accepted and change nothing: dE and dC always accumulate in float32 and dE
+    is never filtered; filter_c_grad=False turns dC's tile skipping off).
 
     Args:
         e: hidden states [..., D] (float32/float16/bfloat16; float64 with impl="torch").
-        c: classifier [V, D]; under vocabulary parallelism this rank's shard [V_local, D].
+        c: classifier [V, D]; under vocabulary parallelism this rank's shard [V_local, D], or a
+            DTensor sharded along the vocabulary (Shard(0) on one mesh dimension), from which the
+            group and this rank's shard offset are read (then give no group/vocab_start/
+            vocab_parallel_options).
         targets: int32/int64 token ids, shape e.shape[:-1]; `ignore_index` marks tokens to skip.
         bias: optional [V] (or [V_local]) added to the logits.
         ignore_index: target value whose token contributes no loss and no gradient.
@@ -251,6 +335,19 @@ def linear_cross_entropy(
             reaches the host; pass None or a number for run-to-run identical gradients.
         label_smoothing: ε: loss = (1−ε)·nll + ε·(lse − mean_j z_j), mean over the (global) vocabulary.
         z_loss: λ: adds λ·lse² per token.
+        class_weights: F.cross_entropy's `weight`: a [vocab_size] (or padded [V_total]) float
+            tensor of the GLOBAL vocabulary, the same on every rank (no gradient). Token i's
+            cross-entropy is w[t_i]·nll_i (with label smoothing (1−ε)·w[t_i]·nll_i +
+            (ε/V)·Σ_j w_j·(lse_i − z_ij)); "mean" divides it by the summed weights of the
+            non-ignored targets (0 → loss 0). The z-loss is not weighted and "mean" divides it by
+            the non-ignored count (Liger-Kernel's convention).
+        return_z_loss, return_token_accuracy, return_predicted_tokens: return a
+            `CrossEntropyOutput` with, besides the loss, its z-loss part (reduced as the loss,
+            "mean" over the non-ignored count; differentiable), the accuracy of the argmax over the
+            global vocabulary (float32: the mean over non-ignored tokens for "mean"/"sum", per
+            token 0/1 for "none"; 0 where ignored), and the argmax itself (int64 per token, ties
+            to the smallest id, −1 where ignored), computed in the forward's pass and combined
+            across ranks in its one collective; no host sync. The argmax needs vocab_size <= 2**24.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
             (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
             or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile"
@@ -265,7 +362,8 @@ def linear_cross_entropy(
         sequence_parallel: e and targets hold this rank's slice of the tokens along dim 0; they are
             all-gathered in forward (e's gradient reduce-scattered in backward) and every rank
             returns the loss of ALL tokens (shift and "none" shapes refer to the gathered tensors).
-        vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad).
+        vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad);
+            its group None is the default process group, as in Apple CCE.
         grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
             from materialised logits (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not
             used), for an upstream gradient that is the same for every non-ignored token:
@@ -286,14 +384,34 @@ def linear_cross_entropy(
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
-        return_lse, (loss, lse).
+        return_lse, (loss, lse); with any return_z_loss / return_token_accuracy /
+        return_predicted_tokens, a CrossEntropyOutput (lse in it when return_lse).
         A target outside [0, vocab_size) that is not ignore_index gives a NaN loss for its token.
     """
+    impl = _impl_name(impl)
+    e, c, targets, bias, group, vocab_start = _from_dtensors(e, c, targets, bias, group, vocab_start,
+                                                             vocab_parallel_options)
     shift = _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, shift, filter_eps, impl,
                       return_lse, grad_in_forward)
+    for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy),
+                       ("return_predicted_tokens", return_predicted_tokens)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
     layout = _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel, vocab_parallel_options)
+    need_argmax = return_token_accuracy or return_predicted_tokens
+    _check_argmax_vocab(need_argmax, layout, "return_token_accuracy/return_predicted_tokens")
+    weights = _class_weights(class_weights, e, c, layout)
     backend, exact = _backend(impl, e)
     needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
+    if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
+        filter_eps = None
+    # The fast mode lacks these statistics for now (the weighted logit sum, the argmax), cannot
+    # return the z-loss separately (its lse stays inside), and the weighted "mean" with z-loss
+    # has two divisors, so no uniform upstream gradient: they take the recompute path.
+    fast_lacks = (need_argmax or return_z_loss
+                  or (weights is not None and (label_smoothing > 0 or (z_loss > 0 and reduction == "mean"))))
+    if fast_lacks:
+        grad_in_forward = False
     if grad_in_forward is None:
         grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
                            and not torch.compiler.is_compiling())
@@ -305,14 +423,15 @@ def linear_cross_entropy(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
         **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, grad_in_forward=gif,
-        tuning=Tuning.from_env() if tuning is None else tuning,
+        tuning=Tuning.from_env() if tuning is None else tuning, class_weights=weights, need_argmax=need_argmax,
     )
-    return _run(plan, e, c, targets, bias, shift, return_lse)
+    return _run(plan, e, c, targets, bias, shift, return_lse, return_z_loss, return_token_accuracy,
+                return_predicted_tokens)
 
 
-def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool):
-    """The loss (and lse) of a validated call: autocast, sequence-parallel gather, shift, the
-    autograd Function of the plan's mode, reduction."""
+def _prepare(plan: Plan, e, c, targets, bias, shift: int):
+    """(e [N, D], c, bias, t [N] int64 global ids, the per-token shape) of a validated call:
+    autocast, sequence-parallel gather, shift (targets padded with ignore_index), flattening."""
     device_type = e.device.type
     if _autocast_enabled(device_type):  # the classifier matmul runs in the autocast dtype, as nn.Linear would
         dt = torch.get_autocast_dtype(device_type)
@@ -325,35 +444,110 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool):
         # targets[..., k:] padded with ignore_index: e[..., t, :] predicts targets[..., t + k].
         pad = targets.new_full(targets.shape[:-1] + (shift,), plan.ignore_index)
         targets = torch.cat([targets[..., shift:], pad], dim=-1)
-    out_shape = targets.shape
-    e2 = e.reshape(-1, e.shape[-1])
-    t = targets.reshape(-1).long()
+    return e.reshape(-1, e.shape[-1]), c, bias, targets.reshape(-1).long(), targets.shape
+
+
+def _per_token(q: torch.Tensor, out_shape, shift: int) -> torch.Tensor:
+    """A per-token [N] vector shaped like targets[..., shift:]."""
+    q = q.view(out_shape)
+    return q[..., : out_shape[-1] - shift] if shift else q
+
+
+def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z_loss: bool = False,
+         return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
+    """The loss (and lse, or a CrossEntropyOutput) of a validated call: `_prepare`, the autograd
+    Function of the plan's mode, reductions."""
+    e2, c, bias, t, out_shape = _prepare(plan, e, c, targets, bias, shift)
     valid = t != plan.ignore_index
 
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(e.device.type, enabled=False):
         if plan.grad_in_forward:
-            count = valid.sum() if plan.reduction == "mean" else None
-            loss = _loss_with_grad_in_forward(e2, c, bias, t, plan, count)
+            # class weights: the weighted mean is the Function's sum divided here by Σ w[t]
+            weighted_mean = plan.class_weights is not None and plan.reduction == "mean"
+            inner = dataclasses.replace(plan, reduction="sum") if weighted_mean else plan
+            count = valid.sum() if inner.reduction == "mean" else None
+            loss = _loss_with_grad_in_forward(e2, c, bias, t, inner, count)
+            if weighted_mean:
+                return loss / plan.mean_denominators(t)[0]
             if plan.reduction != "none":
                 return loss  # reduced inside the Function
+            ce, zl = loss, None
         else:
-            lse, x, s = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
-            loss = plan.token_loss(lse, x, s, t)
+            stats = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
+            lse, x, s = stats[:3]
+            ce, zl = plan.token_loss_parts(lse, x, s, t)
+    per_token = ce if zl is None else ce + zl
 
     if plan.reduction == "mean":
-        loss = loss.sum() / valid.sum().clamp(min=1)
+        den_ce, den_count = plan.mean_denominators(t)
+        if plan.class_weights is None or zl is None:
+            loss = per_token.sum() / den_ce
+        else:  # the z-loss is not class-weighted: its mean is over the non-ignored count
+            loss = ce.sum() / den_ce + zl.sum() / den_count
     elif plan.reduction == "sum":
-        loss = loss.sum()
+        loss = per_token.sum()
     else:
-        loss = loss.view(out_shape)
-        if shift:
-            loss = loss[..., : out_shape[-1] - shift]
-    if return_lse:
-        lse = lse.view(out_shape)
-        if shift:
-            lse = lse[..., : out_shape[-1] - shift]
-        return loss, lse
-    return loss
+        loss = _per_token(per_token, out_shape, shift)
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
+        return (loss, _per_token(lse, out_shape, shift)) if return_lse else loss
+
+    out = CrossEntropyOutput(loss, lse=_per_token(lse, out_shape, shift) if return_lse else None)
+    if return_z_loss:
+        zl = torch.zeros_like(ce) if zl is None else zl
+        out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
+                      "none": lambda: _per_token(zl, out_shape, shift)}[plan.reduction]()
+    if return_token_accuracy or return_predicted_tokens:
+        predicted = stats[plan.stat_names.index("argmax")].long()
+        hit = (valid & (predicted == t)).float()
+        if return_token_accuracy:
+            out.token_accuracy = (_per_token(hit, out_shape, shift) if plan.reduction == "none"
+                                  else hit.sum() / valid.sum().clamp(min=1))
+        if return_predicted_tokens:
+            out.predicted_tokens = _per_token(torch.where(valid, predicted, -1), out_shape, shift)
+    return out
+
+
+def _from_dtensors(e, c, targets, bias, group, vocab_start, options):
+    """Plain tensors for DTensor arguments: c sharded along the vocabulary gives its local rows,
+    the group and the shard offset (`distributed.dtensor_vocab_shard`); replicated DTensors
+    (e, targets, c, bias) their full values. Returns (e, c, targets, bias, group, vocab_start)."""
+    if vp.is_dtensor(c):
+        c, bias, dt_group, dt_start = vp.dtensor_vocab_shard(c, bias, "c")
+        if dt_group is not None:
+            if group is not None or vocab_start is not None or options is not None:
+                raise ValueError("c: a DTensor sharded along the vocabulary gives the group and the shard "
+                                 "offset; pass no group, vocab_start or vocab_parallel_options with it")
+            group, vocab_start = dt_group, dt_start
+    elif vp.is_dtensor(bias):
+        bias = bias.full_tensor()
+    e = e.full_tensor() if vp.is_dtensor(e) else e
+    targets = targets.full_tensor() if vp.is_dtensor(targets) else targets
+    return e, c, targets, bias, group, vocab_start
+
+
+def _check_argmax_vocab(need: bool, layout: dict, what: str) -> None:
+    if need and layout["vocab_size"] > stats.MAX_ARGMAX_VOCAB:
+        raise ValueError(f"{what}: the argmax travels as a float32 id, exact up to 2**24 = {stats.MAX_ARGMAX_VOCAB}; "
+                         f"vocab_size is {layout['vocab_size']}")
+
+
+def _class_weights(w, e, c, layout: dict) -> torch.Tensor | None:
+    """The checked class weights in the statistics' dtype (float32, float64 for float64 e), or None."""
+    if w is None:
+        return None
+    _check_float("class_weights", w)
+    if w.device != e.device:
+        raise ValueError(f"class_weights: is on {w.device} but e is on {e.device}; all tensors must share a device")
+    size = layout["vocab_size"]
+    total = vp.shard_layout(layout["group"], layout["vocab_start"], c.shape[0]) if layout["world"] > 1 else c.shape[0]
+    if w.dim() != 1 or w.shape[0] not in (size, total):
+        allowed = f"({size},)" + ("" if total == size else f" or ({total},)")
+        raise ValueError(f"class_weights: expected shape {allowed} (one weight per id of the global vocabulary), "
+                         f"got {tuple(w.shape)}")
+    if w.requires_grad and torch.is_grad_enabled():
+        raise ValueError("class_weights: gradients with respect to the class weights are not supported; "
+                         "pass a tensor that does not require grad (e.g. weights.detach())")
+    return w.to(torch.float64 if e.dtype == torch.float64 else torch.float32)
 
 
 @torch.compiler.disable  # runs eagerly under torch.compile (a graph break): Python loop, collectives
@@ -361,14 +555,29 @@ def _loss_with_grad_in_forward(*args):
     return LossWithGradInForward.apply(*args)
 
 
-class LinearCrossEntropy(torch.nn.Module):
-    """Module form of `linear_cross_entropy`; keyword options are fixed at construction.
+# LinearCrossEntropy's positional parameters: Apple CCE's module, in its order.
+_MODULE_POSITIONAL = ("ignore_index", "softcap", "reduction", "shift", "filter_eps", "accum_e_fp32", "accum_c_fp32",
+                      "filter_e_grad", "filter_c_grad", "impl", "return_lse")
 
+
+class LinearCrossEntropy(torch.nn.Module):
+    """Module form of `linear_cross_entropy`; options are fixed at construction (`self.options`).
+
+    LinearCrossEntropy(ignore_index, softcap, reduction, shift, filter_eps, accum_e_fp32,
+    accum_c_fp32, filter_e_grad, filter_c_grad, impl, return_lse, **keyword options): the
+    positional order is Apple CCE's module's; any of linear_cross_entropy's keywords may follow.
     forward(e [..., D], c [V, D], targets [...], bias=None) → loss (see linear_cross_entropy).
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__()
+        if len(args) > len(_MODULE_POSITIONAL):
+            raise TypeError(f"LinearCrossEntropy: at most {len(_MODULE_POSITIONAL)} positional options "
+                            f"({', '.join(_MODULE_POSITIONAL)}), got {len(args)}")
+        for name, value in zip(_MODULE_POSITIONAL, args):
+            if name in options:
+                raise TypeError(f"LinearCrossEntropy: {name} given both positionally and by keyword")
+            options[name] = value
         self.options = options
 
     def forward(self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None):

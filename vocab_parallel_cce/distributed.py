@@ -156,3 +156,75 @@ def check_group_membership(group) -> None:
         raise ValueError("group: torch.distributed is not initialised, but a process group was given")
     if dist.get_rank(group) < 0:
         raise ValueError("group: this process is not a member of the given process group")
+
+
+# --------------------------------------------------------------------------- DTensor classifiers
+
+
+def dtensor_type():
+    """torch.distributed.tensor.DTensor, or None where torch has no DTensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    DTensor = dtensor_type()
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _dtensor_row_offset(w, mesh_dim: int) -> int:
+    """Global index of this rank's first row of a DTensor sharded on dim 0 along mesh_dim."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        return int(offset[0])
+    except ImportError:  # torch.chunk layout, the one DTensor's Shard uses
+        n = w.device_mesh.size(mesh_dim)
+        rank = w.device_mesh.get_local_rank(mesh_dim)
+        return min(rank * -(-w.shape[0] // n), w.shape[0])
+
+
+def dtensor_vocab_shard(w, bias=None, name: str = "c"):
+    """(w_local, bias_local, group, vocab_start) of a classifier `w` [V, D] that may be a DTensor.
+
+    Sharded along the vocabulary (Shard(0) on one mesh dimension, Replicate() on any other, even or
+    uneven shards): this rank's rows, the group of that mesh dimension and the global id of its
+    first row; `bias` may be sharded the same way, replicated, or a plain [V] tensor (sliced).
+    Replicated or not a DTensor: (local w, bias, None, None). The local tensors stay differentiable
+    (their gradients flow back into the DTensors). NotImplementedError for other placements."""
+    if not is_dtensor(w):
+        return w, (bias.full_tensor() if is_dtensor(bias) else bias), None, None
+    placements = tuple(w.placements)
+    shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
+    others_ok = all(p.is_replicate() for i, p in enumerate(placements) if i not in shard_dims)
+    if not others_ok or len(shard_dims) > 1 or any(not placements[i].is_shard(0) for i in shard_dims):
+        raise NotImplementedError(
+            f"{name}: a DTensor with placements {placements}; supported: Shard(0) (vocabulary) on one mesh "
+            "dimension and Replicate() on the others, or fully replicated"
+        )
+    if not shard_dims:  # replicated: an ordinary classifier
+        return w.to_local(), (bias.to_local() if is_dtensor(bias) else bias), None, None
+    mesh_dim = shard_dims[0]
+    start = _dtensor_row_offset(w, mesh_dim)
+    w_local = w.to_local()
+    if bias is not None:
+        rows = slice(start, start + w_local.shape[0])
+        if is_dtensor(bias):
+            bp = tuple(bias.placements)
+            if bp == placements:
+                bias = bias.to_local()
+            elif all(p.is_replicate() for p in bp):
+                # each rank's gradient covers its own rows only: a partial sum over the shard dimension
+                from torch.distributed.tensor import Partial, Replicate
+
+                grad_placements = [Partial() if i == mesh_dim else Replicate() for i in range(len(bp))]
+                bias = bias.to_local(grad_placements=grad_placements)[rows]
+            else:
+                raise NotImplementedError(f"{name}: the bias's DTensor placements {bp} do not match the weight's")
+        else:
+            bias = bias[rows]
+    return w_local, bias, w.device_mesh.get_group(mesh_dim), start

@@ -63,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,6 +70,7 @@ from typing import Any, Callable
 import torch
 
 from .api import linear_cross_entropy
+from .distributed import dtensor_vocab_shard, is_dtensor
 
 __all__ = ["patch", "unpatch", "SUPPORTED_MODEL_TYPES", "SUPPORTED_TRANSFORMERS"]
 
@@ -96,6 +96,7 @@ _MAX_VERSION_EXCLUSIVE = (6, 0)
 _RESERVED_OPTIONS = {
     "e", "c", "targets", "bias", "softcap", "reduction", "shift", "return_lse", "group",
     "vocab_start", "vocab_size", "sequence_parallel", "vocab_parallel_options",
+    "return_z_loss", "return_token_accuracy", "return_predicted_tokens",  # the output is the loss
 }  # fmt: skip
 _ORIGINAL_ATTR = "__vpcce_original_forward__"
 _CONFIG_ATTR = "__vpcce_patch_config__"
@@ -215,14 +216,6 @@ def _check_loss_options(options: dict[str, Any]) -> None:
 # the classifier: plain tensor, or DTensor sharded along the vocabulary
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed support
-        return None
-    return DTensor
-
-
 def _is_fsdp_module(module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -231,68 +224,20 @@ def _is_fsdp_module(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _shard_offset(w, mesh_dim: int) -> int:
-    """Global index of this rank's first classifier row (DTensor sharded on dim 0 along mesh_dim)."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        return int(offset[0])
-    except ImportError:  # torch.chunk layout, the one DTensor's Shard uses
-        n = w.device_mesh.size(mesh_dim)
-        rank = w.device_mesh.get_local_rank(mesh_dim)
-        return min(rank * math.ceil(w.shape[0] / n), w.shape[0])
-
-
 def _classifier(lm_head) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """(weight, bias, vocabulary-parallel kwargs for linear_cross_entropy)."""
     w, b = lm_head.weight, lm_head.bias
-    DTensor = _dtensor_type()
-    if DTensor is None or not isinstance(w, DTensor):
-        if DTensor is not None and isinstance(b, DTensor):
-            b = b.full_tensor()
-        return w, b, {}
-    placements = tuple(w.placements)
-    shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
-    others_ok = all(p.is_replicate() for i, p in enumerate(placements) if i not in shard_dims)
-    if not others_ok or len(shard_dims) > 1 or any(not placements[i].is_shard(0) for i in shard_dims):
-        raise NotImplementedError(
-            f"patch: lm_head.weight is a DTensor with placements {placements}; supported: Shard(0) (vocabulary) "
-            "on one mesh dimension and Replicate() on the others, or fully replicated"
-        )
-    if not shard_dims:  # replicated: an ordinary classifier
-        w_local = w.to_local()
-        b_local = None if b is None else (b.to_local() if isinstance(b, DTensor) else b)
-        return w_local, b_local, {}
-    if _is_fsdp_module(lm_head):
+    if is_dtensor(w) and _is_fsdp_module(lm_head) and any(p.is_shard() for p in w.placements):
         raise NotImplementedError(
             "patch: lm_head is sharded by FSDP2 on its own; its sharded weight cannot be told apart from a "
             "tensor-parallel vocabulary shard. Shard lm_head together with the root module instead."
         )
-    mesh_dim = shard_dims[0]
-    mesh = w.device_mesh
-    group = mesh.get_group(mesh_dim)
-    start = _shard_offset(w, mesh_dim)
-    w_local = w.to_local()
-    if b is not None:
-        if isinstance(b, DTensor):
-            bp = tuple(b.placements)
-            if bp == placements:
-                b = b.to_local()
-            elif all(p.is_replicate() for p in bp):
-                b = b.to_local()[start : start + w_local.shape[0]]
-            else:
-                raise NotImplementedError(f"patch: lm_head.bias placements {bp} do not match the weight's")
-        else:
-            b = b[start : start + w_local.shape[0]]
-    return w_local, b, {"group": group, "vocab_start": start}
+    w_local, b_local, group, start = dtensor_vocab_shard(w, b, "patch: lm_head.weight")
+    return w_local, b_local, ({} if group is None else {"group": group, "vocab_start": start})
 
 
 def _replicated_local(t: torch.Tensor) -> torch.Tensor:
-    DTensor = _dtensor_type()
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.full_tensor()
-    return t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +414,8 @@ def patch(
         eval_logits: in eval mode, run the original forward (logits and Transformers' loss).
         generic: allow a model type outside SUPPORTED_MODEL_TYPES through the generic lm_head path.
         **loss_options: passed to `linear_cross_entropy` (impl, filter_eps, label_smoothing, z_loss,
-            ignore_index, reduce_grad_e, ...); the loss shape options are set by the integration.
+            class_weights, ignore_index, reduce_grad_e, ...); the loss shape options are set by the
+            integration.
 
     Patching again replaces the options; `unpatch` restores the original forward.
     """
