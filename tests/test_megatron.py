@@ -461,3 +461,37 @@ def _deferred_fallback(rank, world):
             assert torch.equal(idx, wi) and torch.equal(torch.argmax(d, dim=-1), torch.argmax(want, dim=-1))
             assert math.isfinite(float(vals.sum()))
     return True
+
+
+def _class_weights_compare(rank, world, sp):
+    """class_weights pass through: per-token w[label]·nll (F.cross_entropy's weighted form, also
+    with label smoothing over the padded vocabulary), gradients included; a wrong length is refused."""
+    import torch.nn.functional as F
+
+    with cpu_megatron():
+        init_parallel(world)
+        v = padded_vocab(world)
+        w = torch.rand(v, generator=torch.Generator().manual_seed(7)) + 0.2
+        for opts in ({"label_smoothing": 0.1}, {}):
+            ref = build_gpt(world, sequence_parallel=sp)
+            new = build_gpt(world, sequence_parallel=sp)
+            vm.patch_gpt_model(new, class_weights=w, grad_in_forward=False, **opts)
+            ids, pos, am, labels, lm = batch(seed=5)
+            logits = ref(ids, pos, am, runtime_gather_output=True)
+            want = F.cross_entropy(logits.double().flatten(0, 1), labels.flatten(), weight=w.double(),
+                                   reduction="none", **opts).view(labels.shape).float()
+            got = new(ids, pos, am, labels=labels, loss_mask=lm)
+            _close(got, want, f"weighted per-token loss {opts}")
+            ((want * lm).sum() / lm.sum()).backward()
+            ((got * lm).sum() / lm.sum()).backward()
+            gr, gn = _grads(ref), _grads(new)
+            for name in gr:
+                _close(gn[name], gr[name], f"class weights {opts}: grad of {name}")
+        with pytest.raises(ValueError, match="^class_weights: expected"):
+            vm.patch_gpt_model(build_gpt(world), class_weights=torch.ones(v + 1))
+    return True
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sp"])
+def test_class_weights_pass_through(tp, sp):
+    spawn(_class_weights_compare, tp, sp)

@@ -116,6 +116,7 @@ class MegatronLossOptions:
     impl: str = "auto"
     filter_eps: Any = "auto"
     grad_in_forward: bool = False
+    class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
 
 
 def _config_softcap(config) -> float | None:
@@ -157,6 +158,20 @@ def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, i
         )
     return MegatronLossOptions(float(label_smoothing), float(z_loss), softcap, true_vocab_size, impl, filter_eps,
                                grad_in_forward)
+
+
+def _check_class_weights(w, model, true_vocab_size):
+    """w, checked early (linear_cross_entropy checks it again against the shard layout)."""
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 1:
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"class_weights: expected a 1-D floating-point tensor (one weight per vocabulary id), got {got}")
+    sizes = {s for s in (getattr(model, "vocab_size", None), true_vocab_size) if s is not None}
+    if sizes and w.shape[0] not in sizes:
+        raise ValueError(f"class_weights: expected {' or '.join(map(str, sorted(sizes)))} weights (the vocabulary), "
+                         f"got {w.shape[0]}")
+    return w.detach()
 
 
 # --------------------------------------------------------------------------- gradient into main_grad
@@ -274,8 +289,15 @@ class _PatchState:
             reduce_grad_e=reduce_grad_e,
             sequence_parallel=sequence_parallel,
             grad_in_forward=opt.grad_in_forward,
+            class_weights=self.class_weights(hidden.device),
         )
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
+
+    def class_weights(self, device):
+        w = self.options.class_weights
+        if w is not None and w.device != device:
+            w = self.options.class_weights = w.to(device)  # once: later calls find it there
+        return w
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
@@ -442,6 +464,7 @@ def patch_gpt_model(
     impl: str = "auto",
     filter_eps: Any = "auto",
     grad_in_forward: bool = False,
+    class_weights: torch.Tensor | None = None,
     allow_unsupported_version: bool = False,
 ):
     """Make a built megatron-core GPTModel compute its training loss with the fused vocab-parallel loss.
@@ -466,6 +489,10 @@ def patch_gpt_model(
             A loss mask with other values, or zeros that the forward did not receive, gives NaN
             gradients (checked on the device; Megatron's NaN check then stops the step). Not with
             multi-token-prediction heads (a ValueError).
+        class_weights: per-class weights w [vocab] (the padded vocabulary or true_vocab_size
+            entries; F.cross_entropy's `weight`): the per-token loss becomes w[label]·nll (with
+            label smoothing, F.cross_entropy's weighted form). Megatron's loss function then
+            divides by its token count, not by the summed weights. No gradient.
         allow_unsupported_version: skip the megatron-core version check (0.16.x–0.19.x).
 
     Returns:
@@ -478,6 +505,7 @@ def patch_gpt_model(
         raise RuntimeError("patch_gpt_model: this model is already patched (unpatch_gpt_model(model) first)")
     options = _resolve_options(inner, label_smoothing, z_loss, softcap, true_vocab_size, impl, filter_eps,
                                grad_in_forward)
+    options.class_weights = _check_class_weights(class_weights, inner, true_vocab_size)
 
     layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", True) else None
     if layer is None:
