@@ -313,3 +313,28 @@ def test_tensor_parallel_dtensor_lm_head():
     results = run_group(_tp_worker, 2, timeout_s=300)
     assert not failures(results), "\n".join(failures(results))
     assert len(results[0]) > 10 and len(results[1]) > 10
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_class_weights_pass_through(model_type):
+    """patch(model, class_weights=w, label_smoothing=ε): the loss of F.cross_entropy(weight=w) on the
+    shifted (softcapped) logits; the flags that change linear_cross_entropy's return type are refused."""
+    import torch.nn.functional as F
+
+    ref = make_model(model_type)
+    w = torch.rand(VOCAB, generator=torch.Generator().manual_seed(3)) + 0.2
+    model = patch(copy.deepcopy(ref), impl="torch", class_weights=w, label_smoothing=0.1)
+    ids, mask, labels = make_batch()
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    logits = ref(input_ids=ids, attention_mask=mask).logits  # Gemma 2's softcap applied by the model
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), weight=w,
+                           label_smoothing=0.1)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    want.backward()
+    assert_same_grads(model, ref)
+    for flag in ("return_z_loss", "return_token_accuracy", "return_predicted_tokens"):
+        with pytest.raises(ValueError, match="set by the integration"):
+            patch(copy.deepcopy(ref), **{flag: True})
