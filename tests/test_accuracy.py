@@ -142,3 +142,12 @@ def test_flags_must_be_bools(name):
     e, c, t = torch.randn(4, 8), torch.randn(9, 8), torch.randint(0, 9, (4,))
     with pytest.raises(TypeError, match=f"^{name}: "):
         linear_cross_entropy(e, c, t, impl="torch", **{name: 1})
+
+
+def test_argmax_needs_float_exact_ids():
+    """ids travel as float32 (exact below 2**24): a larger vocabulary is refused before any kernel."""
+    e = torch.empty(4, 2, device="meta")
+    c = torch.empty(2**24 + 1, 2, device="meta")
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"^return_token_accuracy/return_predicted_tokens: .*2\*\*24"):
+        linear_cross_entropy(e, c, t, impl="torch", return_predicted_tokens=True)
