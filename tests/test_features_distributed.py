@@ -5,29 +5,23 @@ padded shards; sequence parallel) and compares with the float64 reference on the
 linear_log_probs (log-probs and entropy, random upstream gradients), class weights, token
 accuracy / predicted tokens with exact ties on different ranks, the z-loss output, exactly one
 statistics all-gather per call, Apple CCE's VocabParallelOptions with group=None (the default
-group) and from_vocab, and a DTensor classifier sharded along the vocabulary.
+group) and from_vocab, and a DTensor classifier sharded along the vocabulary. Where the Triton
+interpreter is on (CPU machines: tests/conftest.py), the 2-rank group also runs the kernels.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import traceback
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from dist_utils import failures, run_group
+from test_distributed import _record
 from reference import reference_argmax, reference_log_probs, reference_loss, rel_err
-
-
-def _record(results, name, fn):
-    try:
-        problems = fn()
-        results.append((name, not problems, "; ".join(problems)))
-    except Exception:  # noqa: BLE001
-        results.append((name, False, traceback.format_exc()))
 
 
 def _shard(sizes, order, grank):
@@ -286,6 +280,12 @@ def _worker(rank: int, world: int, base: int):
     }
     if importlib.util.find_spec("torch.distributed.tensor") is not None:
         cases["dtensor classifier"] = lambda s: _dtensor_case(s, rank, world)
+    if world == 2 and os.environ.get("TRITON_INTERPRET") == "1":  # the kernels, in the interpreter (CPU runs)
+        cases["triton/rl/uneven/padded/sp"] = lambda s: _rl_case(
+            s, rank, world, [5, 11], [1, 0], vocab=14, sp=True, lead=(8,), impl="triton", dtype=torch.float32,
+            tol=(2e-5, 2e-5))
+        cases["triton/accuracy/ties"] = lambda s: _accuracy_case(s, rank, world, [7, 10], [0, 1], impl="triton",
+                                                                dtype=torch.float32)
     for i, (name, fn) in enumerate(cases.items()):
         _record(results, name, lambda: fn(base + i))
     return results
@@ -297,29 +297,3 @@ def test_features_vocab_parallel(world):
     bad = failures(results)
     assert not bad, "\n".join(bad)
     assert all(len(r) >= 12 for r in results.values())
-
-
-def _triton_worker(rank: int, world: int, base: int):
-    try:
-        import vocab_parallel_cce.triton_backend  # noqa: F401
-    except Exception as err:  # noqa: BLE001
-        return [("<skip>", True, f"triton_backend does not import: {err!r}")]
-    results = []
-    _record(results, "triton/rl/uneven/padded/sp", lambda: _rl_case(
-        base, rank, world, [5, 11], [1, 0], vocab=14, sp=True, lead=(8,), impl="triton", dtype=torch.float32,
-        tol=(2e-5, 2e-5)))
-    _record(results, "triton/accuracy/ties", lambda: _accuracy_case(base + 1, rank, world, [7, 10], [0, 1],
-                                                                   impl="triton", dtype=torch.float32))
-    return results
-
-
-@pytest.mark.slow
-def test_features_vocab_parallel_triton_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    results = run_group(_triton_worker, 2, 99, env={"TRITON_INTERPRET": "1"}, timeout_s=300)
-    skip = [msg for r in results.values() for name, _, msg in r if name == "<skip>"]
-    if skip:
-        pytest.skip(skip[0])
-    bad = failures(results)
-    assert not bad, "\n".join(bad)

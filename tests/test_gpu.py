@@ -40,13 +40,19 @@ def _inputs(n, d, v, dtype, kind, seed):
     return e.to(dtype), c.to(dtype), t
 
 
-def _reference(e, c, t, bias=None, softcap=None, ls=0.0, zl=0.0, reduction="mean"):
+def _logits64(e, c, bias=None, softcap=None):
+    """float64 leaves (e, c[, bias]) and the (softcapped) logits materialised from them."""
     ins = [x.detach().double().requires_grad_() for x in (e, c) + (() if bias is None else (bias,))]
     z = ins[0] @ ins[1].T
     if bias is not None:
         z = z + ins[2]
     if softcap:
         z = softcap * torch.tanh(z / softcap)
+    return ins, z
+
+
+def _reference(e, c, t, bias=None, softcap=None, ls=0.0, zl=0.0, reduction="mean"):
+    ins, z = _logits64(e, c, bias, softcap)
     loss = torch.nn.functional.cross_entropy(z, t, label_smoothing=ls, reduction="none")
     loss = torch.where(t == -100, 0.0, loss + zl * torch.logsumexp(z, -1) ** 2)
     loss = loss.sum() / (t != -100).sum() if reduction == "mean" else loss.sum()
@@ -241,12 +247,7 @@ def test_default_gradients_are_as_close_as_the_unfused_layers(kind):
 
 def _reference_rl(e, c, t, bias=None, softcap=None, temperature=1.0):
     """float64 (log_probs, entropy) and their leaves, from materialised logits."""
-    ins = [x.detach().double().requires_grad_() for x in (e, c) + (() if bias is None else (bias,))]
-    z = ins[0] @ ins[1].T
-    if bias is not None:
-        z = z + ins[2]
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
+    ins, z = _logits64(e, c, bias, softcap)
     logp = torch.log_softmax(z / temperature, -1)
     valid = t != -100
     lp = torch.where(valid, logp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
@@ -301,8 +302,7 @@ def test_class_weights_match_f_cross_entropy(mode, ls, zl):
     w = torch.rand(v, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) + 0.1
     leaves = [x.clone().requires_grad_() for x in (e, c)]
     loss = linear_cross_entropy(*leaves, t, class_weights=w, label_smoothing=ls, z_loss=zl, grad_in_forward=mode)
-    ins = [x.detach().double().requires_grad_() for x in (e, c)]
-    z = ins[0] @ ins[1].T
+    ins, z = _logits64(e, c)
     ref = torch.nn.functional.cross_entropy(z, t, weight=w.double(), label_smoothing=ls)
     valid = t != -100
     ref = ref + zl * torch.where(valid, torch.logsumexp(z, -1) ** 2, 0.0).sum() / valid.sum()
