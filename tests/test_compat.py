@@ -161,3 +161,12 @@ def test_from_vocab_single_process():
     assert torch.equal(a, linear_cross_entropy(e, c, t, impl="torch"))
     with pytest.raises(ValueError, match="^vocab_size: "):
         VocabParallelOptions.from_vocab(0)
+
+
+def test_check_loss_options_takes_the_enum():
+    """The adapters validate impl with check_loss_options: an enum member passes, a bad name names impl."""
+    from vocab_parallel_cce.api import check_loss_options
+
+    check_loss_options(None, 0.0, 0.0, "auto", LinearCrossEntropyImpl.CCE_KAHAN_FULL)
+    with pytest.raises(ValueError, match="^impl: "):
+        check_loss_options(None, 0.0, 0.0, "auto", "cce_kahan")

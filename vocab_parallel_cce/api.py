@@ -213,6 +213,7 @@ def check_loss_options(softcap, label_smoothing, z_loss, filter_eps="auto", impl
         raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
     if not (filter_eps is None or filter_eps == "auto" or (isinstance(filter_eps, (int, float)) and filter_eps >= 0)):
         raise ValueError(f"filter_eps: expected 'auto', None or a number >= 0, got {filter_eps!r}")
+    impl = _impl_name(impl)
     if IMPL_ALIASES.get(impl, impl) not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS + tuple(IMPL_ALIASES)}, got {impl!r}")
 
