@@ -341,7 +341,8 @@ def linear_cross_entropy(
             cross-entropy is w[t_i]·nll_i (with label smoothing (1−ε)·w[t_i]·nll_i +
             (ε/V)·Σ_j w_j·(lse_i − z_ij)); "mean" divides it by the summed weights of the
             non-ignored targets (0 → loss 0). The z-loss is not weighted and "mean" divides it by
-            the non-ignored count (Liger-Kernel's convention).
+            the non-ignored count (Liger-Kernel's convention). Both modes; with label smoothing (the
+            weighted logit sum), or with z_loss under "mean" (two divisors), the memory-first mode.
         return_z_loss, return_token_accuracy, return_predicted_tokens: return a
             `CrossEntropyOutput` with, besides the loss, its z-loss part (reduced as the loss,
             "mean" over the non-ignored count; differentiable), the accuracy of the argmax over the
@@ -349,6 +350,7 @@ def linear_cross_entropy(
             token 0/1 for "none"; 0 where ignored), and the argmax itself (int64 per token, ties
             to the smallest id, −1 where ignored), computed in the forward's pass and combined
             across ranks in its one collective; no host sync. The argmax needs vocab_size <= 2**24.
+            These run the memory-first mode (whatever grad_in_forward says).
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
             (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
             or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile"
