@@ -87,7 +87,9 @@ def test_triton_matches_float64(case, mode):
     ref, ref_grads = _reference(e, c, t, bias, softcap, ls, zl)
     grad_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
     exact_fp32 = impl == "triton_exact" and dtype == torch.float32
-    assert rel_err(loss.double(), ref) < (1e-6 if exact_fp32 else 1e-4)
+    # the default (fast) mode keeps bf16 logits, as the unfused layer: ~2^-9·|z| per token's loss
+    fast_bf16 = mode is None and dtype == torch.bfloat16 and impl == "triton"
+    assert rel_err(loss.double(), ref) < (1e-6 if exact_fp32 else 3e-3 if fast_bf16 and n == 1 else 1e-4)
     for g, rg in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
         assert rel_err(g.double(), rg) < grad_tol
@@ -139,8 +141,10 @@ def test_torch_compile_gives_the_same_loss_and_grads(gif):
         return loss, *torch.autograd.grad(loss, (e, c))
 
     ins = [x.clone().requires_grad_() for x in (e, c)]
-    eager = step(*ins, t)
     compiled = torch.compile(step)(*ins, t)
+    if gif is None:  # while torch.compile traces, the default is the memory-first mode
+        gif = False
+    eager = step(*ins, t)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b) or rel_err(a.double(), b.double()) < 1e-6
 
@@ -374,8 +378,10 @@ def test_torch_compile_log_probs():
         return lp, ent, *torch.autograd.grad(out, (e, c))
 
     ins = [x.clone().requires_grad_() for x in (e, c)]
-    eager = step(*ins, t)
     compiled = torch.compile(step)(*ins, t)
+    if gif is None:  # while torch.compile traces, the default is the memory-first mode
+        gif = False
+    eager = step(*ins, t)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b) or rel_err(a.double(), b.double()) < 1e-6
 

@@ -159,3 +159,30 @@ def test_under_torch_compile(seed, chunk):
     assert rel_err(loss.double(), ref) < 2e-6
     for g, rg in zip(grads, torch.autograd.grad(ref, ref_in)):
         assert rel_err(g.double(), rg) < 2e-5
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_loss_mask_keeps_masked_losses_without_their_gradient(seed, chunk, impl):
+    """loss_mask (Megatron's 0/1 mask): masked positions keep their per-token loss, the
+    gradient is that of sum(loss·mask)/n, and a non-zero upstream gradient on a masked position
+    gives NaN gradients instead of a silently wrong one."""
+    if impl == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreter case: CPU only")
+    e, c, t, b = make_inputs(23, 16, 41, torch.float32, bias=True)
+    mask = torch.ones(23)
+    mask[::3] = 0.0
+    kw = dict(impl=impl, grad_in_forward=True, reduction="none", tuning=chunk)
+    loss = linear_cross_entropy(e, c, t, b, loss_mask=mask, **kw)
+    ref_in = [q.detach().double().requires_grad_() for q in (e, c, b)]
+    ref = reference_loss(*ref_in[:2], t, ref_in[2], reduction="none")
+    assert rel_err(loss.double(), ref) < 1e-5  # every position's loss, masked ones too
+    grads = torch.autograd.grad((loss * mask).sum() / mask.sum(), (e, c, b))
+    for g, rg in zip(grads, torch.autograd.grad((ref * mask).sum() / mask.sum(), ref_in)):
+        assert rel_err(g.double(), rg) < 1e-5
+    loss = linear_cross_entropy(e, c, t, b, loss_mask=mask, **kw)
+    grads = torch.autograd.grad(loss.sum(), (e, c, b))  # the masked positions' gradient is not 0
+    assert all(torch.isnan(g).all() for g in grads)
+    with pytest.raises(ValueError, match="^loss_mask: needs reduction='none'"):
+        linear_cross_entropy(e, c, t, b, impl=impl, loss_mask=mask)
+    with pytest.raises(ValueError, match="^loss_mask: expected a tensor of targets' shape"):
+        linear_cross_entropy(e, c, t, b, loss_mask=mask[:5], **kw)

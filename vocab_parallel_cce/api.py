@@ -304,6 +304,7 @@ def linear_cross_entropy(
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
     grad_in_forward: bool | None = None,
+    loss_mask: torch.Tensor | None = None,
     tuning: Tuning | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of the logits `e @ c.T (+ bias)` without materialising them.
@@ -382,6 +383,12 @@ def linear_cross_entropy(
             torch.compile traces (where the memory-first mode's custom ops avoid a graph break) —
             else the memory-first mode. Without autograd (no input requires grad) the memory-first
             forward runs in every case.
+        loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
+            (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
+            rank's slice). A promise that positions where it is 0 get upstream gradient 0: the
+            fast mode then keeps their loss values but computes no gradient for them, so the
+            upstream gradient stays uniform over the rest (a non-zero upstream gradient there
+            gives NaN gradients, never silently wrong ones). The memory-first mode needs no promise.
         tuning: performance knobs (block shapes, chunk sizes, TMA, skip-policy thresholds; see
             `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
 
@@ -428,13 +435,27 @@ def linear_cross_entropy(
         **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, grad_in_forward=gif,
         tuning=Tuning.from_env() if tuning is None else tuning, class_weights=weights, need_argmax=need_argmax,
     )
+    if loss_mask is not None:
+        _check_loss_mask(loss_mask, targets, reduction)
     return _run(plan, e, c, targets, bias, shift, return_lse, return_z_loss, return_token_accuracy,
-                return_predicted_tokens)
+                return_predicted_tokens, loss_mask)
 
 
-def _prepare(plan: Plan, e, c, targets, bias, shift: int):
-    """(e [N, D], c, bias, t [N] int64 global ids, the per-token shape) of a validated call:
-    autocast, sequence-parallel gather, shift (targets padded with ignore_index), flattening."""
+def _check_loss_mask(loss_mask, targets, reduction) -> None:
+    if not isinstance(loss_mask, torch.Tensor) or tuple(loss_mask.shape) != tuple(targets.shape):
+        got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+        raise ValueError(f"loss_mask: expected a tensor of targets' shape {tuple(targets.shape)}, got {got}")
+    if loss_mask.device != targets.device:
+        raise ValueError(f"loss_mask: is on {loss_mask.device} but targets are on {targets.device}")
+    if reduction != "none":
+        raise ValueError(f"loss_mask: needs reduction='none' (it describes what multiplies the per-token loss), "
+                         f"got {reduction!r}")
+
+
+def _prepare(plan: Plan, e, c, targets, bias, shift: int, loss_mask=None):
+    """(e [N, D], c, bias, t [N] int64 global ids, the per-token shape, mask [N] bool or None) of
+    a validated call: autocast, sequence-parallel gather, shift (targets padded with
+    ignore_index, the mask with False), flattening."""
     device_type = e.device.type
     if _autocast_enabled(device_type):  # the classifier matmul runs in the autocast dtype, as nn.Linear would
         dt = torch.get_autocast_dtype(device_type)
@@ -443,11 +464,16 @@ def _prepare(plan: Plan, e, c, targets, bias, shift: int):
     if plan.sequence_parallel:
         e = vp.GatherTokens.apply(e, plan.group)
         targets = vp.all_gather_along_dim0(targets, plan.group, "all-gather sequence-parallel targets")
+        if loss_mask is not None:
+            loss_mask = vp.all_gather_along_dim0(loss_mask, plan.group, "all-gather sequence-parallel loss mask")
     if shift:
         # targets[..., k:] padded with ignore_index: e[..., t, :] predicts targets[..., t + k].
         pad = targets.new_full(targets.shape[:-1] + (shift,), plan.ignore_index)
         targets = torch.cat([targets[..., shift:], pad], dim=-1)
-    return e.reshape(-1, e.shape[-1]), c, bias, targets.reshape(-1).long(), targets.shape
+        if loss_mask is not None:
+            loss_mask = torch.cat([loss_mask[..., shift:], torch.zeros_like(loss_mask[..., :shift])], dim=-1)
+    mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0)
+    return e.reshape(-1, e.shape[-1]), c, bias, targets.reshape(-1).long(), targets.shape, mask
 
 
 def _per_token(q: torch.Tensor, out_shape, shift: int) -> torch.Tensor:
@@ -457,10 +483,10 @@ def _per_token(q: torch.Tensor, out_shape, shift: int) -> torch.Tensor:
 
 
 def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z_loss: bool = False,
-         return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
+         return_token_accuracy: bool = False, return_predicted_tokens: bool = False, loss_mask=None):
     """The loss (and lse, or a CrossEntropyOutput) of a validated call: `_prepare`, the autograd
     Function of the plan's mode, reductions."""
-    e2, c, bias, t, out_shape = _prepare(plan, e, c, targets, bias, shift)
+    e2, c, bias, t, out_shape, mask = _prepare(plan, e, c, targets, bias, shift, loss_mask)
     valid = t != plan.ignore_index
 
     with torch.autocast(e.device.type, enabled=False):
@@ -469,7 +495,7 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
             weighted_mean = plan.class_weights is not None and plan.reduction == "mean"
             inner = dataclasses.replace(plan, reduction="sum") if weighted_mean else plan
             count = valid.sum() if inner.reduction == "mean" else None
-            loss = _loss_with_grad_in_forward(e2, c, bias, t, inner, count)
+            loss = _loss_with_grad_in_forward(e2, c, bias, t, inner, count, mask)
             if weighted_mean:
                 return loss / plan.mean_denominators(t)[0]
             if plan.reduction != "none":

@@ -115,7 +115,7 @@ class MegatronLossOptions:
     true_vocab_size: int | None = None
     impl: str = "auto"
     filter_eps: Any = "auto"
-    grad_in_forward: bool = False
+    grad_in_forward: bool | None = None  # None: the fast mode wherever the forward sees the loss mask
     class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
 
 
@@ -128,7 +128,7 @@ def _config_softcap(config) -> float | None:
 
 
 def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, impl, filter_eps,
-                     grad_in_forward=False) -> MegatronLossOptions:
+                     grad_in_forward=None) -> MegatronLossOptions:
     config = model.config
     cfg_cap = _config_softcap(config)
     if softcap is None:
@@ -149,8 +149,10 @@ def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, i
             "the model config sets defer_embedding_wgrad_compute=True, which the fused loss does not support "
             "(its classifier gradient is computed in backward); turn it off"
         )
-    if not isinstance(grad_in_forward, bool):
-        raise TypeError(f"grad_in_forward: expected a bool, got {type(grad_in_forward).__name__}")
+    if not (grad_in_forward is None or isinstance(grad_in_forward, bool)):
+        raise TypeError(f"grad_in_forward: expected None or a bool, got {type(grad_in_forward).__name__}")
+    if grad_in_forward is None and getattr(config, "mtp_num_layers", None):
+        grad_in_forward = False  # the heads' rolled loss masks are not seen by the forward
     if grad_in_forward and getattr(config, "mtp_num_layers", None):
         raise ValueError(
             "grad_in_forward=True does not support multi-token-prediction heads: their loss mask is zero at "
@@ -251,10 +253,9 @@ class _PatchState:
             bias = None  # Megatron returns it separately and never adds it to the logits
         v_local = weight.shape[0]
         used_vocab = opt.true_vocab_size or v_local * world
-        if opt.grad_in_forward and self.loss_mask is not None and self.loss_mask.shape == labels.shape:
-            # The mode needs one upstream weight on every scored position: positions the loss mask
-            # drops are scored as ignored (loss 0 there; the mask multiplies them by 0 anyway).
-            labels = torch.where(self.loss_mask.to(labels.device) != 0, labels, _IGNORE)
+        mask_seen = self.loss_mask is not None and self.loss_mask.shape == labels.shape
+        # None: the fast mode exactly where it is exact, i.e. where the forward saw the loss mask
+        grad_in_forward = mask_seen if opt.grad_in_forward is None else opt.grad_in_forward
         targets = labels.transpose(0, 1)  # [s, b]
         # Megatron's contract: every label position has a loss, loss_mask decides later. Labels
         # outside the vocabulary (e.g. -100 / -1 padding) get loss 0 and no gradient here, never NaN.
@@ -267,6 +268,14 @@ class _PatchState:
                     f"hold {s_local} per rank × {world} ranks"
                 )
             targets = targets[rank * s_local : (rank + 1) * s_local]
+        # The fast mode needs one upstream weight on every scored position: positions the loss mask
+        # drops keep their loss but take no gradient (the mask multiplies them by 0 anyway).
+        mask = None
+        if grad_in_forward and mask_seen:
+            mask = self.loss_mask.to(labels.device).transpose(0, 1)  # [s, b]
+            if sequence_parallel:
+                mask = mask[rank * s_local : (rank + 1) * s_local]
+            mask = mask.contiguous()
         # ColumnParallelLinear all-reduces its input gradient unless told not to; so do we, once.
         reduce_grad_e = not (
             getattr(layer, "disable_grad_reduce", False) or getattr(layer, "explicit_expert_comm", False)
@@ -288,7 +297,8 @@ class _PatchState:
             vocab_size=used_vocab,
             reduce_grad_e=reduce_grad_e,
             sequence_parallel=sequence_parallel,
-            grad_in_forward=opt.grad_in_forward,
+            grad_in_forward=grad_in_forward,
+            loss_mask=mask,
             class_weights=self.class_weights(hidden.device),
         )
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
@@ -463,7 +473,7 @@ def patch_gpt_model(
     true_vocab_size: int | None = None,
     impl: str = "auto",
     filter_eps: Any = "auto",
-    grad_in_forward: bool = False,
+    grad_in_forward: bool | None = None,
     class_weights: torch.Tensor | None = None,
     allow_unsupported_version: bool = False,
 ):
@@ -481,14 +491,19 @@ def patch_gpt_model(
             (ids >= true_vocab_size) are left out of the softmax and of label smoothing. Off by
             default, so that the numbers match Megatron's (which includes the padded rows).
         impl, filter_eps: passed to `linear_cross_entropy` ("auto": triton on a supported GPU).
-        grad_in_forward: compute the loss's gradients during the forward (`linear_cross_entropy`'s
-            mode: 6·N·D·V FLOPs instead of 8, ≈4× the classifier shard's gradient in memory). For
-            Megatron's `sum(losses * loss_mask) / n` with a 0/1 loss mask: positions where the
-            `loss_mask` passed to the model's forward is 0 are scored as ignored (per-token loss 0
-            there), so every scored position gets the same upstream gradient, as the mode needs.
-            A loss mask with other values, or zeros that the forward did not receive, gives NaN
-            gradients (checked on the device; Megatron's NaN check then stops the step). Not with
-            multi-token-prediction heads (a ValueError).
+        grad_in_forward: the loss's mode (`linear_cross_entropy`'s). True, the fast mode: the
+            gradients are computed during the forward (6·N·D·V FLOPs instead of 8; the shard's
+            logits held once in 16 bits, as Megatron's own layer holds them), for Megatron's
+            `sum(losses * loss_mask) / n` with a 0/1 loss mask: positions where the `loss_mask`
+            passed to the model's forward is 0 keep their per-token loss but take no gradient, so
+            every scored position gets the same upstream gradient, as the mode needs. A loss mask
+            with other values, or zeros that the forward did not receive, gives NaN gradients
+            (checked on the device; Megatron's NaN check then stops the step). Not with
+            multi-token-prediction heads (a ValueError). False, the memory-first mode: any loss
+            mask, logits recomputed in the backward. None (default): the fast mode in each
+            forward that receives `loss_mask` (Megatron's GPT training step passes it), except
+            with multi-token-prediction heads; else the memory-first mode. Pass False for loss
+            masks with values other than 0 and 1.
         class_weights: per-class weights w [vocab] (the padded vocabulary or true_vocab_size
             entries; F.cross_entropy's `weight`): the per-token loss becomes w[label]·nll (with
             label smoothing, F.cross_entropy's weighted form). Megatron's loss function then

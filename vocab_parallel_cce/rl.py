@@ -79,7 +79,7 @@ def linear_log_probs(
         filter_eps=None, adaptive_filter=False, grad_in_forward=False,
         tuning=Tuning.from_env() if tuning is None else tuning, temperature=float(temperature), need_entropy=True,
     )
-    e2, c, bias, t, out_shape = _prepare(plan, e, c, targets, bias, shift)
+    e2, c, bias, t, out_shape, _ = _prepare(plan, e, c, targets, bias, shift)
     with torch.autocast(e.device.type, enabled=False):
         lse, x, _, pz = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
     valid = t != ignore_index

@@ -137,7 +137,9 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap,
                                WRITE_BACK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of rows of stored raw logits Z [N, V]
     (16-bit), bias and softcap applied on the fly; WRITE_BACK stores the capped logits (bias
-    included) into Z in place, so that `grad_from_stored_kernel` can follow."""
+    included) into Z in place, so that `grad_from_stored_kernel` can follow, and takes the
+    statistics of those stored values (an lse of unrounded logits with p of rounded ones would
+    miss Σ_j p_j = 1 by ~|z|·2^-9: for a confident token, more than 1 − p_t itself)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     tgt = tl.load(TGT + rows, mask=mask_r, other=-1)
@@ -155,8 +157,10 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap,
             z += tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
-        if WRITE_BACK:
-            tl.store(row_ptr + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
+        if WRITE_BACK:  # the statistics use the stored (rounded) logits, as the gradient pass will:
+            zq = z.to(Z.dtype.element_ty)  # Σ_j p_j = 1 exactly for the p it computes
+            tl.store(row_ptr + cols[None, :], zq, mask=mask)
+            z = zq.to(tl.float32)
         x += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         if NEED_SUM:
             zsum += tl.sum(tl.where(mask, z, 0.0), axis=1)
