@@ -81,6 +81,7 @@ def train(cfg: dict, loss_kind: str, corpus: data.Corpus, ps, init_state) -> tup
     for step in range(1, cfg["steps"] + 1):
         tokens, labels = sampler.next()
         tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=device)
         if cfg["device"] == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -89,7 +90,9 @@ def train(cfg: dict, loss_kind: str, corpus: data.Corpus, ps, init_state) -> tup
 
         if cfg["device"] == "cuda":
             torch.cuda.reset_peak_memory_stats()  # per step; forward+backward read separately
-        per_token = gpt(tokens, position_ids, causal_mask, labels=labels)  # [b, s]
+        # The loss mask (all ones: every position is scored) goes to the forward as Megatron's
+        # pretrain step passes it; the fused loss's default uses its fast mode when it sees one.
+        per_token = gpt(tokens, position_ids, causal_mask, labels=labels, loss_mask=loss_mask)  # [b, s]
         loss = per_token.float().mean()
         loss.backward()
         fwd_bwd_peak = peak_memory_mb(cfg["device"])  # the loss's share shows here, not after opt.step
