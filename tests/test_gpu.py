@@ -89,7 +89,8 @@ def test_triton_matches_float64(case, mode):
     exact_fp32 = impl == "triton_exact" and dtype == torch.float32
     # the default (fast) mode keeps bf16 logits, as the unfused layer: ~2^-9·|z| per token's loss
     fast_bf16 = mode is None and dtype == torch.bfloat16 and impl == "triton"
-    assert rel_err(loss.double(), ref) < (1e-6 if exact_fp32 else 3e-3 if fast_bf16 and n == 1 else 1e-4)
+    loss_tol = 1e-6 if exact_fp32 else (3e-3 if n == 1 else 5e-4) if fast_bf16 else 1e-4
+    assert rel_err(loss.double(), ref) < loss_tol
     for g, rg in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
         assert rel_err(g.double(), rg) < grad_tol
@@ -311,7 +312,7 @@ def test_class_weights_match_f_cross_entropy(mode, ls, zl):
     valid = t != -100
     ref = ref + zl * torch.where(valid, torch.logsumexp(z, -1) ** 2, 0.0).sum() / valid.sum()
     ref_grads = torch.autograd.grad(ref, ins)
-    assert rel_err(loss.double(), ref) < 1e-4
+    assert rel_err(loss.double(), ref) < (5e-4 if mode is not False else 1e-4)  # fast mode: bf16 logits
     for gr, rg in zip(torch.autograd.grad(loss, leaves), ref_grads):
         assert rel_err(gr.double(), rg) < 1.5e-2
 
@@ -379,8 +380,6 @@ def test_torch_compile_log_probs():
 
     ins = [x.clone().requires_grad_() for x in (e, c)]
     compiled = torch.compile(step)(*ins, t)
-    if gif is None:  # while torch.compile traces, the default is the memory-first mode
-        gif = False
     eager = step(*ins, t)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b) or rel_err(a.double(), b.double()) < 1e-6

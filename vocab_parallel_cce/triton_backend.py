@@ -190,8 +190,9 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     )
     if len(names) == 3:
         return [torch.logsumexp(out[0], dim=0), out[1].sum(0), out[2].sum(0)]
-    rows = [0, 1, 2] + ([3] if need_pz else []) + ([4, 5] if need_argmax else [])
-    return list(stats.merge(out[rows].transpose(0, 1), names))  # the splits are disjoint vocabulary parts
+    # rows of `out` in use, by slices (a list index would copy an index tensor from the host)
+    parts = [out[0:3]] + ([out[3:4]] if need_pz else []) + ([out[4:6]] if need_argmax else [])
+    return list(stats.merge(torch.cat(parts).transpose(0, 1), names))  # the splits are disjoint vocabulary parts
 
 
 @_forward_stats_op.register_fake
