@@ -118,7 +118,8 @@ def test_grad_in_forward_matches_float64(case, reduction):
     grads = torch.autograd.grad(loss * 0.5, leaves)
     ref, ref_grads = _reference(e, c, t, bias, softcap, ls, zl, "sum" if reduction == "sum" else "mean")
     grad_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
-    assert rel_err(loss.double(), ref) < 1e-4
+    # bf16 logits (as the unfused layer's): the loss's error reaches ~1e-4 on confident (zipf) tokens
+    assert rel_err(loss.double(), ref) < (5e-4 if dtype == torch.bfloat16 else 1e-4)
     for g, rg in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
         assert rel_err(2.0 * g.double(), rg) < grad_tol
