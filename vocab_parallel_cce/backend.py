@@ -7,7 +7,7 @@ into the shard's local numbering (`t_local = target - vocab_start`, int64 [N]); 
 [V_local] (or None) share a dtype; `e` and `c` may be strided views. The statistics and coefficients are float32, float64 for float64 inputs (torch only).
 
 Logits, per token i and local row j < n_valid:
-    raw      r_ij = e_i·c_j                      (what `logits_and_stats` returns as Z: NO bias)
+    raw      r_ij = e_i·c_j                      (what float32 `logits_and_stats` Z holds: NO bias)
     logit    z_ij = cap·tanh((r_ij + b_j)/cap)   (just r_ij + b_j without softcap)
                     / T                          (plan.temperature; default path only)
 
@@ -67,9 +67,11 @@ class Backend(Protocol):
 
     def logits_and_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
                          plan: Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(Z, lse, x, s): Z [n, ≥ n_valid] the RAW logits e·c[:n_valid]ᵀ (no bias, no softcap;
-        float32, float64 for float64 inputs; columns ≥ n_valid unspecified), and this shard's
-        statistics [n] (bias and softcap applied)."""
+        """(Z, lse, x, s): Z [n, ≥ n_valid] the chunk's logits in the backend's storage format, read
+        only by `grad_from_logits` (float32 raw logits e·c[:n_valid]ᵀ, no bias, for float32 storage
+        (float64 on torch); the triton backend's bf16 storage holds the final logits, bias and softcap
+        applied, rounded to bf16 as the unfused layer's), and this shard's statistics [n] (bias and
+        softcap applied; of the stored values where they are the final logits)."""
 
     def grad_from_logits(self, z: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                          coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,

@@ -1,102 +1,15 @@
-"""Persistent, TMA-fed Triton products of the logits Z = E·Cᵀ with the loss work in their epilogue.
+"""Triton passes of the fast mode over a chunk of stored 16-bit logits Z [N, V] (cuBLAS wrote them).
 
-One program per multiprocessor walks the output tiles (BLOCK_M tokens × BLOCK_N vocabulary rows)
-in grouped order; for each it runs the D loop into a float32 accumulator (TMA loads, software
-pipelined, the loops flattened so the next tile's loads overlap this tile's epilogue), then:
-
-- `stats` epilogue: bias and softcap applied, the tile's per-row partial statistics written to
-  PART[q, vocabulary tile, row] (q: 0 = log Σ_j exp z_ij over the tile's columns, 1 = correct
-  logit or 0, 2 = Σ_j z_ij), and optionally the (capped) logits stored once in 16 bits (STORE_Z).
-  The global statistics are a logsumexp / sum over the vocabulary tiles (a few floats per token).
-- `grad` epilogue: the logit gradient G = a·p + b·[j = t] + u (× (1 − tanh²) when softcapped),
-  p = exp(z − lse), stored in 16 bits, with one keep flag per tile (some a·p ≥ filter_eps, or a
-  target inside) when FILTER.
-
-`grad_from_stored_kernel` turns stored capped logits into G in place (fast mode), using
-1 − tanh²(z_raw/cap) = 1 − (z_capped/cap)².
+- `stored_logits_stats_kernel`: per row, lse, correct logit and Σ logits (bias and softcap applied
+  on the fly; with them, the final logits written back so the gradient pass can use them).
+- `grad_from_stored_kernel`: G = a·p + b·[j = t] + u in place (× 1 − (z/cap)² = 1 − tanh² of the raw
+  logit when softcapped), with optional per-tile keep flags.
 """
 
 import triton
 import triton.language as tl
 
-from .triton_kernels import _grouped_tile, _tanh
-
-
-@triton.jit
-def _tile_logits(E, C, m0, n0, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        a = E.load([m0, k0])
-        b = C.load([n0, k0])
-        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def logits_epilogue_kernel(
-    E, C, Z, BIAS, TGT, PART, LSE, COEF, FLAGS,
-    N, V, D, v_begin, width, stride_pq, stride_pv, stride_fn, softcap, filter_eps,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
-    STORE_Z: tl.constexpr, FILTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
-    """E [N, D], C [V, D], Z [N, width] (descriptors); columns [v_begin, v_begin + width) of the
-    vocabulary (rows of C), of which those < V are real.
-
-    EPILOGUE "stats": PART[q, j, n] for vocabulary tile j of the chunk (see module docstring);
-    Z ← logits (STORE_Z). "grad": Z ← G, FLAGS[m tile, n tile] (FILTER).
-    """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(N, BLOCK_M)
-    grid_n = tl.cdiv(width, BLOCK_N)
-    for tile in tl.range(pid, grid_m * grid_n, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
-        # vocabulary tiles grouped: GROUP of them (GROUP·BLOCK_N rows of C) stay in L2 while E streams
-        pid_n, pid_m = _grouped_tile(tile, grid_n, grid_m, GROUP)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        z = _tile_logits(E, C, m0, v_begin + n0, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        cols = v_begin + n0 + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < N
-        mask_n = (cols < V) & (n0 + tl.arange(0, BLOCK_N) < width)
-        if HAS_BIAS:
-            z += tl.load(BIAS + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            th = _tanh(z / softcap)
-            z = softcap * th
-        tgt = tl.load(TGT + offs_m, mask=mask_m, other=-1)
-        is_target = (cols[None, :] == tgt[:, None]) & mask_n[None, :]
-        if EPILOGUE == "store":  # plain product (benchmark reference)
-            Z.store([m0, n0], z.to(Z.dtype))
-        elif EPILOGUE == "stats":
-            if STORE_Z:
-                Z.store([m0, n0], z.to(Z.dtype))
-            part = PART + pid_n * stride_pv + offs_m
-            tl.store(part + stride_pq, tl.sum(tl.where(is_target, z, 0.0), axis=1), mask=mask_m)
-            if NEED_SUM:
-                tl.store(part + 2 * stride_pq, tl.sum(tl.where(mask_n[None, :], z, 0.0), axis=1), mask=mask_m)
-            zm = tl.where(mask_n[None, :], z, float("-inf"))
-            row_max = tl.max(zm, axis=1)
-            row_sum = tl.sum(tl.exp(zm - row_max[:, None]), axis=1)
-            tl.store(part, row_max + tl.log(row_sum), mask=mask_m)
-        else:
-            lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
-            a = tl.load(COEF + offs_m, mask=mask_m, other=0.0)
-            b = tl.load(COEF + N + offs_m, mask=mask_m, other=0.0)
-            u = tl.load(COEF + 2 * N + offs_m, mask=mask_m, other=0.0)
-            p = tl.exp(z - lse[:, None])
-            g = a[:, None] * p + tl.where(is_target, b[:, None], 0.0) + u[:, None]
-            if HAS_SOFTCAP:
-                g = g * (1.0 - th * th)
-            valid = mask_m[:, None] & mask_n[None, :]
-            Z.store([m0, n0], tl.where(valid, g, 0.0).to(Z.dtype))
-            if FILTER:
-                weighted = tl.where(valid & (a[:, None] != 0.0), p, 0.0)
-                keep = (tl.max(tl.max(weighted, axis=1), axis=0) >= filter_eps) | \
-                       (tl.max(tl.max(is_target.to(tl.int32), axis=1), axis=0) > 0)
-                tl.store(FLAGS + pid_m * stride_fn + pid_n, keep.to(tl.int8))
+from .triton_kernels import _tanh
 
 
 @triton.jit
