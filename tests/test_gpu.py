@@ -72,7 +72,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", [None, False], ids=["default", "memory-first"])
+@pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}-{c[5]}")
 def test_triton_matches_float64(case, mode):
     n, d, v, dtype, impl, kind, has_bias, softcap, ls, zl = case
@@ -87,8 +87,8 @@ def test_triton_matches_float64(case, mode):
     ref, ref_grads = _reference(e, c, t, bias, softcap, ls, zl)
     grad_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
     exact_fp32 = impl == "triton_exact" and dtype == torch.float32
-    # the default (fast) mode keeps bf16 logits, as the unfused layer: ~2^-9·|z| per token's loss
-    fast_bf16 = mode is None and dtype == torch.bfloat16 and impl == "triton"
+    # the fast mode keeps bf16 logits, as the unfused layer: ~2^-9·|z| per token's loss
+    fast_bf16 = mode is True and dtype == torch.bfloat16 and impl == "triton"
     loss_tol = 1e-6 if exact_fp32 else (3e-3 if n == 1 else 5e-4) if fast_bf16 else 1e-4
     assert rel_err(loss.double(), ref) < loss_tol
     for g, rg in zip(grads, ref_grads):
@@ -134,7 +134,7 @@ def test_filtering_keeps_bf16_resolution_on_trained_like_data():
     assert errs[0] < 8e-3 and errs[1] < 8e-3, errs
 
 
-@pytest.mark.parametrize("gif", [False, True, None], ids=["memory-first", "grad_in_forward", "default"])
+@pytest.mark.parametrize("gif", [False, True, "auto"], ids=["memory-first", "grad_in_forward", "auto"])
 def test_torch_compile_gives_the_same_loss_and_grads(gif):
     e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=3)
 
@@ -144,7 +144,7 @@ def test_torch_compile_gives_the_same_loss_and_grads(gif):
 
     ins = [x.clone().requires_grad_() for x in (e, c)]
     compiled = torch.compile(step)(*ins, t)
-    if gif is None:  # while torch.compile traces, the default is the memory-first mode
+    if gif == "auto":  # while torch.compile traces, "auto" is the memory-first mode
         gif = False
     eager = step(*ins, t)
     for a, b in zip(eager, compiled):
@@ -232,8 +232,8 @@ def test_auto_filter_measures_then_skips_without_host_sync():
 
 
 @pytest.mark.parametrize("kind", ["random", "zipf"])
-def test_default_gradients_are_as_close_as_the_unfused_layers(kind):
-    """The default (fast) mode keeps bf16 logits, as the unfused bf16 layer does: its dE and dC
+def test_fast_gradients_are_as_close_as_the_unfused_layers(kind):
+    """The fast mode keeps bf16 logits, as the unfused bf16 layer does: its dE and dC
     stay within 1.25× the unfused layer's own error against float64, in one chunk and in several."""
     e, c, t = _inputs(4096, 1024, 50000, torch.bfloat16, kind, seed=23)
     t[::7] = -100
@@ -243,7 +243,7 @@ def test_default_gradients_are_as_close_as_the_unfused_layers(kind):
     ue, uc = torch.autograd.grad(unfused, ins)
     base = rel_err(ue.double(), rge), rel_err(uc.double(), rgc)
     for tuning in (Tuning(), Tuning(fast_chunk_tokens=1536)):
-        ge, gc = torch.autograd.grad(linear_cross_entropy(*ins, t, tuning=tuning), ins)
+        ge, gc = torch.autograd.grad(linear_cross_entropy(*ins, t, grad_in_forward=True, tuning=tuning), ins)
         errs = rel_err(ge.double(), rge), rel_err(gc.double(), rgc)
         assert errs[0] < 1.25 * base[0] and errs[1] < 1.25 * base[1], (errs, base)
 
@@ -299,7 +299,7 @@ def test_log_probs_and_entropy_match_float64(case):
         assert rel_err(gr.double(), rg) < grad_tol, (name, rel_err(gr.double(), rg))
 
 
-@pytest.mark.parametrize("mode", [None, False], ids=["default", "memory-first"])
+@pytest.mark.parametrize("mode", ["auto", False], ids=["auto", "memory-first"])
 @pytest.mark.parametrize("ls,zl", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-4)])
 def test_class_weights_match_f_cross_entropy(mode, ls, zl):
     n, d, v = 2000, 1000, 30011

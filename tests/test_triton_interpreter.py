@@ -381,20 +381,21 @@ def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monke
     assert policy.decide(key, tuning) == (False, True)  # every skip_remeasure_every calls while dense
 
 
-def test_default_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
-    """grad_in_forward=None: the fast mode for "mean"/"sum" with grads on the triton backend; the
-    memory-first mode for per-token upstream gradients, return_lse, the torch backend, while
-    torch.compile traces, and without autograd."""
+def test_auto_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
+    """The default is the memory-first mode; grad_in_forward="auto": the fast mode for
+    "mean"/"sum" with grads on the triton backend, the memory-first mode for per-token upstream
+    gradients, return_lse, the torch backend, while torch.compile traces, and without autograd."""
     e, c, _ = _inputs(12, 16, 40, torch.float32)
     t = torch.randint(0, 40, (12,))
 
     def mode(**kw):
-        out = linear_cross_entropy(e, c, t, **{"impl": "triton", **kw})
+        out = linear_cross_entropy(e, c, t, **{"impl": "triton", "grad_in_forward": "auto", **kw})
         loss = out[0] if isinstance(out, tuple) else out
         if loss.grad_fn is None:
             return "no autograd"
         return "fast" if type(loss.grad_fn).__name__.startswith("LossWithGradInForward") else "memory-first"
 
+    assert type(linear_cross_entropy(e, c, t, impl="triton").grad_fn).__name__ == "DivBackward0"  # default
     assert mode() == "fast" and mode(reduction="sum") == "fast"
     assert mode(reduction="none") == "memory-first"
     assert mode(return_lse=True) == "memory-first"
@@ -404,5 +405,5 @@ def test_default_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
         assert mode() == "no autograd"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert mode() == "memory-first"
-    with pytest.raises(TypeError, match="^grad_in_forward: expected None, True or False"):
+    with pytest.raises(TypeError, match="^grad_in_forward: expected True, False or 'auto'"):
         linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="yes")

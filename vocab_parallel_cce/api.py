@@ -188,9 +188,9 @@ def _validate(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss, 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     check_loss_options(softcap, label_smoothing, z_loss, filter_eps, impl)
-    if not (grad_in_forward is None or isinstance(grad_in_forward, bool)):
-        raise TypeError(f"grad_in_forward: expected None, True or False, got {grad_in_forward!r}")
-    if grad_in_forward and return_lse:
+    if not (grad_in_forward == "auto" or isinstance(grad_in_forward, bool)):
+        raise TypeError(f"grad_in_forward: expected True, False or 'auto', got {grad_in_forward!r}")
+    if grad_in_forward is True and return_lse:
         raise ValueError("grad_in_forward: needs return_lse=False (lse's gradient would be per token)")
     shift = int(shift) if isinstance(shift, bool) else shift
     if not isinstance(shift, int):
@@ -303,7 +303,7 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
-    grad_in_forward: bool | None = None,
+    grad_in_forward: bool | str = False,
     loss_mask: torch.Tensor | None = None,
     tuning: Tuning | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
@@ -378,11 +378,12 @@ def linear_cross_entropy(
             Tuning.fast_logits_bytes (4 GiB; with several chunks dC accumulates in float32).
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
-            None (default): the fast mode where it is exact and cheap to be in — the triton
-            backend, "mean"/"sum", no return_lse, some input requiring grad, not while
-            torch.compile traces (where the memory-first mode's custom ops avoid a graph break) —
-            else the memory-first mode. Without autograd (no input requires grad) the memory-first
-            forward runs in every case.
+            "auto": the fast mode where it is exact and cheap to be in — the triton backend,
+            "mean"/"sum", no return_lse, not while torch.compile traces (where the memory-first
+            mode's custom ops avoid a graph break) — else the memory-first mode. The default is
+            False until a multi-seed training-curve comparison has shown the fast mode's bf16
+            logits harmless (issue 12). Without autograd (no input requires grad) the
+            memory-first forward runs in every case.
         loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
             (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
             rank's slice). A promise that positions where it is 0 get upstream gradient 0: the
@@ -422,7 +423,7 @@ def linear_cross_entropy(
                   or (weights is not None and (label_smoothing > 0 or (z_loss > 0 and reduction == "mean"))))
     if fast_lacks:
         grad_in_forward = False
-    if grad_in_forward is None:
+    if grad_in_forward == "auto":
         grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
                            and not torch.compiler.is_compiling())
     gif = grad_in_forward and needs_grad  # without autograd the default path runs

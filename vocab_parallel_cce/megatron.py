@@ -115,7 +115,7 @@ class MegatronLossOptions:
     true_vocab_size: int | None = None
     impl: str = "auto"
     filter_eps: Any = "auto"
-    grad_in_forward: bool | None = None  # None: the fast mode wherever the forward sees the loss mask
+    grad_in_forward: bool | str = False  # "auto": the fast mode wherever the forward sees the loss mask
     class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
 
 
@@ -128,7 +128,7 @@ def _config_softcap(config) -> float | None:
 
 
 def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, impl, filter_eps,
-                     grad_in_forward=None) -> MegatronLossOptions:
+                     grad_in_forward=False) -> MegatronLossOptions:
     config = model.config
     cfg_cap = _config_softcap(config)
     if softcap is None:
@@ -149,11 +149,11 @@ def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, i
             "the model config sets defer_embedding_wgrad_compute=True, which the fused loss does not support "
             "(its classifier gradient is computed in backward); turn it off"
         )
-    if not (grad_in_forward is None or isinstance(grad_in_forward, bool)):
-        raise TypeError(f"grad_in_forward: expected None or a bool, got {type(grad_in_forward).__name__}")
-    if grad_in_forward is None and getattr(config, "mtp_num_layers", None):
+    if not (grad_in_forward == "auto" or isinstance(grad_in_forward, bool)):
+        raise TypeError(f"grad_in_forward: expected True, False or 'auto', got {grad_in_forward!r}")
+    if grad_in_forward == "auto" and getattr(config, "mtp_num_layers", None):
         grad_in_forward = False  # the heads' rolled loss masks are not seen by the forward
-    if grad_in_forward and getattr(config, "mtp_num_layers", None):
+    if grad_in_forward is True and getattr(config, "mtp_num_layers", None):
         raise ValueError(
             "grad_in_forward=True does not support multi-token-prediction heads: their loss mask is zero at "
             "each sequence's last positions, so their per-token upstream gradient is not uniform"
@@ -254,8 +254,8 @@ class _PatchState:
         v_local = weight.shape[0]
         used_vocab = opt.true_vocab_size or v_local * world
         mask_seen = self.loss_mask is not None and self.loss_mask.shape == labels.shape
-        # None: the fast mode exactly where it is exact, i.e. where the forward saw the loss mask
-        grad_in_forward = mask_seen if opt.grad_in_forward is None else opt.grad_in_forward
+        # "auto": the fast mode exactly where it is exact, i.e. where the forward saw the loss mask
+        grad_in_forward = mask_seen if opt.grad_in_forward == "auto" else opt.grad_in_forward
         targets = labels.transpose(0, 1)  # [s, b]
         # Megatron's contract: every label position has a loss, loss_mask decides later. Labels
         # outside the vocabulary (e.g. -100 / -1 padding) get loss 0 and no gradient here, never NaN.
@@ -473,7 +473,7 @@ def patch_gpt_model(
     true_vocab_size: int | None = None,
     impl: str = "auto",
     filter_eps: Any = "auto",
-    grad_in_forward: bool | None = None,
+    grad_in_forward: bool | str = False,
     class_weights: torch.Tensor | None = None,
     allow_unsupported_version: bool = False,
 ):
@@ -500,10 +500,10 @@ def patch_gpt_model(
             with other values, or zeros that the forward did not receive, gives NaN gradients
             (checked on the device; Megatron's NaN check then stops the step). Not with
             multi-token-prediction heads (a ValueError). False, the memory-first mode: any loss
-            mask, logits recomputed in the backward. None (default): the fast mode in each
-            forward that receives `loss_mask` (Megatron's GPT training step passes it), except
-            with multi-token-prediction heads; else the memory-first mode. Pass False for loss
-            masks with values other than 0 and 1.
+            mask, logits recomputed in the backward; the default until a multi-seed
+            training-curve comparison backs the fast mode's bf16 logits. "auto": the fast mode in
+            each forward that receives `loss_mask` (Megatron's GPT training step passes it),
+            except with multi-token-prediction heads; else the memory-first mode.
         class_weights: per-class weights w [vocab] (the padded vocabulary or true_vocab_size
             entries; F.cross_entropy's `weight`): the per-token loss becomes w[label]·nll (with
             label smoothing, F.cross_entropy's weighted form). Megatron's loss function then

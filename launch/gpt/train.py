@@ -91,7 +91,7 @@ def train(cfg: dict, loss_kind: str, corpus: data.Corpus, ps, init_state) -> tup
         if cfg["device"] == "cuda":
             torch.cuda.reset_peak_memory_stats()  # per step; forward+backward read separately
         # The loss mask (all ones: every position is scored) goes to the forward as Megatron's
-        # pretrain step passes it; the fused loss's default uses its fast mode when it sees one.
+        # pretrain step passes it (the fused loss's fast mode needs it to keep Megatron's losses).
         per_token = gpt(tokens, position_ids, causal_mask, labels=labels, loss_mask=loss_mask)  # [b, s]
         loss = per_token.float().mean()
         loss.backward()
