@@ -733,8 +733,9 @@ def jsonable(x):
 
 
 def run_logged(cmd: list[str], log_path: str, timeout: float | None = None, env: dict | None = None,
-               cwd: str | None = None) -> tuple[int, str]:
-    """Run `cmd`, echoing its output and saving it to `log_path`; (return code, its last lines).
+               cwd: str | None = None, echo: bool = True) -> tuple[int, str]:
+    """Run `cmd`, echoing its output (unless `echo` is False) and saving it to `log_path`; (return
+    code, its last lines).
     Past `timeout` seconds its process group is killed and the return code is 124."""
     import signal
     import subprocess
@@ -748,8 +749,9 @@ def run_logged(cmd: list[str], log_path: str, timeout: float | None = None, env:
 
         def pump():
             for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
                 log.write(line)
                 tail.append(line.rstrip("\n"))
                 del tail[:-30]

@@ -347,16 +347,17 @@ def build_text_corpus(path: str, max_bytes: int) -> dict:
 
 
 class Fidelity:
-    """Training curves: each fused mode vs native (launch/train_gpt.py --loss both, the launcher's GPU
-    preset) from the same weights and batches, over seeds and corpora; per mode the mean over seeds of
+    """Training curves: each fused mode vs native (launch/train_gpt.py --loss fused / native, the
+    launcher's GPU preset) from the same weights and batches, over seeds and corpora; per mode the mean over seeds of
     (fused − native) over the last steps against native's own seed-to-seed spread. Runs found
     already done (OUT/…_raw/runs/*/log.json) are kept, so a call per seed resumes a folder;
     --aggregate PATH... only tabulates saved logs."""
 
-    INTRO = ("Each run: `launch/train_gpt.py --loss both` (fused, then native from the same initial weights and "
-             "batches). Δ = mean over the last steps of (fused − native) training loss; per mode: mean and "
-             "standard deviation of Δ over seeds, against the seed-to-seed standard deviation of native's own "
-             "last-steps loss (|mean Δ| / that spread ≪ 1: the fused loss trains as native does).")
+    INTRO = ("Per corpus and seed: one `launch/train_gpt.py --loss native` run and one `--loss fused` run per "
+             "mode, all from the seed's initial weights and batches. Δ = mean over the last steps of (fused − native) "
+             "training loss; per mode: mean and standard deviation of Δ over seeds, against the seed-to-seed "
+             "standard deviation of native's own last-steps loss (|mean Δ| / that spread ≪ 1: the fused loss "
+             "trains as native does).")
 
     @staticmethod
     def add_args(p):
@@ -373,6 +374,8 @@ class Fidelity:
         p.add_argument("--extra", default="", help="more train_gpt.py flags")
         p.add_argument("--run-timeout", type=float, default=550.0, help="seconds per training run")
         p.add_argument("--budget-s", type=float, default=510.0, help="start no run expected to end past this many seconds")
+        p.add_argument("--parallel", type=int, default=1,
+                       help="training processes at once (they share the GPU; > 1 also silences their output)")
         p.add_argument("--aggregate", nargs="+", default=None, metavar="PATH",
                        help="only tabulate saved runs: the log.json files under these folders whose path has "
                             "a folder named fidelity* (this suite's OUT/fidelity*_raw/runs/), no training")
@@ -406,73 +409,102 @@ class Fidelity:
         if args.aggregate:
             return Fidelity.aggregate(args.aggregate, args.last)
         budget = Budget(args.budget_s)
-        corpora, runs, failures = [], [], []
+        corpora, jobs = [], []
         runs_dir = out.raw("runs")
         os.makedirs(runs_dir, exist_ok=True)
+        modes = [m for m in args.modes.split(",") if m]
         for cname in [c for c in args.corpora.split(",") if c]:
             path, info = Fidelity.corpus_file(cname, args, out)
             corpora.append(info)
+            label = cname if cname in ("generated", "text") else info["name"]
             for seed in int_list(args.seeds):
-                for mode in [m for m in args.modes.split(",") if m]:
-                    label = cname if cname in ("generated", "text") else info["name"]
-                    name = f"{label}_seed{seed}_{mode}"
-                    rundir = os.path.join(runs_dir, name)
-                    run = {"name": name, "corpus": info["name"], "seed": seed, "mode": mode}
-                    runs.append(run)
-                    if read_log(os.path.join(rundir, "log.json")) is not None:
-                        run["status"] = "done earlier"
-                        continue
-                    if not budget.fits():
-                        run["status"] = "not run: time budget (--budget-s)"
-                        continue
-                    cmd = torchrun(1) + [TRAIN_GPT, "--loss", "both", "--steps", str(args.steps), "--seed", str(seed),
-                                         "--out", rundir, "--overwrite"] + mode_args(mode)
-                    cmd += (["--preset", args.preset] if args.preset else []) + (["--corpus", path] if path else [])
-                    cmd += (["--device", "cpu"] if args.device == "cpu" else []) + shlex.split(args.extra)
-                    t0 = time.time()
-                    rc, tail = C.run_logged(cmd, os.path.join(runs_dir, f"{name}.log"),
-                                            timeout=min(args.run_timeout, budget.left() + 40), env=child_env(), cwd=REPO)
-                    budget.done(time.time() - t0)
-                    run["seconds"] = time.time() - t0
-                    run["status"] = "ok" if rc == 0 else f"return code {rc}"
-                    if rc != 0:
-                        failures.append({"run": name, "returncode": rc, "log_tail": tail})
+                # One native run per (corpus, seed): every fused mode of that seed starts from its weights
+                # and batches (a standalone --loss fused/native run builds the same ones as --loss both).
+                for mode in ["native"] + modes:
+                    jobs.append({"name": f"{label}_seed{seed}_{mode}", "corpus": info["name"], "seed": seed,
+                                 "mode": mode, "path": path})
+        failures = []
+
+        def launch(run: dict) -> None:
+            rundir = os.path.join(runs_dir, run["name"])
+            if read_log(os.path.join(rundir, "log.json")) is not None:
+                run["status"] = "done earlier"
+                return
+            if not budget.fits():
+                run["status"] = "not run: time budget (--budget-s)"
+                return
+            loss = ["--loss", "native"] if run["mode"] == "native" else ["--loss", "fused"] + mode_args(run["mode"])
+            cmd = torchrun(1) + [TRAIN_GPT, *loss, "--steps", str(args.steps), "--seed", str(run["seed"]),
+                                 "--out", rundir, "--overwrite"]
+            cmd += (["--preset", args.preset] if args.preset else []) + (["--corpus", run["path"]] if run["path"] else [])
+            cmd += (["--device", "cpu"] if args.device == "cpu" else []) + shlex.split(args.extra)
+            t0 = time.time()
+            rc, tail = C.run_logged(cmd, os.path.join(runs_dir, f"{run['name']}.log"),
+                                    timeout=min(args.run_timeout, budget.left() + 40), env=child_env(), cwd=REPO,
+                                    echo=args.parallel == 1)
+            budget.done(time.time() - t0)
+            run["seconds"] = time.time() - t0
+            run["status"] = "ok" if rc == 0 else f"return code {rc}"
+            print(f"fidelity: {run['name']}: {run['status']} in {run['seconds']:.0f} s", flush=True)
+            if rc != 0:
+                failures.append({"run": run["name"], "returncode": rc, "log_tail": tail})
+
+        # --parallel K: K training processes share the GPU (each small-preset run leaves it partly idle)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            list(pool.map(launch, jobs))
+        runs = [{k: v for k, v in j.items() if k != "path"} for j in jobs]
         doc = Fidelity.aggregate([runs_dir], args.last)
-        doc.update(corpora=corpora, runs=runs)
+        doc.update(corpora=corpora, runs=runs, parallel=args.parallel)
         return outcome(failures, **doc)
 
     @staticmethod
     def aggregate(paths: list[str], last: int) -> dict:
-        """Per-run differences and the per (corpus, mode) summary from every log.json under `paths`."""
-        per_run = []
+        """Per-run differences and the per (corpus, mode) summary from every log.json under `paths`:
+        a fused run is compared with the native run of its log (--loss both) or else with the
+        native run of the same corpus and seed (--loss native)."""
+        logs = []
         for root in paths:
             for p in sorted(glob.glob(os.path.join(root, "**", "log.json"), recursive=True)):
                 if not any(part.startswith("fidelity") for part in os.path.abspath(p).split(os.sep)):
                     continue  # e.g. the gpt suite's runs beside them
                 log = read_log(p)
-                if not log or "fused" not in log.get("runs", {}) or "native" not in log.get("runs", {}):
-                    continue
-                cfg = log.get("config", {})
-                fused = [s["loss"] for s in log["runs"]["fused"]["steps"]]
-                native = [s["loss"] for s in log["runs"]["native"]["steps"]]
-                k = min(last, len(fused), len(native))
-                diff = [a - b for a, b in zip(fused, native)]
-                per_run.append({"log": os.path.abspath(p), "corpus": os.path.basename(cfg["corpus"]) if cfg.get("corpus")
-                                else "generated", "seed": cfg.get("seed"), "mode": mode_of(cfg), "steps": len(fused),
-                                "last": k, "fused_last": statistics.fmean(fused[-k:]),
-                                "native_last": statistics.fmean(native[-k:]), "diff_last": statistics.fmean(diff[-k:]),
-                                "max_abs_diff_first_5": max(abs(d) for d in diff[:5]), "diff_per_step": diff,
-                                "native_per_step": native, "preset": cfg.get("preset"), "layers": cfg.get("layers"),
-                                "hidden": cfg.get("hidden"), "vocab_size": cfg.get("vocab_size"),
-                                "tokens_per_s": log["runs"]["fused"]["summary"].get("median_tokens_per_s"),
-                                "native_tokens_per_s": log["runs"]["native"]["summary"].get("median_tokens_per_s")})
+                if log and log.get("runs"):
+                    cfg = log.get("config", {})
+                    corpus = os.path.basename(cfg["corpus"]) if cfg.get("corpus") else "generated"
+                    logs.append((p, log, cfg, corpus))
+        natives = {}  # (corpus, seed) → [native per-step losses], one per run that trained native
+        for _, log, cfg, corpus in logs:
+            if "native" in log["runs"]:
+                natives.setdefault((corpus, cfg.get("seed")), []).append(
+                    (log, [s["loss"] for s in log["runs"]["native"]["steps"]]))
+        per_run = []
+        for p, log, cfg, corpus in logs:
+            if "fused" not in log["runs"]:
+                continue
+            own = log if "native" in log["runs"] else None
+            pair = next(((lg, n) for lg, n in natives.get((corpus, cfg.get("seed")), []) if own is None or lg is own),
+                        None)
+            if pair is None:
+                continue
+            native_log, native = pair
+            fused = [s["loss"] for s in log["runs"]["fused"]["steps"]]
+            k = min(last, len(fused), len(native))
+            diff = [a - b for a, b in zip(fused, native)]
+            per_run.append({"log": os.path.abspath(p), "corpus": corpus, "seed": cfg.get("seed"), "mode": mode_of(cfg),
+                            "steps": len(fused), "last": k, "fused_last": statistics.fmean(fused[-k:]),
+                            "native_last": statistics.fmean(native[-k:]), "diff_last": statistics.fmean(diff[-k:]),
+                            "max_abs_diff_first_5": max(abs(d) for d in diff[:5]), "diff_per_step": diff,
+                            "native_per_step": native, "preset": cfg.get("preset"), "layers": cfg.get("layers"),
+                            "hidden": cfg.get("hidden"), "vocab_size": cfg.get("vocab_size"),
+                            "tokens_per_s": log["runs"]["fused"]["summary"].get("median_tokens_per_s"),
+                            "native_tokens_per_s": native_log["runs"]["native"]["summary"].get("median_tokens_per_s")})
         summary = []
         for corpus in dict.fromkeys(r["corpus"] for r in per_run):
-            # native per seed: one value per seed (the runs of every mode share its weights and batches)
-            nat = {}
-            for r in per_run:
-                if r["corpus"] == corpus:
-                    nat.setdefault(r["seed"], []).append(r["native_last"])
+            # native per seed: one value per seed (every mode of a seed shares its weights and batches)
+            nat = {seed: [statistics.fmean(n[-last:]) for _, n in v] for (c, seed), v in natives.items()
+                   if c == corpus}
             native_seed = [statistics.fmean(v) for v in nat.values()]
             native_std = statistics.stdev(native_seed) if len(native_seed) > 1 else None
             rerun = [max(v) - min(v) for v in nat.values() if len(v) > 1]
