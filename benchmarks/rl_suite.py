@@ -502,7 +502,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
             continue
         notes = []
         if r.get("lp_sign") == "−log p":
-            notes.append("returns −log p: compared negated")
+            notes.append("returns −log p: log-prob err of its negation; dE/dC errors assume log p")
         pol = r.get("skip_policy") or {}
         if pol.get("kept_fraction") is not None:
             notes.append(f"{100 * pol['kept_fraction']:.0f}% dC tiles kept: {'skips' if pol.get('skips') else 'dense'}")
