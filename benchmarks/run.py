@@ -11,6 +11,8 @@ Suites:
   gpt             Megatron GPT training steps, our loss vs Megatron's fused CE (launch/train_gpt.py)
   fidelity        training curves, each fused mode vs native over seeds and corpora (launch/train_gpt.py)
   hf              Hugging Face Llama-shaped training step (bench_transformers.py)
+  rl              one GPU: fwd+bwd of per-token log-probs and entropy (linear_log_probs) vs our loss, verl,
+                  torch.compile, eager
   tests           pytest tests/test_gpu.py, output saved
   chart FILE.json...   redraw the chart of saved results (several files of one suite: merged)
   merge FILE.json...   merge saved results of one suite (e.g. the loss suite run kind by kind)
@@ -36,6 +38,7 @@ sys.path.insert(0, HERE)  # common, report, the suites (plain modules)
 
 import common as C  # noqa: E402
 import loss_suite  # noqa: E402
+import rl_suite  # noqa: E402
 import train_suites  # noqa: E402
 
 SUITES = {
@@ -45,6 +48,7 @@ SUITES = {
     "gpt": train_suites.Gpt,
     "fidelity": train_suites.Fidelity,
     "hf": train_suites.HF,
+    "rl": rl_suite,
     "tests": train_suites.Tests,
 }
 

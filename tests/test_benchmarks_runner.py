@@ -1,5 +1,6 @@
 """The benchmark runner's code path on CPU (benchmarks/run.py): a tiny loss-suite run through its
-per-kind child processes, and the table / chart / merge of saved results. GPU timing itself can
+per-kind child processes, a tiny rl-suite run (and its float64 reference against autograd), and
+the table / chart / merge of saved results. GPU timing itself can
 only be checked on a GPU; this keeps the runner from rotting between device calls."""
 
 from __future__ import annotations
@@ -99,3 +100,61 @@ def test_tuning_spec_parsing(runner):
     assert (t.group_v, t.use_tma, t.grad_block, t.chunk_bytes) == (8, False, (128, 256, 64, 8, 3), None)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         C.parse_tuning("no_such_field=1")
+
+
+def test_rl_reference_matches_autograd(runner):
+    """The rl suite's float64 reference (chunked over tokens, gradients written out by hand)
+    against autograd through materialised float64 logits."""
+    import rl_suite
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    n, d, v, temp = 23, 16, 50, 0.7
+    e = torch.randn(n, d, dtype=torch.float64, generator=g)
+    c = torch.randn(v, d, dtype=torch.float64, generator=g) * 0.6
+    t = torch.randint(0, v, (n,), generator=g)
+    w1, w2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ref = rl_suite.reference(e, c, t, w1, w2, temp, chunk_bytes=8 * v * 5, out_dtype=torch.float64)  # 5 tokens/chunk
+    e_, c_ = e.clone().requires_grad_(), c.clone().requires_grad_()
+    logp = torch.log_softmax(e_ @ c_.T / temp, dim=-1)
+    lp = logp.gather(1, t[:, None]).squeeze(1)
+    ent = -(logp.exp() * logp).sum(1)
+    de, dc = torch.autograd.grad((lp * w1.double()).sum() + (ent * w2.double()).sum(), (e_, c_))
+    for got, want in ((ref["lp"], lp), (ref["ent"], ent), (ref["de"], de), (ref["dc"], dc)):
+        assert torch.allclose(got, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_rl_suite_cpu_smoke(tmp_path, runner):
+    """The rl suite on CPU (our torch path, eager; verl needs CUDA): every output, the errors
+    against float64, the ratios to our loss, the summary; then a merge of two results."""
+    out = tmp_path / "res"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    methods = ("vpcce_log_probs", "vpcce_loss_memory", "verl", "eager")
+    proc = subprocess.run([sys.executable, RUN, "rl", "--device", "cpu", "--shapes", "64x128x300,32x48x100",
+                           "--methods", ",".join(methods), "--temperature", "0.7", "--dtype", "fp32",
+                           "--reps", "2", "--warmup", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for ext in ("json", "md", "png"):
+        assert (out / f"rl.{ext}").stat().st_size > 0
+    doc = json.loads((out / "rl.json").read_text())
+    assert doc["suite"] == "rl" and doc["impl"] == "torch" and doc["machine"]["torch"]
+    rows = {(tuple(r["shape"]), r["method"]): r for r in doc["results"]}
+    shapes = ((64, 128, 300), (32, 48, 100))
+    assert set(rows) == {(s, m) for s in shapes for m in methods}
+    for s in shapes:
+        assert rows[(s, "verl")]["skipped"]  # no CUDA here (or no verl at all)
+        for m in ("vpcce_log_probs", "eager"):
+            r = rows[(s, m)]
+            assert r["fwd_bwd_ms"] > 0 and r["temperature"] == 0.7 and r["lp_sign"] == "log p"
+            assert r["lp_rel_err"] < 1e-5 and r["ent_rel_err"] < 1e-5  # float32 vs float64
+            assert r["de_rel_err"] < 1e-4 and r["dc_rel_err"] < 1e-4
+            assert r["ratio_loss_memory"] > 0
+        loss = rows[(s, "vpcce_loss_memory")]
+        assert loss["loss_rel_err"] < 1e-5 and loss["de_rel_err"] < 1e-4 and loss["ratio_loss_memory"] == 1.0
+    md = (out / "rl.md").read_text()
+    assert len(table_lines(md, "| 64×128×300 | random | 0.7 |")) == len(methods) + 2  # rows, inputs, summary
+    assert md.splitlines()[-4 - len(shapes)].startswith("Summary")  # the short table comes last
+    assert runner.main(["merge", str(out / "rl.json"), str(out / "rl.json"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "rl_merged.json").read_text())
+    assert len(merged["results"]) == 2 * len(doc["results"])

@@ -386,48 +386,9 @@ def test_torch_compile_log_probs():
         assert torch.equal(a, b) or rel_err(a.double(), b.double()) < 1e-6
 
 
-def _time_ms(fn, iters=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def test_log_probs_speed_against_the_loss_recompute_mode():
-    """Issue 13's bar: fwd+bwd of log-probs and entropy at (8192, 4096, 128256) bf16 within 1.1× our
-    loss's recompute (memory-first) mode; verl's fused kernel timed alongside where it imports."""
-    from vocab_parallel_cce import linear_log_probs
-
-    n, d, v = 8192, 4096, 128256
-    e, c, t = _inputs(n, d, v, torch.bfloat16, "random", seed=59)
-    e, c = e.requires_grad_(), c.requires_grad_()
-    w1, w2 = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-
-    def ours():
-        lp, ent = linear_log_probs(e, c, t)
-        torch.autograd.grad((lp * w1).sum() + (ent * w2).sum(), (e, c))
-
-    def loss_recompute():
-        torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False), (e, c))
-
-    t_rl, t_loss = _time_ms(ours), _time_ms(loss_recompute)
-    line = f"log-probs+entropy {t_rl:.1f} ms, loss (recompute mode) {t_loss:.1f} ms, ratio {t_rl / t_loss:.3f}"
-    try:
-        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as verl_lce
-
-        def verl():
-            lp, ent = verl_lce(e, c, t, 1.0, "none")
-            torch.autograd.grad((lp * w1).sum() + (ent * w2).sum(), (e, c))
-
-        line += f"; verl {_time_ms(verl):.1f} ms"
-    except Exception as err:  # noqa: BLE001 -- verl is optional
-        line += f"; verl not timed ({type(err).__name__})"
-    print(line)
-    assert t_rl <= 1.1 * t_loss, line
+# Issue 13's speed bar (fwd+bwd of log-probs and entropy at 8192×4096×128256 bf16 within 1.1× our
+# loss's memory-first mode, verl alongside) is measured, not asserted here (benchmarks, not timed
+# tests): `python3 benchmarks/run.py rl` (benchmarks/rl_suite.py, documented in benchmarks/README.md).
+# That test timed only (it checked nothing else); linear_log_probs' correctness on the GPU is
+# test_log_probs_and_entropy_match_float64 above, and the suite reports its errors against float64
+# at the benchmark sizes.
