@@ -218,15 +218,17 @@ def test_auto_filter_measures_then_skips_without_host_sync():
     c[2048:, 0] = -4.0  # vocabulary rows 2048.. are negligible for every token
     t = torch.randint(0, 2048, (n,), device="cuda", generator=g)
     e, c = e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_()
-    _, gc1 = torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False), (e, c))
+    _, gc1 = torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False, filter_eps="auto"), (e, c))
     assert gc1[2048:].any()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, gc2 = torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False), (e, c))
+        _, gc2 = torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False, filter_eps="auto"), (e, c))
+        _, gc_default = torch.autograd.grad(linear_cross_entropy(e, c, t, grad_in_forward=False), (e, c))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert not gc2[2048:].any()
+    assert gc_default[2048:].any()  # the default never skips
     _, (_, rgc) = _reference(e.detach(), c.detach(), t)
     assert rel_err(gc2.double(), rgc) < 8e-3
 

@@ -302,7 +302,7 @@ def test_tma_descriptors_are_used_exactly_when_layouts_allow(seed, counters):
 
 
 def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, counters):
-    """filter_eps="auto" (16-bit inputs): the first backward of a shape runs dense and measures
+    """The default (filter_eps=None) never skips. filter_eps="auto" (16-bit inputs): the first backward of a shape runs dense and measures
     the kept-tile fraction; later ones skip dC tiles only if few were kept. dE stays dense."""
     from vocab_parallel_cce import triton_backend as TB
 
@@ -318,8 +318,14 @@ def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, counters):
 
     def grads():
         ei, ci = e.clone().requires_grad_(), c.clone().requires_grad_()
-        return torch.autograd.grad(linear_cross_entropy(ei, ci, t, impl="triton", grad_in_forward=False), (ei, ci))
+        return torch.autograd.grad(linear_cross_entropy(ei, ci, t, impl="triton", grad_in_forward=False,
+                                                        filter_eps=filter_eps), (ei, ci))
 
+    filter_eps = None  # the default: never skips, however sparse the softmax, before or after a measurement
+    for _ in range(2):
+        _, gc0 = grads()
+        assert not counters["sparse_dc"] and gc0[16:].any()
+    filter_eps = "auto"
     ge1, gc1 = grads()
     assert not counters["sparse_dc"] and gc1[16:].any()  # measured, dense
     ge2, gc2 = grads()
@@ -327,7 +333,8 @@ def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, counters):
     assert torch.equal(ge1, ge2)  # dE is never filtered
     counters.clear()  # another token count, same classifier: the measurement carries over
     ei, ci = e[:40].clone().requires_grad_(), c.clone().requires_grad_()
-    gc3 = torch.autograd.grad(linear_cross_entropy(ei, ci, t[:40], impl="triton", grad_in_forward=False), ci)[0]
+    gc3 = torch.autograd.grad(linear_cross_entropy(ei, ci, t[:40], impl="triton", grad_in_forward=False,
+                                                   filter_eps="auto"), ci)[0]
     assert counters["sparse_dc"] and not gc3[16:].any()
     e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
     rge, rgc = torch.autograd.grad(reference_loss(e64, c64, t), (e64, c64))
@@ -341,11 +348,13 @@ def test_auto_filter_skips_dc_tiles_only_once_measured_sparse(seed, counters):
     t = torch.randint(0, v, (n,))
     every = Tuning().skip_remeasure_every
     for call in range(1, every + 2):
-        torch.autograd.grad(linear_cross_entropy(ins[0], ins[1], t, impl="triton", grad_in_forward=False), ins[:2])
+        torch.autograd.grad(linear_cross_entropy(ins[0], ins[1], t, impl="triton", grad_in_forward=False,
+                                                 filter_eps="auto"), ins[:2])
         assert counters["skip_measurements"] == (1 if call <= every else 2), call
     ins32 = _inputs(n, d, 40, torch.float32)
     for _ in range(2):
-        torch.autograd.grad(linear_cross_entropy(ins32[0], ins32[1], t % 40, impl="triton", grad_in_forward=False), ins32[:2])
+        torch.autograd.grad(linear_cross_entropy(ins32[0], ins32[1], t % 40, impl="triton", grad_in_forward=False,
+                                                 filter_eps="auto"), ins32[:2])
     assert not counters["sparse_dc"]
 
 

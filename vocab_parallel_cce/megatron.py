@@ -114,7 +114,7 @@ class MegatronLossOptions:
     softcap: float | None = None
     true_vocab_size: int | None = None
     impl: str = "auto"
-    filter_eps: Any = "auto"
+    filter_eps: Any = None  # dC tile skipping off (linear_cross_entropy's default)
     grad_in_forward: bool | str = False  # "auto": the fast mode wherever the forward sees the loss mask
     class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
 
@@ -472,7 +472,7 @@ def patch_gpt_model(
     softcap: float | None = None,
     true_vocab_size: int | None = None,
     impl: str = "auto",
-    filter_eps: Any = "auto",
+    filter_eps: Any = None,
     grad_in_forward: bool | str = False,
     class_weights: torch.Tensor | None = None,
     allow_unsupported_version: bool = False,
@@ -490,7 +490,8 @@ def patch_gpt_model(
         true_vocab_size: the unpadded vocabulary size. When given, the padded classifier rows
             (ids >= true_vocab_size) are left out of the softmax and of label smoothing. Off by
             default, so that the numbers match Megatron's (which includes the padded rows).
-        impl, filter_eps: passed to `linear_cross_entropy` ("auto": triton on a supported GPU).
+        impl, filter_eps: passed to `linear_cross_entropy` (impl "auto": triton on a supported GPU;
+            filter_eps None: no dC tile skipping, "auto" the adaptive skipping).
         grad_in_forward: the loss's mode (`linear_cross_entropy`'s). True, the fast mode: the
             gradients are computed during the forward (6·N·D·V FLOPs instead of 8; the shard's
             logits held once in 16 bits, as Megatron's own layer holds them), for Megatron's
