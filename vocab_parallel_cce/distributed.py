@@ -94,6 +94,22 @@ def all_reduce_sum(t: torch.Tensor, group, what: str) -> torch.Tensor:
     return t
 
 
+def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert a contiguous float32 [n, d] tensor to `dtype` inside its own storage (the result
+    views its first bytes).
+
+    Row block [r0, r1) of the result occupies bytes of float32 rows < r1, all of which have been
+    read (into `tmp`) by the time it is written, so no second [n, d] buffer is needed.
+    """
+    n, d = acc.shape
+    out = acc.view(-1).view(dtype)[: n * d].view(n, d)
+    rows = max(1, (1 << 20) // max(d, 1))
+    for r0 in range(0, n, rows):
+        tmp = acc[r0:r0 + rows].to(dtype)
+        out[r0:r0 + rows].copy_(tmp)
+    return out
+
+
 class GatherTokens(torch.autograd.Function):
     """Sequence parallelism: all-gather along dim 0 in forward, reduce-scatter in backward."""
 
