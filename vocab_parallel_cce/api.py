@@ -455,15 +455,16 @@ def _check_loss_mask(loss_mask, targets, reduction) -> None:
 
 def _prepare(plan: Plan, e, c, targets, bias, shift: int, loss_mask=None):
     """(e [N, D], c, bias, t [N] int64 global ids, the per-token shape, mask [N] bool or None) of
-    a validated call: autocast, sequence-parallel gather, shift (targets padded with
-    ignore_index, the mask with False), flattening."""
+    a validated call: autocast, sequence-parallel gather of the targets and the mask, shift
+    (targets padded with ignore_index, the mask with False), flattening. Under sequence
+    parallelism e stays this rank's slice, flattened [N/W, D]: the autograd Functions gather it
+    and reduce-scatter its gradient (in float32 for 16-bit inputs, before rounding)."""
     device_type = e.device.type
     if _autocast_enabled(device_type):  # the classifier matmul runs in the autocast dtype, as nn.Linear would
         dt = torch.get_autocast_dtype(device_type)
         e, c = e.to(dt), c.to(dt)
         bias = None if bias is None else bias.to(dt)
     if plan.sequence_parallel:
-        e = vp.GatherTokens.apply(e, plan.group)
         targets = vp.all_gather_along_dim0(targets, plan.group, "all-gather sequence-parallel targets")
         if loss_mask is not None:
             loss_mask = vp.all_gather_along_dim0(loss_mask, plan.group, "all-gather sequence-parallel loss mask")
