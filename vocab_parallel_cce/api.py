@@ -269,7 +269,7 @@ def _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel,
     size = v_total if vocab_size is None else vocab_size
     if not isinstance(size, int) or not 0 < size <= v_total:
         raise ValueError(f"vocab_size: expected an int in [1, {v_total}] (the classifier's rows), got {vocab_size!r}")
-    sp = sequence_parallel and world > 1  # the gather's backward reduce-scatters dE's partial sums
+    sp = sequence_parallel and world > 1  # the loss Functions gather e and reduce-scatter dE's partial sums
     return dict(vocab_start=start, n_valid=max(0, min(v_local, size - start)), vocab_size=size, group=group,
                 world=world, reduce_grad_e=reduce_grad_e and not sp, sequence_parallel=sp)
 
@@ -362,10 +362,12 @@ def linear_cross_entropy(
         vocab_start: first global id of this rank's shard (default rank × V_local).
         vocab_size: true vocabulary size; rows with global id >= vocab_size (padding) are left out
             of the softmax and of label smoothing's mean. Default: every row takes part.
-        reduce_grad_e: sum e's gradient over `group` (False: leave each rank's partial sum).
+        reduce_grad_e: sum e's gradient over `group` (16-bit inputs: the partial sums in float32,
+            rounded once after the sum). False: leave each rank's partial sum, in e's dtype.
         sequence_parallel: e and targets hold this rank's slice of the tokens along dim 0; they are
-            all-gathered in forward (e's gradient reduce-scattered in backward) and every rank
-            returns the loss of ALL tokens (shift and "none" shapes refer to the gathered tensors).
+            all-gathered in forward (e's gradient reduce-scattered in backward, in float32 for
+            16-bit inputs) and every rank returns the loss of ALL tokens (shift and "none" shapes
+            refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad);
             its group None is the default process group, as in Apple CCE.
         grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
