@@ -156,9 +156,9 @@ def build_methods(names, args, group, rank, world, v_local, v_total):
                 if gif:  # one all-gather per token chunk (the Tuning's, ≈ D tokens by default)
                     tuning_cls, _ = tuning_type()
                     nc = min(n, tuning_cls.from_env().grad_in_forward_chunk(n, v_local, 2 if dt == torch.bfloat16 else 4))
-                    comm = [("all_gather", (1, 3, nc), torch.float32)] * -(-n // nc) + [("all_reduce", (n, d), dt)]
+                    comm = [("all_gather", (1, 3, nc), torch.float32)] * -(-n // nc) + grad_e_comm(n, d, dt, world)
                 else:
-                    comm = [("all_gather", (1, 3, n), torch.float32), ("all_reduce", (n, d), dt)]
+                    comm = [("all_gather", (1, 3, n), torch.float32)] + grad_e_comm(n, d, dt, world)
                 out[name] = (fn, comm, f"impl={impl}" + (" grad_in_forward" if gif else ""))
             elif name in ("megatron", "megatron_fused"):
                 with warnings.catch_warnings():
@@ -194,6 +194,17 @@ def build_methods(names, args, group, rank, world, v_local, v_total):
     return out
 
 
+def grad_e_comm(n, d, dt, world):
+    """Our dE sum with reduce_grad_e=True (distributed.sum_grad_e): 16-bit inputs reduce-scatter
+    in float32 and all-gather the rounded blocks in `dt` (a float32 all-reduce when n % world ≠ 0);
+    float32 inputs all-reduce in float32."""
+    if dt not in (torch.float16, torch.bfloat16) or world == 1:
+        return [("all_reduce", (n, d), dt)]
+    if n % world:
+        return [("all_reduce", (n, d), torch.float32)]
+    return [("reduce_scatter", (n, d), torch.float32), ("all_gather", (n // world, d), dt)]
+
+
 def time_collectives(comm, group, device, world, warmup, reps) -> dict:
     """Median ms of each collective alone (same sizes as the method's), and their sum."""
     res, total = {}, 0.0
@@ -206,6 +217,12 @@ def time_collectives(comm, group, device, world, warmup, reps) -> dict:
 
             def fn():
                 dist.all_gather_into_tensor(out, x, group=group)
+        elif kind == "reduce_scatter":  # in place, as ours: this rank's block of the input
+            rows = shape[0] // world
+            block = x[dist.get_rank(group) * rows:(dist.get_rank(group) + 1) * rows]
+
+            def fn():
+                dist.reduce_scatter_tensor(block, x, group=group)
         elif kind == "all_reduce_max":
             def fn():
                 dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
@@ -378,7 +395,7 @@ def markdown(results, inputs, meta) -> str:
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*is deprecated")
     if argv is None:
         argv = [a for a in sys.argv[1:] if a != "--"]  # allow `torchrun ... script.py -- --n 64 ...`
     args = parse_args(argv)

@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, env, out_q):
+def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
     os.environ.update(env)  # before anything imports triton (TRITON_INTERPRET is read at import/jit time)
     results = []
     try:
@@ -34,8 +34,10 @@ def _entry(rank, world_size, port, fn, args, env, out_q):
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -50,13 +52,15 @@ def _entry(rank, world_size, port, fn, args, env, out_q):
     out_q.put((rank, results))
 
 
-def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0):
-    """Run `fn` on `world_size` gloo ranks; return {rank: [(name, ok, message), ...]}.
+def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0,
+              backend: str = "gloo"):
+    """Run `fn` on `world_size` gloo ranks (backend="nccl": one GPU each, rank r on cuda:r);
+    return {rank: [(name, ok, message), ...]}.
 
     Retried once with a new port if the rendezvous port was taken in the meantime.
     """
     for attempt in range(2):
-        results = _run_group_once(fn, world_size, args, env, timeout_s)
+        results = _run_group_once(fn, world_size, args, env, timeout_s, backend)
         port_taken = any("address already in use" in str(msg).lower()
                          for res in results.values() for name, ok, msg in res if name == "<worker>")
         if not port_taken:
@@ -64,12 +68,12 @@ def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: fl
     return results
 
 
-def _run_group_once(fn, world_size, args, env, timeout_s):
+def _run_group_once(fn, world_size, args, env, timeout_s, backend="gloo"):
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -4,7 +4,8 @@ Every rank builds the SAME full inputs from a shared seed, runs `linear_cross_en
 shard of the classifier, and compares loss and gradients with the float64 reference computed on
 the FULL classifier in the same process. Many cases run inside one spawned group per world size
 (process start-up dominates on small machines); the ranks stay in lock-step because each case
-runs every collective before it checks anything.
+runs every collective before it checks anything. The groups also run tests/grad_e_precision.py's
+cases: bf16 dE under tensor parallelism at the tp=1 error against float64.
 """
 
 from __future__ import annotations
@@ -392,12 +393,15 @@ def _cases(world: int) -> list[Case]:
 
 def _world_worker(rank: int, world: int, base_seed: int):
     """Runs in every spawned rank: all cases of this world size, then the special ones."""
+    import grad_e_precision
     from vocab_parallel_cce import linear_cross_entropy
 
     results = []
     world_group = dist.group.WORLD
     for i, case in enumerate(_cases(world)):
         _record(results, case.name, lambda: _run_case(case, base_seed + i, world_group, rank, world))
+    # bf16 dE at the tp=1 error (all-reduce and reduce-scatter in float32): tests/grad_e_precision.py
+    results += grad_e_precision.worker_results(rank, world, base_seed + 500)
 
     # group=None and groups of one rank behave like a single device
     _record(results, "group=None", lambda: _single_device_equivalence(None, base_seed + 100, 1))
@@ -491,6 +495,9 @@ def _triton_worker(rank: int, world: int, base_seed: int):
     ]
     for i, case in enumerate(cases):
         _record(results, case.name, lambda: _run_case(case, base_seed + i, dist.group.WORLD, rank, world))
+    import grad_e_precision  # bf16 dE at the tp=1 error, the kernels' float32 dE handed to the collectives
+
+    results += grad_e_precision.worker_results(rank, world, base_seed + 500, torch_cases=False, triton=True)
     return results
 
 

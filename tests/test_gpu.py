@@ -394,3 +394,21 @@ def test_torch_compile_log_probs():
 # That test timed only (it checked nothing else); linear_log_probs' correctness on the GPU is
 # test_log_probs_and_entropy_match_float64 above, and the suite reports its errors against float64
 # at the benchmark sizes.
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_grad_e_under_tensor_parallelism_over_nccl(world):
+    """tests/grad_e_precision.py's cases on an NCCL group of `world` GPUs (bf16, N=512, D=256,
+    V=8192, compiled kernels): dE at tp=1's error and the same on every rank, which checks what
+    the CPU's gloo runs cannot: NCCL's in-place reduce-scatter and all-gather into dE's own
+    storage (tp=2; tp=3 takes the float32 all-reduce, 512 tokens not being a multiple of 3), the
+    triton backend's float32 dE, and the fast mode's cuBLAS float32-output dE product."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    import grad_e_precision
+    from dist_utils import failures, run_group
+
+    results = run_group(grad_e_precision.cuda_worker, world, 900, backend="nccl", timeout_s=300)
+    bad = failures(results)
+    assert not bad, "\n".join(bad)
+    assert all(len(r) == 12 for r in results.values()), {k: len(r) for k, r in results.items()}

@@ -269,7 +269,7 @@ def _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel,
     size = v_total if vocab_size is None else vocab_size
     if not isinstance(size, int) or not 0 < size <= v_total:
         raise ValueError(f"vocab_size: expected an int in [1, {v_total}] (the classifier's rows), got {vocab_size!r}")
-    sp = sequence_parallel and world > 1  # the gather's backward reduce-scatters dE's partial sums
+    sp = sequence_parallel and world > 1  # the loss Functions gather e and reduce-scatter dE's partial sums
     return dict(vocab_start=start, n_valid=max(0, min(v_local, size - start)), vocab_size=size, group=group,
                 world=world, reduce_grad_e=reduce_grad_e and not sp, sequence_parallel=sp)
 
@@ -364,10 +364,12 @@ def linear_cross_entropy(
         vocab_start: first global id of this rank's shard (default rank × V_local).
         vocab_size: true vocabulary size; rows with global id >= vocab_size (padding) are left out
             of the softmax and of label smoothing's mean. Default: every row takes part.
-        reduce_grad_e: sum e's gradient over `group` (False: leave each rank's partial sum).
+        reduce_grad_e: sum e's gradient over `group` (16-bit inputs: the partial sums in float32,
+            rounded once after the sum). False: leave each rank's partial sum, in e's dtype.
         sequence_parallel: e and targets hold this rank's slice of the tokens along dim 0; they are
-            all-gathered in forward (e's gradient reduce-scattered in backward) and every rank
-            returns the loss of ALL tokens (shift and "none" shapes refer to the gathered tensors).
+            all-gathered in forward (e's gradient reduce-scattered in backward, in float32 for
+            16-bit inputs) and every rank returns the loss of ALL tokens (shift and "none" shapes
+            refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad);
             its group None is the default process group, as in Apple CCE.
         grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
@@ -457,15 +459,16 @@ def _check_loss_mask(loss_mask, targets, reduction) -> None:
 
 def _prepare(plan: Plan, e, c, targets, bias, shift: int, loss_mask=None):
     """(e [N, D], c, bias, t [N] int64 global ids, the per-token shape, mask [N] bool or None) of
-    a validated call: autocast, sequence-parallel gather, shift (targets padded with
-    ignore_index, the mask with False), flattening."""
+    a validated call: autocast, sequence-parallel gather of the targets and the mask, shift
+    (targets padded with ignore_index, the mask with False), flattening. Under sequence
+    parallelism e stays this rank's slice, flattened [N/W, D]: the autograd Functions gather it
+    and reduce-scatter its gradient (in float32 for 16-bit inputs, before rounding)."""
     device_type = e.device.type
     if _autocast_enabled(device_type):  # the classifier matmul runs in the autocast dtype, as nn.Linear would
         dt = torch.get_autocast_dtype(device_type)
         e, c = e.to(dt), c.to(dt)
         bias = None if bias is None else bias.to(dt)
     if plan.sequence_parallel:
-        e = vp.GatherTokens.apply(e, plan.group)
         targets = vp.all_gather_along_dim0(targets, plan.group, "all-gather sequence-parallel targets")
         if loss_mask is not None:
             loss_mask = vp.all_gather_along_dim0(loss_mask, plan.group, "all-gather sequence-parallel loss mask")

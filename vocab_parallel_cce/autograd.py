@@ -16,9 +16,29 @@ from . import distributed as vp
 from .plan import Plan
 
 
-def _reduce_grad_e(de, plan: Plan) -> None:
-    if de is not None and plan.reduce_grad_e and plan.world > 1:
-        vp.all_reduce_sum(de, plan.group, "all-reduce the hidden-state gradient")
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _gather_tokens(e, plan: Plan):
+    """Sequence parallel: every rank's e [N_local, D] along dim 0 → [N, D] (else e itself)."""
+    if not plan.sequence_parallel:
+        return e
+    return vp.all_gather_along_dim0(e, plan.group, "all-gather sequence-parallel hidden states")
+
+
+def _grad_e_fp32(e, plan: Plan, need_de: bool) -> bool:
+    """Whether dE is produced in float32: 16-bit inputs whose partial dE the group sums next, so
+    that it is rounded once, after the sum (at tp=1's error), not once per rank before it."""
+    return need_de and plan.sums_grad_e and e.dtype in _SIXTEEN_BIT
+
+
+def _sum_grad_e(de, dtype, plan: Plan):
+    """dE for e: the ranks' partial sums summed over the group (all-reduce; reduce-scatter to this
+    rank's tokens under sequence parallelism), in `dtype`; with reduce_grad_e=False, this rank's
+    partial sum in `dtype` as it is (the caller's own reduction decides that sum's precision)."""
+    if de is None or not plan.sums_grad_e:
+        return de
+    return vp.sum_grad_e(de, dtype, plan.group, scatter=plan.sequence_parallel)
 
 
 class ShardStats(torch.autograd.Function):
@@ -30,8 +50,9 @@ class ShardStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, t_local, plan: Plan):
-        """e [N, D], c [V_local, D], bias [V_local] or None, t_local [N] int64 → k × float32 [N]
-        (float64 for float64 inputs)."""
+        """e [N, D] (sequence parallel: this rank's [N/W, D], gathered here), c [V_local, D], bias
+        [V_local] or None, t_local [N] int64 → k × float32 [N] (float64 for float64 inputs)."""
+        e = _gather_tokens(e, plan)  # saved gathered, as the gather's output was before
         names = plan.stat_names
         stats = list(plan.backend.forward_stats(e, c, bias, t_local, plan))
         if plan.need_argmax:
@@ -61,10 +82,10 @@ class ShardStats(torch.autograd.Function):
             coef[0] = coef[0] + q
             extra = dict(coef_q=q, mean_z=pz)
         de, dc, db = plan.backend.backward(
-            e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None, **extra
+            e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None, **extra,
+            de_fp32=_grad_e_fp32(e, plan, need_de),
         )
-        _reduce_grad_e(de, plan)
-        return de, dc, db, None, None
+        return _sum_grad_e(de, e.dtype, plan), dc, db, None, None
 
 
 class LossWithGradInForward(torch.autograd.Function):
@@ -86,16 +107,20 @@ class LossWithGradInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, t, plan: Plan, count, loss_mask=None):
-        """e [N, D], c [V_r, D], bias [V_r] or None, t [N] global ids, count: number of valid tokens
-        (device scalar, "mean"; else None), loss_mask [N] bool or None ("none" only: tokens where
-        it is False keep their loss but get no gradient; their upstream gradient must be 0) →
-        scalar loss ("mean", "sum") or per-token loss [N] ("none"), float32 (float64 for float64 e)."""
+        """e [N, D] (sequence parallel: this rank's [N/W, D], gathered here), c [V_r, D], bias [V_r]
+        or None, t [N] global ids, count: number of valid tokens (device scalar, "mean"; else None),
+        loss_mask [N] bool or None ("none" only: tokens where it is False keep their loss but get
+        no gradient; their upstream gradient must be 0) → scalar loss ("mean", "sum") or per-token
+        loss [N] ("none"), float32 (float64 for float64 e)."""
+        e = _gather_tokens(e, plan)  # used during this forward only
         n, d = e.shape
         v, reduction, backend = plan.n_valid, plan.reduction, plan.backend
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
-        de = torch.empty(e.shape, dtype=e.dtype, device=e.device) if need_de else None
+        # dE's partial sum in float32 when the group sums it in the backward (rounded once, after)
+        de_dtype = torch.float32 if _grad_e_fp32(e, plan, need_de) else e.dtype
+        de = torch.empty(e.shape, dtype=de_dtype, device=e.device) if need_de else None
         z_elt = 2 if e.dtype == torch.bfloat16 and not plan.exact else max(4, e.element_size())
         chunk = plan.tuning.grad_in_forward_chunk(n, v, z_elt)
         # One chunk: dC = Gᵀ·E is one product, written once in c's dtype; several: accumulated over
@@ -140,7 +165,9 @@ class LossWithGradInForward(torch.autograd.Function):
                 coef = [q * scale for q in coef]
             g = backend.grad_from_logits(z, bias, t_local, lse, *coef, plan, e.dtype)
             if need_de:  # complete over this shard's vocabulary: written once, no accumulation
-                if g.dtype == c.dtype:
+                if de.dtype != e.dtype:  # float32 partial sum (16-bit inputs, a cross-rank sum follows)
+                    backend.product_fp32(de[n0:n1], g, c[:v], plan, accumulate=False)
+                elif g.dtype == c.dtype:
                     torch.mm(g, c[:v], out=de[n0:n1])
                 else:
                     de[n0:n1] = (g @ c[:v].to(g.dtype)).to(de.dtype)
@@ -166,7 +193,7 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.plan, ctx.active, ctx.held = plan, active, held
+        ctx.plan, ctx.active, ctx.held, ctx.e_dtype = plan, active, held, e.dtype
         out = total if per_token is None else per_token
         return out.float() if acc_dtype == torch.float32 else out
 
@@ -179,8 +206,8 @@ class LossWithGradInForward(torch.autograd.Function):
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
         for q in grads:
             if q is not None:
-                ctx.plan.backend.scale_in_place(q, k)
-        _reduce_grad_e(grads[0], ctx.plan)
+                ctx.plan.backend.scale_in_place(q, k)  # dE before the cross-rank sum, in its dtype
+        grads[0] = _sum_grad_e(grads[0], ctx.e_dtype, ctx.plan)
         return (*grads, None, None, None, None)
 
 

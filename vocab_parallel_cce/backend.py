@@ -27,7 +27,7 @@ Logit gradient, given the GLOBAL lse_i and per-token coefficients (a_i, b_i, u_i
     (w_j = 1 without `plan.sum_weights`; the q term only when `backward` gets coef_q and the
     GLOBAL pz as mean_z)
 and `backward` returns dE = G·C [N, D], dC = Gᵀ·E [V_local, D], dbias = Σ_i G_ij [V_local] in the
-inputs' dtypes (None where not asked for). The triton backend may skip dC tiles (never dE's) per
+inputs' dtypes (None where not asked for; dE in float32 when asked for with `de_fp32`). The triton backend may skip dC tiles (never dE's) per
 `plan.filter_eps` / `plan.adaptive_filter`; the torch backend is always exact.
 """
 
@@ -57,11 +57,12 @@ class Backend(Protocol):
     def backward(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                  coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
                  need_de: bool, need_dc: bool, need_db: bool,
-                 coef_q: Optional[Tensor] = None, mean_z: Optional[Tensor] = None
+                 coef_q: Optional[Tensor] = None, mean_z: Optional[Tensor] = None, de_fp32: bool = False
                  ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """(dE [N, D], dC [V_local, D], dbias [V_local]) from the global lse [N] and the
         coefficients (a, b, u) [N] (and the entropy's q with the global pz, [N] each); rows ≥
-        n_valid of dC and dbias are 0."""
+        n_valid of dC and dbias are 0. de_fp32 (16-bit inputs, when dE's partial sums are summed
+        across ranks next): dE is returned in float32, contiguous, not rounded to e's dtype."""
 
     # ---- gradient-in-forward mode (autograd.LossWithGradInForward), per token chunk [n, D]
 

@@ -5,7 +5,9 @@ Each rank holds vocabulary rows [s_r, s_r + V_r). Its kernel gives per-token par
     lse = log Σ_r exp(lse_r)   (max first),   x = Σ_r x_r,   s = Σ_r s_r
 (and the optional statistics of stats.py: entropy's pz, max / argmax) in ONE all-gather of a
 [k, N] float32 block per rank (k = 3 for the plain loss; never logits). Also: the check that the
-ranks' shards tile the vocabulary (cached per group), sequence-parallel gather / reduce-scatter.
+ranks' shards tile the vocabulary (cached per group), and the sum of the ranks' partial
+hidden-state gradients (all-reduce, or reduce-scatter under sequence parallelism; in float32 for
+16-bit inputs, rounded once after the sum: `sum_grad_e`).
 """
 
 from __future__ import annotations
@@ -88,28 +90,74 @@ def combine_stats(partial, names: tuple[str, ...], group) -> tuple[torch.Tensor,
     return stats.merge(gathered, names)
 
 
-def all_reduce_sum(t: torch.Tensor, group, what: str) -> torch.Tensor:
-    _check_same_shape(t, group, what)
-    _wait(dist.all_reduce(t, group=group, async_op=True), what)
-    return t
+def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert a contiguous float32 [n, d] tensor to `dtype` inside its own storage (the result
+    views its first bytes).
+
+    Row block [r0, r1) of the result occupies bytes of float32 rows < r1, all of which have been
+    read (into `tmp`) by the time it is written, so no second [n, d] buffer is needed.
+    """
+    n, d = acc.shape
+    out = acc.view(-1).view(dtype)[: n * d].view(n, d)
+    rows = max(1, (1 << 20) // max(d, 1))
+    for r0 in range(0, n, rows):
+        tmp = acc[r0:r0 + rows].to(dtype)
+        out[r0:r0 + rows].copy_(tmp)
+    return out
 
 
-class GatherTokens(torch.autograd.Function):
-    """Sequence parallelism: all-gather along dim 0 in forward, reduce-scatter in backward."""
+def _rows_of(t: torch.Tensor, group) -> tuple[int, int]:
+    """(first row, rows) of this rank's block of t [N, ...] split evenly over the group."""
+    rows = t.shape[0] // group_size(group)
+    return group_rank(group) * rows, rows
 
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, group):
-        ctx.group = group
-        return all_gather_along_dim0(t, group, "all-gather sequence-parallel hidden states")
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        world = group_size(ctx.group)
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-        work = _reduce_scatter_single(out, grad, group=ctx.group, async_op=True)
-        _wait(work, "reduce-scatter the hidden-state gradient")
-        return out, None
+def sum_grad_e(de: torch.Tensor, dtype: torch.dtype, group, scatter: bool) -> torch.Tensor:
+    """The sum over `group` of the ranks' partial hidden-state gradients de [N, D], in `dtype`.
+
+    `scatter` (sequence parallel): this rank's rows [r·N/W, (r+1)·N/W) of the sum (N = W·N_local);
+    else all N rows, the same on every rank.
+
+    de in `dtype` (float32/float64 inputs): one all-reduce in place, or one reduce-scatter into a
+    new [N/W, D] tensor. de float32 for 16-bit `dtype` (each rank's G_r·C_r, unrounded): summed in
+    float32 and rounded once, after the sum; `de` is consumed (its storage is reused):
+      scatter: reduce-scatter in float32 (in place), the block rounded into a new [N/W, D] tensor;
+      N % W == 0: reduce-scatter in float32 (in place), the block rounded, all-gather in `dtype`
+        into de's own storage (the result views it): (W−1)/W·N·D·(4 + 2) bytes sent per rank,
+        against 2·(W−1)/W·N·D·4 for a float32 all-reduce (2·(W−1)/W·N·D·2 for a 16-bit one);
+      otherwise: all-reduce in float32 (in place), then rounded in place (`narrow_in_place`).
+    """
+    what = "reduce-scatter the hidden-state gradient" if scatter else "all-reduce the hidden-state gradient"
+    _check_same_shape(de, group, what)
+    if de.dtype == dtype:  # nothing to round
+        if not scatter:
+            _wait(dist.all_reduce(de, group=group, async_op=True), what)
+            return de
+        out = de.new_empty((de.shape[0] // group_size(group),) + tuple(de.shape[1:]))
+        _wait(_reduce_scatter_single(out, de.contiguous(), group=group, async_op=True), what)
+        return out
+    assert de.dtype == torch.float32 and de.is_contiguous() and de.dim() == 2, (de.dtype, de.shape)
+    world = group_size(group)
+    if not scatter and de.shape[0] % world:
+        _wait(dist.all_reduce(de, group=group, async_op=True), what)
+        return narrow_in_place(de, dtype)
+    first, rows = _rows_of(de, group)
+    block = de[first:first + rows]  # in-place reduce-scatter: this rank's block of the input
+    if de.numel():
+        _wait(_reduce_scatter_single(block, de, group=group, async_op=True), what)
+    if scatter:
+        return block.to(dtype)
+    out = de.view(-1).view(dtype)[: de.numel()].view(de.shape)  # de's storage, read no more
+    mine = out[first:first + rows]
+    # float32 block → `dtype` at rows [first, first + rows) of `out`: those bytes start at or before
+    # the block's own, so front to back in row chunks nothing is overwritten before it is read.
+    step = max(1, (1 << 20) // max(de.shape[1], 1))
+    for r0 in range(0, rows, step):
+        tmp = block[r0:r0 + step].to(dtype)
+        mine[r0:r0 + step].copy_(tmp)
+    if de.numel():  # in-place all-gather: this rank's block is already in place
+        _wait(_all_gather_single(out, mine, group=group, async_op=True), what + " (all-gather)")
+    return out
 
 
 # group → {(vocab_start, V_local): V_total}. Weak keys: a destroyed group's entries go with it, and a

@@ -24,7 +24,8 @@ How it hooks in (per model instance; nothing global is changed):
   through the original output layer (correct, with one warning).
 
 Gradients: the hidden-state gradient is all-reduced over the tensor-parallel group exactly once
-(as ColumnParallelLinear's would be), or reduce-scattered under sequence parallelism. The
+(as ColumnParallelLinear's would be), or reduce-scattered under sequence parallelism; for bf16 the
+ranks' partial sums are summed in float32 and rounded once (linear_cross_entropy's). The
 classifier's gradient goes to `weight.grad` and Megatron's DDP hook adds it to `main_grad`; when
 the output layer uses gradient-accumulation fusion and the weight has a `main_grad`, it is added
 into `main_grad` in backward instead (and `grad_added_to_main_grad` set), as Megatron's fused

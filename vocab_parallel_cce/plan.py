@@ -33,7 +33,9 @@ class Plan:
     group: Any  # torch.distributed group over which c is split (None: one rank)
     world: int  # ranks in `group` (1 without one)
     reduce_grad_e: bool  # all-reduce dE over the group (False: partial sums, or sequence parallel)
-    sequence_parallel: bool  # e/targets were gathered along dim 0; dE is reduce-scattered
+    # e and targets are this rank's slices along dim 0: the targets are gathered by api._prepare,
+    # e by the autograd Functions, which reduce-scatter dE
+    sequence_parallel: bool
     # the mode
     backend: Backend  # torch_backend or triton_backend (the module)
     exact: bool  # triton: no tile skipping, IEEE float32 dots
@@ -50,6 +52,13 @@ class Plan:
     class_weights: torch.Tensor | None = None
     need_entropy: bool = False  # statistic pz = Σ_j p_j z_j (the entropy lse − pz and its gradient)
     need_argmax: bool = False  # statistics max, argmax (token accuracy, predicted tokens)
+
+    @property
+    def sums_grad_e(self) -> bool:
+        """Whether the autograd Functions sum dE's per-rank partial sums over the group (all-reduce,
+        or the sequence-parallel reduce-scatter). For 16-bit inputs the partials then stay in
+        float32 until that sum and are rounded once, after it (distributed.sum_grad_e)."""
+        return self.world > 1 and (self.reduce_grad_e or self.sequence_parallel)
 
     @property
     def need_sum(self) -> bool:

@@ -106,8 +106,9 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None):
-    """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see backend.py)."""
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False):
+    """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see backend.py); de_fp32:
+    dE in the compute dtype (float32 for 16-bit inputs), not rounded."""
     n, d = e.shape
     v, v_all = plan.n_valid, c.shape[0]
     cdt = _compute_dtype(e)
@@ -141,7 +142,7 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
         if need_dc:
             dc[v0:v1] = dc_blk.to(c.dtype)
     return (
-        None if de is None else de.to(e.dtype),
+        None if de is None else de if de_fp32 else de.to(e.dtype),
         dc,
         None if db is None else db.to(bias.dtype),
     )

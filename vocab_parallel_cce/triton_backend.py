@@ -13,7 +13,8 @@ Backward, per chunk of vocabulary rows (G lives in dC's not-yet-written rows whi
 `tuning.min_chunk_columns`):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G and a per-tile keep flag;
   2. dE += G · C_chunk into a float32 accumulator, always dense (cuBLAS `addmm(out_dtype=float32)`
-     on CUDA, the Triton kernel elsewhere); at the end it is narrowed to the input dtype IN PLACE;
+     on CUDA, the Triton kernel elsewhere); at the end it is narrowed to the input dtype IN PLACE
+     (or handed over in float32 when a cross-rank sum follows: `de_fp32`, autograd.py);
   3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC): one
      cuBLAS GEMM, or, when skipping, `sparse_matmul_kernel` visiting only the kept token tiles.
 Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps "auto"
@@ -45,6 +46,7 @@ except ImportError:  # triton < 3.4
 
 from . import triton_gemm as G
 from . import stats
+from .distributed import narrow_in_place as _narrow_in_place
 from . import triton_kernels as K
 from .plan import Plan
 from .tuning import Tuning
@@ -200,21 +202,6 @@ def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code, sum_weights
     return [e.new_empty(e.shape[0], dtype=torch.float32) for _ in stats.names(need_pz, need_argmax)]
 
 
-def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Convert a float32 [n, d] accumulator to `dtype` inside its own storage.
-
-    Row block [r0, r1) of the result occupies bytes of float32 rows < r1, all of which have been
-    read (into `tmp`) by the time it is written, so no second [n, d] buffer is needed.
-    """
-    n, d = acc.shape
-    out = acc.view(-1).view(dtype)[: n * d].view(n, d)
-    rows = max(1, (1 << 20) // max(d, 1))
-    for r0 in range(0, n, rows):
-        tmp = acc[r0:r0 + rows].to(dtype)
-        out[r0:r0 + rows].copy_(tmp)
-    return out
-
-
 def _g_inside_dc(dc_bytes: torch.Tensor, v_begin: int, n_valid: int, n: int, dc_row_bytes: int,
                  g_dtype: torch.dtype, multiple: int, min_width: int):
     """(G [n, w] view, w) placed at the end of dC's storage, beyond the rows [v_begin, v_begin + w)
@@ -360,11 +347,12 @@ skip_policy = TileSkipPolicy()  # process-wide: measurements carry over from cal
 def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                  lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
                  adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str,
-                 sum_weights: Optional[torch.Tensor], inv_temp: float
+                 sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u), or [5, N] with the
     entropy's (q, pz); softcap 0 = none; filter_eps 0 = no skipping; tuning_code: Tuning.encode();
-    sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature."""
+    sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature; de_fp32: dE
+    is the float32 accumulator itself, not narrowed (a cross-rank sum follows)."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     v_all = c.shape[0]
@@ -442,7 +430,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     if flagging and adaptive:
         skip_policy.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
     if need_de:
-        de = de_acc if e.dtype == torch.float32 else _narrow_in_place(de_acc, e.dtype)
+        de = de_acc if e.dtype == torch.float32 or de_fp32 else _narrow_in_place(de_acc, e.dtype)
     else:
         de = e.new_empty(0)
     return de, dc, (db.to(bias.dtype) if need_db else e.new_empty(0))
@@ -450,8 +438,8 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
 
 @_backward_op.register_fake
 def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db,
-      tuning_code, sum_weights, inv_temp):
-    return (torch.empty_like(e) if need_de else e.new_empty(0),
+      tuning_code, sum_weights, inv_temp, de_fp32=False):
+    return (torch.empty_like(e, dtype=torch.float32 if de_fp32 else e.dtype) if need_de else e.new_empty(0),
             torch.empty_like(c) if need_dc else c.new_empty(0),
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
 
@@ -470,15 +458,15 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None):
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False):
     """See backend.py. Skips dC tiles per plan.filter_eps (None, e.g. with label smoothing, whose
-    u ≠ 0 makes every tile matter: never)."""
+    u ≠ 0 makes every tile matter: never). de_fp32: dE is the float32 accumulator, not narrowed."""
     rows = [coef_p, coef_t, coef_u] + ([] if coef_q is None else [coef_q, mean_z])
     coef = torch.stack(rows).float().contiguous()
     de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, plan.n_valid,
                               plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact,
                               need_de, need_dc, need_db, plan.tuning.encode(), _sum_weights(plan),
-                              1.0 / plan.temperature)
+                              1.0 / plan.temperature, de_fp32)
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)
 
 
