@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import warnings
@@ -416,13 +415,6 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
         filter_eps = None
-    # The fast mode lacks these statistics for now (the weighted logit sum, the argmax), cannot
-    # return the z-loss separately (its lse stays inside), and the weighted "mean" with z-loss
-    # has two divisors, so no uniform upstream gradient: they take the recompute path.
-    fast_lacks = (need_argmax or return_z_loss
-                  or (weights is not None and (label_smoothing > 0 or (z_loss > 0 and reduction == "mean"))))
-    if fast_lacks:
-        grad_in_forward = False
     if grad_in_forward == "auto":
         grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
                            and not torch.compiler.is_compiling())
@@ -492,42 +484,30 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
 
     with torch.autocast(e.device.type, enabled=False):
         if plan.grad_in_forward:
-            # class weights: the weighted mean is the Function's sum divided here by Σ w[t]
-            weighted_mean = plan.class_weights is not None and plan.reduction == "mean"
-            inner = dataclasses.replace(plan, reduction="sum") if weighted_mean else plan
-            count = valid.sum() if inner.reduction == "mean" else None
-            loss = _loss_with_grad_in_forward(e2, c, bias, t, inner, count, mask)
-            if weighted_mean:
-                return loss / plan.mean_denominators(t)[0]
-            if plan.reduction != "none":
-                return loss  # reduced inside the Function
-            ce, zl = loss, None
+            # the Function reduces (both of "mean"'s divisors known here, as device scalars) and
+            # hands back the z-loss part and the argmax when asked for
+            dens = plan.mean_denominators(t) if plan.reduction == "mean" else None
+            want_z = return_z_loss and plan.z_loss > 0
+            outs = _loss_with_grad_in_forward(e2, c, bias, t, plan, dens, mask, want_z)
+            loss = outs[0] if plan.reduction != "none" else _per_token(outs[0], out_shape, shift)
+            zl = outs[1] if want_z else None
+            argmax = outs[-1] if plan.need_argmax else None
         else:
             stats = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
             lse, x, s = stats[:3]
             ce, zl = plan.token_loss_parts(lse, x, s, t)
-    per_token = ce if zl is None else ce + zl
-
-    if plan.reduction == "mean":
-        den_ce, den_count = plan.mean_denominators(t)
-        if plan.class_weights is None or zl is None:
-            loss = per_token.sum() / den_ce
-        else:  # the z-loss is not class-weighted: its mean is over the non-ignored count
-            loss = ce.sum() / den_ce + zl.sum() / den_count
-    elif plan.reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = _per_token(per_token, out_shape, shift)
+            argmax = stats[plan.stat_names.index("argmax")] if plan.need_argmax else None
+            loss = _reduce(plan, ce, zl, t, out_shape, shift)
     if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return (loss, _per_token(lse, out_shape, shift)) if return_lse else loss
 
     out = CrossEntropyOutput(loss, lse=_per_token(lse, out_shape, shift) if return_lse else None)
     if return_z_loss:
-        zl = torch.zeros_like(ce) if zl is None else zl
+        zl = torch.zeros(t.shape, dtype=loss.dtype, device=t.device) if zl is None else zl
         out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
                       "none": lambda: _per_token(zl, out_shape, shift)}[plan.reduction]()
     if return_token_accuracy or return_predicted_tokens:
-        predicted = stats[plan.stat_names.index("argmax")].long()
+        predicted = argmax.long()
         hit = (valid & (predicted == t)).float()
         if return_token_accuracy:
             out.token_accuracy = (_per_token(hit, out_shape, shift) if plan.reduction == "none"
@@ -535,6 +515,19 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
         if return_predicted_tokens:
             out.predicted_tokens = _per_token(torch.where(valid, predicted, -1), out_shape, shift)
     return out
+
+
+def _reduce(plan: Plan, ce, zl, t, out_shape, shift: int) -> torch.Tensor:
+    """The loss from the per-token cross-entropy part ce [N] and z-loss part zl [N] (or None)."""
+    per_token = ce if zl is None else ce + zl
+    if plan.reduction == "mean":
+        den_ce, den_count = plan.mean_denominators(t)
+        if plan.class_weights is None or zl is None:
+            return per_token.sum() / den_ce
+        return ce.sum() / den_ce + zl.sum() / den_count  # the z-loss is not class-weighted: its own count
+    if plan.reduction == "sum":
+        return per_token.sum()
+    return _per_token(per_token, out_shape, shift)
 
 
 def _from_dtensors(e, c, targets, bias, group, vocab_start, options):
