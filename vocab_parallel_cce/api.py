@@ -94,7 +94,7 @@ class CrossEntropyOutput:
     shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
 
     loss: torch.Tensor
-    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way
+    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way (fast mode: no gradient of its own)
     token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
     predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
     lse: torch.Tensor | None = None  # return_lse
@@ -341,16 +341,21 @@ def linear_cross_entropy(
             cross-entropy is w[t_i]·nll_i (with label smoothing (1−ε)·w[t_i]·nll_i +
             (ε/V)·Σ_j w_j·(lse_i − z_ij)); "mean" divides it by the summed weights of the
             non-ignored targets (0 → loss 0). The z-loss is not weighted and "mean" divides it by
-            the non-ignored count (Liger-Kernel's convention). Both modes; with label smoothing (the
-            weighted logit sum), or with z_loss under "mean" (two divisors), the memory-first mode.
+            the non-ignored count (Liger-Kernel's convention). Both modes, every option (with label
+            smoothing the statistics carry the weighted logit sum Σ_j w_j z_j; the fast mode folds
+            "mean"'s two divisors into its gradients).
         return_z_loss, return_token_accuracy, return_predicted_tokens: return a
             `CrossEntropyOutput` with, besides the loss, its z-loss part (reduced as the loss,
             "mean" over the non-ignored count; differentiable), the accuracy of the argmax over the
             global vocabulary (float32: the mean over non-ignored tokens for "mean"/"sum", per
             token 0/1 for "none"; 0 where ignored), and the argmax itself (int64 per token, ties
             to the smallest id, −1 where ignored), computed in the forward's pass and combined
-            across ranks in its one collective; no host sync. The argmax needs vocab_size <= 2**24.
-            These run the memory-first mode (whatever grad_in_forward says).
+            across ranks in its one collective (per token chunk in the fast mode); no host sync.
+            The argmax needs vocab_size <= 2**24. Both modes. The fast mode takes the argmax of the
+            logits it holds (bf16 for bf16 inputs, as the unfused layer's, where near-ties may
+            round to ties), and its z-loss output is a value: its gradient is already inside the
+            loss's, so a gradient through the z-loss output itself (e.g. of loss + z_loss) gives
+            NaN gradients, never silently wrong ones; differentiate it in the memory-first mode.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
             (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
             or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile"
@@ -379,7 +384,9 @@ def linear_cross_entropy(
             tile in the backward; the backward's memory stays within ~10% of the gradients.
             "auto": the fast mode where it is exact and cheap to be in — the triton backend,
             "mean"/"sum", no return_lse, not while torch.compile traces (where the memory-first
-            mode's custom ops avoid a graph break) — else the memory-first mode. The default is
+            mode's custom ops avoid a graph break), with any of the other options (class weights,
+            label smoothing, z-loss, the return_z_loss / accuracy / predicted-token outputs) —
+            else the memory-first mode. The default is
             False until a multi-seed training-curve comparison has shown the fast mode's bf16
             logits harmless (issue 12). Without autograd (no input requires grad) the
             memory-first forward runs in every case.
