@@ -117,7 +117,10 @@ def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
     assert (pred == 3).sum() > 10
 
 
-def test_fast_mode_falls_back(monkeypatch, seed):
+def test_fast_mode_runs_with_these_outputs(monkeypatch, seed):
+    """No fallback: grad_in_forward=True (and "auto", except for return_z_loss) runs the fast mode
+    with each of the outputs,
+    and gives the memory-first mode's values (test_fast_stats.py checks them in depth)."""
     calls = []
     real = api.LossWithGradInForward
 
@@ -129,12 +132,21 @@ def test_fast_mode_falls_back(monkeypatch, seed):
 
     monkeypatch.setattr(api, "LossWithGradInForward", Counted)
     e, c, t = _inputs((21,), 16, 30, torch.float32)
-    for kw in ({"return_token_accuracy": True}, {"return_predicted_tokens": True}, {"return_z_loss": True}):
-        out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=True, z_loss=1e-3, **kw)
-        torch.autograd.grad(out.loss, (e, c))
-    assert not calls
-    linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=True)
-    assert calls  # the check can see the fast mode
+    flags = ({"return_token_accuracy": True}, {"return_predicted_tokens": True}, {"return_z_loss": True})
+    for gif in (True, "auto"):
+        for kw in flags:
+            calls.clear()
+            out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=gif, z_loss=1e-3, **kw)
+            # "auto" leaves return_z_loss to the memory-first mode (its output's own gradient)
+            assert calls == ([] if gif == "auto" and "return_z_loss" in kw else [1]), (gif, kw)
+            ref = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, z_loss=1e-3, **kw)
+            assert rel_err(out.loss, ref.loss) < 1e-6
+            for name in ("z_loss", "token_accuracy", "predicted_tokens"):
+                got, want = getattr(out, name), getattr(ref, name)
+                assert (got is None) == (want is None), name
+                if got is not None:
+                    assert got.dtype == want.dtype and rel_err(got, want) < 1e-6, name
+            torch.autograd.grad(out.loss, (e, c))
 
 
 @pytest.mark.parametrize("name", ["return_z_loss", "return_token_accuracy", "return_predicted_tokens"])

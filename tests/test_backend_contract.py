@@ -95,3 +95,52 @@ def test_backend_follows_the_contract(name, seed):
     expect = h.double() * 0.3
     backend.scale_in_place(h, k)  # (its float32 arithmetic: test_triton_interpreter, test_grad_in_forward)
     assert rel_err(h.double(), expect) < 2**-8
+
+
+def _fast_plan(backend, weights, exact) -> Plan:
+    """The fast mode's plan with the optional statistics: class-weighted s, max / argmax."""
+    plan = _plan(backend)
+    return Plan(**{**plan.__dict__, "grad_in_forward": True, "class_weights": weights, "need_argmax": True,
+                   "exact": exact})
+
+
+@pytest.mark.parametrize("name,dtype", [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)],
+                         ids=["torch", "triton-fp32", "triton-bf16"])
+def test_fast_mode_statistics_follow_the_contract(name, dtype, seed):
+    """logits_and_stats with class weights and the argmax: s = Σ_j w_j z_j, max, argmax (smallest id
+    on ties: rows 30 and 32 copy row 4, with its bias) over the valid rows only, of the values Z
+    holds where it holds the final logits (bf16: the written-back, rounded ones); grad_from_logits
+    gives u·w_j."""
+    triton_interpreter.patch_bf16_dot()  # the interpreter's bf16 tl.dot (set-up, not a kernel change)
+    backend = _backend(name)
+    e, c, b, t, coef = _inputs()
+    w = torch.rand(V_LOCAL) * 2 + 0.1
+    c[[30, 32]], b[[30, 32]] = c[4].clone(), b[4].clone()
+    c[34:] = c[4] * 3  # padding rows that would win
+    e[::2] += 20 * c[4] / c[4].norm() ** 2  # row 4 (and its copies): the maximum of every other token
+    e, c, b = e.to(dtype), c.to(dtype), b.to(dtype)
+    plan = _fast_plan(backend, w, exact=dtype != torch.bfloat16)  # bf16, not exact: the stored-logits kernel
+    assert plan.stat_names == ("lse", "x", "s", "max", "argmax")
+    z, *stats = backend.logits_and_stats(e, c, b, t, plan)
+    assert len(stats) == 5 and (z.dtype == torch.bfloat16) == (dtype == torch.bfloat16)
+    if z.dtype == torch.bfloat16:  # the final logits, rounded to bf16, as the statistics saw them
+        final = z[:, :N_VALID].double()
+    else:  # the raw logits; bias and softcap applied here in float64
+        final = CAP * torch.tanh((z[:, :N_VALID].double() + b[:N_VALID].double()) / CAP)
+        assert rel_err(z[:, :N_VALID].double(), e.double() @ c[:N_VALID].double().T) < 1e-5
+    lse = torch.logsumexp(final, dim=1)
+    in_shard = (t >= 0) & (t < N_VALID)
+    x = torch.where(in_shard, final.gather(1, t.clamp(0, N_VALID - 1)[:, None])[:, 0], 0.0)
+    s = final @ w[:N_VALID].double()
+    top = final.amax(1)
+    arg = torch.where(final == top[:, None], torch.arange(N_VALID).double(), float("inf")).amin(1)
+    for k, got, want in zip(plan.stat_names, stats, (lse, x, s, top, arg)):
+        assert rel_err(got.double(), want) < 1e-5, (k, rel_err(got.double(), want))
+    assert torch.equal(stats[4].double(), arg) and (arg[::2] == 4).sum() >= 5  # the tie happened
+    g_got = backend.grad_from_logits(z, b, t, stats[0], *coef, plan, dtype)
+    a, bt, u = (q.double()[:, None] for q in coef)
+    is_t = torch.arange(N_VALID)[None, :] == t[:, None]
+    g = (a * torch.exp(final - lse[:, None]) + torch.where(is_t, bt, 0.0) + u * w[:N_VALID].double()) \
+        * (1 - (final / CAP) ** 2)
+    assert g_got.shape == (N, N_VALID)
+    assert rel_err(g_got.double(), g) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -4,7 +4,8 @@ Every rank builds the same full inputs from a shared seed, runs on its shard (un
 padded shards; sequence parallel) and compares with the float64 reference on the FULL classifier:
 linear_log_probs (log-probs and entropy, random upstream gradients), class weights, token
 accuracy / predicted tokens with exact ties on different ranks, the z-loss output, exactly one
-statistics all-gather per call, Apple CCE's VocabParallelOptions with group=None (the default
+statistics all-gather per call (per token chunk in the fast mode, whose weighted smoothing, z-loss
+output, accuracy and predicted tokens also equal one process's), Apple CCE's VocabParallelOptions with group=None (the default
 group) and from_vocab, and a DTensor classifier sharded along the vocabulary. Where the Triton
 interpreter is on (CPU machines: tests/conftest.py), the 2-rank group also runs the kernels.
 """
@@ -193,6 +194,92 @@ def _accuracy_case(seed, grank, world, sizes, order, impl="torch", dtype=torch.f
     return problems
 
 
+def _fast_case(seed, grank, world, sizes, order, reduction, vocab=None, sp=False, lead=(12,), chunk=None,
+               impl="torch", dtype=torch.float64, tol=(1e-11, 1e-10)):
+    """grad_in_forward=True with class-weighted label smoothing and a z-loss (returned too; "mean":
+    two divisors), token accuracy and predicted tokens, on uneven shards: equal to the same call in
+    one process on the full classifier, and to the float64 references; one statistics all-gather per
+    token chunk. Logits are exact in every dtype (e: integers, c and bias: multiples of 1/8), so the
+    ties between row 1 and its copies (on other ranks) are exact however each rank sums."""
+    from vocab_parallel_cce import Tuning, linear_cross_entropy
+    from vocab_parallel_cce.distributed import clear_layout_cache
+
+    clear_layout_cache()
+    v = sum(sizes)
+    vocab = vocab or v
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randint(-3, 4, (*lead, 8), generator=g).double()
+    c = torch.randint(-1, 2, (v, 8), generator=g).double() / 8
+    b = torch.randint(-4, 5, (v,), generator=g).double() / 8
+    t = torch.randint(0, vocab, lead, generator=g)
+    t.view(-1)[::4] = -100
+    w = torch.rand(v, generator=g, dtype=torch.float64) + 0.2
+    c[1] = (torch.randint(0, 2, (8,), generator=g) * 2 - 1).double() / 8  # no zeros
+    b[1] = 0.5  # the largest bias: for the aligned tokens below, row 1 (and its copies) is the maximum
+    last_block = v - sizes[order[-1]]
+    tie = [r for r in (vocab - 2, last_block) if 1 < r < vocab]
+    c[tie], b[tie] = c[1].clone(), b[1].clone()
+    e.view(-1, 8)[1::3] = 3 * torch.sign(c[1])
+    t.view(-1)[4::6] = 1
+    e, c, b = e.to(dtype), c.to(dtype), b.to(dtype)
+    weights = w.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, class_weights=weights, softcap=None, impl=impl,
+              grad_in_forward=True, return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True,
+              tuning=Tuning(fast_chunk_tokens=chunk), vocab_size=vocab)
+    valid = t != -100
+    up = torch.where(valid, 0.37, 0.0).double() if reduction == "none" else 0.37  # uniform: the fast mode's condition
+
+    def grads_of(out, leaves):
+        return torch.autograd.grad((out.loss.double() * up).sum(), leaves)
+
+    single_leaves = [x.clone().requires_grad_() for x in (e, c, b)]
+    single = linear_cross_entropy(*single_leaves[:2], t, single_leaves[2], **kw)  # one process, the full classifier
+    single_grads = grads_of(single, single_leaves)
+
+    start, size = _shard(sizes, order, grank)
+    tok = _tokens(sp, lead, grank, world)
+    e_loc = e[tok].clone().requires_grad_()
+    c_loc, b_loc = (x[start:start + size].clone().requires_grad_() for x in (c, b))
+    counter = _Count()
+    try:
+        out = linear_cross_entropy(e_loc, c_loc, t[tok], b_loc, group=dist.group.WORLD, vocab_start=start,
+                                   sequence_parallel=sp, **kw)
+    finally:
+        counter.close()
+    de, dc, db = grads_of(out, (e_loc, c_loc, b_loc))
+    problems = []
+    n_tokens = t.numel()
+    chunks = 1 if chunk is None else -(-n_tokens // chunk)
+    if counter.n != chunks:
+        problems.append(f"{counter.n} statistics all-gathers, expected {chunks} (one per chunk)")
+    for name in ("loss", "z_loss", "token_accuracy"):
+        _close(problems, f"{name} vs one process", getattr(out, name), getattr(single, name), tol[0])
+    if not torch.equal(out.predicted_tokens, single.predicted_tokens):
+        problems.append(f"predicted tokens {out.predicted_tokens.tolist()} != one process's "
+                        f"{single.predicted_tokens.tolist()}")
+    _close(problems, "dE vs one process", de, single_grads[0][tok], tol[1])
+    _close(problems, "dC vs one process", dc, single_grads[1][start:start + size], tol[1])
+    _close(problems, "dbias vs one process", db, single_grads[2][start:start + size], tol[1])
+    # and the float64 references
+    ref_leaves = [x.double().requires_grad_() for x in (e, c, b)]
+    ref, lse = reference_loss(*ref_leaves[:2], t, ref_leaves[2], vocab_size=vocab, reduction=reduction,
+                              label_smoothing=0.1, z_loss=1e-2, class_weights=w, return_lse=True)
+    _close(problems, "loss vs float64", out.loss, ref, tol[0])
+    zl = torch.where(valid, 1e-2 * lse.detach() ** 2, 0.0)
+    _close(problems, "z_loss vs float64", out.z_loss,
+           {"mean": zl.sum() / valid.sum(), "sum": zl.sum(), "none": zl}[reduction], tol[0])
+    pred = reference_argmax(e, c, bias=b, vocab_size=vocab)
+    if not torch.equal(out.predicted_tokens, torch.where(valid, pred, -1)):
+        problems.append("predicted tokens differ from the float64 argmax")
+    if not (pred[valid] == 1).any() or (valid & (pred == t)).sum() == 0:
+        problems.append("the tie / the hits did not happen (test set-up)")
+    ref_grads = torch.autograd.grad((ref * up).sum(), ref_leaves)
+    _close(problems, "dC vs float64", dc, ref_grads[1][start:start + size], tol[1])
+    if vocab < v and (dc[max(0, vocab - start):] != 0).any():
+        problems.append("padding rows got a gradient")
+    return problems
+
+
 def _apple_case(seed, grank, world):
     """Apple CCE's VocabParallelOptions(start, stop) leaves group=None: the default group."""
     from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy
@@ -277,15 +364,29 @@ def _worker(rank: int, world: int, base: int):
         "accuracy/ties across ranks": lambda s: _accuracy_case(s, rank, world, uneven, even),
         "accuracy/reversed/sp": lambda s: _accuracy_case(s, rank, world, uneven, rev, sp=True, lead=(3 * world,)),
         "apple/group=None": lambda s: _apple_case(s, rank, world),
+        "fast/none/chunks/uneven/reversed": lambda s: _fast_case(s, rank, world, uneven, rev, "none", chunk=5),
+        "fast/mean (two divisors)/padded": lambda s: _fast_case(s, rank, world, uneven, even, "mean",
+                                                               vocab=sum(uneven) - 2),
+        "fast/sum/sp/reversed": lambda s: _fast_case(s, rank, world, uneven, rev, "sum", sp=True, lead=(4 * world,),
+                                                     chunk=7),
     }
     if importlib.util.find_spec("torch.distributed.tensor") is not None:
         cases["dtensor classifier"] = lambda s: _dtensor_case(s, rank, world)
     if world == 2 and os.environ.get("TRITON_INTERPRET") == "1":  # the kernels, in the interpreter (CPU runs)
+        import triton_interpreter
+
+        triton_interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap (the bf16
+        # fast mode's float32 dE partial under a group is a Triton product on CPU)
         cases["triton/rl/uneven/padded/sp"] = lambda s: _rl_case(
             s, rank, world, [5, 11], [1, 0], vocab=14, sp=True, lead=(8,), impl="triton", dtype=torch.float32,
             tol=(2e-5, 2e-5))
         cases["triton/accuracy/ties"] = lambda s: _accuracy_case(s, rank, world, [7, 10], [0, 1], impl="triton",
                                                                 dtype=torch.float32)
+        cases["triton/fast/mean/padded/reversed"] = lambda s: _fast_case(
+            s, rank, world, [7, 12], [1, 0], "mean", vocab=17, impl="triton", dtype=torch.float32, chunk=5,
+            tol=(2e-5, 2e-5))
+        cases["triton/fast/none/bf16"] = lambda s: _fast_case(
+            s, rank, world, [9, 6], [0, 1], "none", impl="triton", dtype=torch.bfloat16, tol=(1e-5, 2e-2))
     for i, (name, fn) in enumerate(cases.items()):
         _record(results, name, lambda: fn(base + i))
     return results

@@ -412,3 +412,139 @@ def test_grad_e_under_tensor_parallelism_over_nccl(world):
     bad = failures(results)
     assert not bad, "\n".join(bad)
     assert all(len(r) == 12 for r in results.values()), {k: len(r) for k, r in results.items()}
+
+
+# ---- issue 13 in the fast mode: class-weighted smoothing, z-loss output, accuracy / predicted tokens
+
+
+FAST_STATS_CASES = [
+    # n, d, v, dtype, kind, bias, softcap
+    (2000, 1000, 30011, torch.bfloat16, "zipf", True, 30.0),  # stored bf16 logits, written back
+    (2000, 1000, 30011, torch.bfloat16, "random", False, None),  # stored bf16 logits, as cuBLAS wrote them
+    (1537, 768, 50257, torch.float16, "random", True, None),  # float32 logits; "mean"'s divisors after the products
+    (999, 520, 9999, torch.float32, "random", True, 20.0),  # float32 logits
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", FAST_STATS_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}")
+def test_fast_mode_new_statistics_match_float64(case, reduction):
+    """grad_in_forward=True with class weights, label smoothing and a z-loss ("mean": two divisors),
+    the z-loss output, token accuracy and predicted tokens, in several token chunks, against float64
+    F.cross_entropy(weight=, label_smoothing=) on materialised logits."""
+    n, d, v, dtype, kind, has_bias, softcap = case
+    e, c, t = _inputs(n, d, v, dtype, kind, seed=n + v + 61)
+    t[::13] = -100
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    bias = (torch.randn(v, device="cuda", generator=gen) * 0.3).to(dtype) if has_bias else None
+    w = torch.rand(v, device="cuda", generator=gen) + 0.1
+    leaves = [x.clone().requires_grad_() for x in (e, c) + (() if bias is None else (bias,))]
+    out = linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if has_bias else None, softcap=softcap,
+                               class_weights=w, label_smoothing=0.1, z_loss=1e-4, reduction=reduction,
+                               grad_in_forward=True, tuning=Tuning(fast_chunk_tokens=640), return_z_loss=True,
+                               return_token_accuracy=True, return_predicted_tokens=True)
+    valid = t != -100
+    mask = valid.float()
+    ins, z = _logits64(e, c, bias, softcap)
+    lse = torch.logsumexp(z, -1)
+    ce = torch.nn.functional.cross_entropy(z, t, weight=w.double(), label_smoothing=0.1, reduction="none")
+    zl = torch.where(valid, 1e-4 * lse**2, 0.0)
+    if reduction == "mean":
+        ref = ce.sum() / torch.where(valid, w.double()[t.clamp(min=0)], 0.0).sum() + zl.sum() / valid.sum()
+        ref_z, loss = zl.sum() / valid.sum(), out.loss
+    elif reduction == "sum":
+        ref, ref_z, loss = ce.sum() + zl.sum(), zl.sum(), out.loss
+    else:  # per token, then reduced as Megatron does (the fast mode's uniform upstream gradient)
+        ref, ref_z = ((ce + zl) * mask).sum() / mask.sum(), zl
+        # bf16 logits: each token's loss carries ~2^-9·|z| of rounding (|z| up to 30 here)
+        assert rel_err(out.loss.double(), ce + zl) < (1e-2 if dtype == torch.bfloat16 else 1e-4)
+        loss = (out.loss * mask).sum() / mask.sum()
+    bf16 = dtype == torch.bfloat16  # the fast mode keeps bf16 logits, as the unfused layer
+    assert rel_err(loss.double(), ref) < (5e-4 if bf16 else 1e-4)
+    assert rel_err(out.z_loss.double(), ref_z) < (1e-2 if bf16 else 1e-4)  # λ·lse²: twice lse's relative error
+    pred = out.predicted_tokens
+    assert (pred[~valid] == -1).all() and ((pred[valid] >= 0) & (pred[valid] < v)).all()
+    picked = z.detach().gather(1, pred.clamp(min=0)[:, None])[:, 0]
+    top = z.detach().max(-1).values
+    slack = (2.0**-7 if bf16 else 1e-5) * z.detach().abs().max(-1).values
+    assert ((top - picked)[valid] <= slack[valid]).all()
+    hit = (valid & (pred == t)).float()
+    assert torch.equal(out.token_accuracy, hit if reduction == "none" else hit.sum() / valid.sum())
+    grads = torch.autograd.grad(loss * 0.5, leaves)
+    ref_grads = torch.autograd.grad(ref, ins)
+    grad_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
+    for name, g, rg in zip("e c bias".split(), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(2.0 * g.double(), rg) < grad_tol, (name, rel_err(2.0 * g.double(), rg))
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["cuBLAS logits", "written-back logits"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_mode_predicted_tokens_and_ties(dtype, with_bias):
+    """The fast mode's argmax: the float64 maximum up to the logits' rounding; exact ties
+    (duplicated rows and biases, far apart in the vocabulary) go to the smallest id."""
+    n, d, v = 3000, 512, 40000
+    e, c, t = _inputs(n, d, v, dtype, "random", seed=67)
+    c = c.clone()
+    c[[20001, 39000]] = c[5].clone()
+    bias = None
+    if with_bias:
+        bias = (torch.randn(v, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) * 0.3).to(dtype)
+        bias[[20001, 39000]] = bias[5].clone()
+    boost = 30.0 * c[5].float() / c[5].float().norm() ** 2  # every other token: rows 5, 20001, 39000 win, tied
+    e = (e.float() + boost * (torch.arange(n, device="cuda") % 2)[:, None]).to(dtype)
+    t[::9] = -100
+    t[1::4] = 5
+    ins = [x.clone().requires_grad_() for x in (e, c)]
+    out = linear_cross_entropy(*ins, t, bias, reduction="none", grad_in_forward=True, return_token_accuracy=True,
+                               return_predicted_tokens=True, return_z_loss=True, z_loss=1e-4)
+    z = e.double() @ c.double().T + (0 if bias is None else bias.double())
+    valid = t != -100
+    pred = out.predicted_tokens
+    picked = z.gather(1, pred.clamp(min=0)[:, None])[:, 0]
+    slack = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * z.abs().max(-1).values
+    assert ((z.max(-1).values - picked)[valid] <= slack[valid]).all()
+    assert not ((pred == 20001) | (pred == 39000)).any() and (pred == 5).sum() > n // 4
+    assert torch.equal(out.token_accuracy, (valid & (pred == t)).float())
+    if dtype == torch.bfloat16:  # the argmax of the logits the statistics use: cuBLAS's bf16, bias added, rounded
+        z16 = ins[0].detach() @ ins[1].detach().T
+        if bias is not None:
+            z16 = (z16.float() + bias.float()).to(torch.bfloat16)
+        z16 = z16.double()
+        top16 = z16.max(-1, keepdim=True).values
+        pred16 = torch.where(z16 == top16, torch.arange(v, device="cuda").double(), float("inf")).amin(-1).long()
+        same = (pred == pred16)[valid].float().mean()  # 1 unless the test's product differs from the library's
+    else:  # float32 logits both ways: only near-ties (gap ~1e-6) may differ
+        memory_first = linear_cross_entropy(*ins, t, bias, reduction="none", grad_in_forward=False,
+                                            return_predicted_tokens=True)
+        same = (pred == memory_first.predicted_tokens)[valid].float().mean()
+    assert same > 0.99, same
+    lse = torch.logsumexp(z, -1)
+    assert rel_err(out.z_loss.double(), torch.where(valid, 1e-4 * lse**2, 0.0)) < 1e-2
+    (out.loss * valid).sum().backward()  # a uniform upstream gradient: the fast mode's backward
+
+
+def test_no_host_sync_in_the_fast_mode_with_the_new_options():
+    e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=71)
+    e, c = e.requires_grad_(), c.requires_grad_()
+    w = torch.rand(20000, device="cuda") + 0.5
+    mask = (torch.arange(1024, device="cuda") % 5 != 0).float()
+    flags = dict(return_token_accuracy=True, return_predicted_tokens=True, return_z_loss=True)
+
+    def run():
+        for tuning in (Tuning(), Tuning(fast_chunk_tokens=300)):
+            kw = dict(class_weights=w, label_smoothing=0.1, z_loss=1e-4, grad_in_forward=True, tuning=tuning, **flags)
+            linear_cross_entropy(e, c, t, **kw).loss.backward()  # "mean": two divisors
+            linear_cross_entropy(e, c, t, reduction="sum", **kw).loss.backward()
+            out = linear_cross_entropy(e, c, t, reduction="none", loss_mask=mask, **kw)
+            ((out.loss * mask).sum() / mask.sum()).backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            linear_cross_entropy(e.float(), c.float(), t, grad_in_forward="auto", class_weights=w,
+                                 label_smoothing=0.1, **flags).loss.backward()
+
+    run()  # warm caches (compilation, the cuBLAS probe)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

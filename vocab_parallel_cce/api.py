@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import warnings
@@ -95,7 +94,7 @@ class CrossEntropyOutput:
     shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
 
     loss: torch.Tensor
-    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way
+    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way (fast mode: no gradient of its own)
     token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
     predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
     lse: torch.Tensor | None = None  # return_lse
@@ -344,16 +343,21 @@ def linear_cross_entropy(
             cross-entropy is w[t_i]·nll_i (with label smoothing (1−ε)·w[t_i]·nll_i +
             (ε/V)·Σ_j w_j·(lse_i − z_ij)); "mean" divides it by the summed weights of the
             non-ignored targets (0 → loss 0). The z-loss is not weighted and "mean" divides it by
-            the non-ignored count (Liger-Kernel's convention). Both modes; with label smoothing (the
-            weighted logit sum), or with z_loss under "mean" (two divisors), the memory-first mode.
+            the non-ignored count (Liger-Kernel's convention). Both modes, every option (with label
+            smoothing the statistics carry the weighted logit sum Σ_j w_j z_j; the fast mode folds
+            "mean"'s two divisors into its gradients).
         return_z_loss, return_token_accuracy, return_predicted_tokens: return a
             `CrossEntropyOutput` with, besides the loss, its z-loss part (reduced as the loss,
             "mean" over the non-ignored count; differentiable), the accuracy of the argmax over the
             global vocabulary (float32: the mean over non-ignored tokens for "mean"/"sum", per
             token 0/1 for "none"; 0 where ignored), and the argmax itself (int64 per token, ties
             to the smallest id, −1 where ignored), computed in the forward's pass and combined
-            across ranks in its one collective; no host sync. The argmax needs vocab_size <= 2**24.
-            These run the memory-first mode (whatever grad_in_forward says).
+            across ranks in its one collective (per token chunk in the fast mode); no host sync.
+            The argmax needs vocab_size <= 2**24. Both modes. The fast mode takes the argmax of the
+            logits it holds (bf16 for bf16 inputs, as the unfused layer's, where near-ties may
+            round to ties), and its z-loss output is a value: its gradient is already inside the
+            loss's, so a gradient through the z-loss output itself (e.g. of loss + z_loss) gives
+            NaN gradients, never silently wrong ones; differentiate it in the memory-first mode.
         impl: "auto" (triton on a supported CUDA GPU, else torch), "triton", "triton_exact"
             (no gradient filtering; float32 inputs use full-precision instead of TF32 dot products),
             or "torch" (exact, chunked, any device). Apple CCE's "cce", "cce_exact", "torch_compile"
@@ -383,8 +387,10 @@ def linear_cross_entropy(
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
             "auto": the fast mode where it is exact and cheap to be in — the triton backend,
-            "mean"/"sum", no return_lse, not while torch.compile traces (where the memory-first
-            mode's custom ops avoid a graph break) — else the memory-first mode. The default is
+            "mean"/"sum", no return_lse, no return_z_loss (whose output keeps a gradient of its
+            own only there), not while torch.compile traces (where the memory-first mode's custom
+            ops avoid a graph break), with any of the other options (class weights, label
+            smoothing, z-loss, the accuracy / predicted-token outputs) — else the memory-first mode. The default is
             False until a multi-seed training-curve comparison has shown the fast mode's bf16
             logits harmless (issue 12). Without autograd (no input requires grad) the
             memory-first forward runs in every case.
@@ -420,16 +426,10 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
         filter_eps = None
-    # The fast mode lacks these statistics for now (the weighted logit sum, the argmax), cannot
-    # return the z-loss separately (its lse stays inside), and the weighted "mean" with z-loss
-    # has two divisors, so no uniform upstream gradient: they take the recompute path.
-    fast_lacks = (need_argmax or return_z_loss
-                  or (weights is not None and (label_smoothing > 0 or (z_loss > 0 and reduction == "mean"))))
-    if fast_lacks:
-        grad_in_forward = False
     if grad_in_forward == "auto":
+        # not with return_z_loss: the fast mode cannot give the z-loss output a gradient of its own
         grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
-                           and not torch.compiler.is_compiling())
+                           and not return_z_loss and not torch.compiler.is_compiling())
     gif = grad_in_forward and needs_grad  # without autograd the default path runs
     device_type = e.device.type
     dtype = torch.get_autocast_dtype(device_type) if _autocast_enabled(device_type) else e.dtype
@@ -497,42 +497,30 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
 
     with torch.autocast(e.device.type, enabled=False):
         if plan.grad_in_forward:
-            # class weights: the weighted mean is the Function's sum divided here by Σ w[t]
-            weighted_mean = plan.class_weights is not None and plan.reduction == "mean"
-            inner = dataclasses.replace(plan, reduction="sum") if weighted_mean else plan
-            count = valid.sum() if inner.reduction == "mean" else None
-            loss = _loss_with_grad_in_forward(e2, c, bias, t, inner, count, mask)
-            if weighted_mean:
-                return loss / plan.mean_denominators(t)[0]
-            if plan.reduction != "none":
-                return loss  # reduced inside the Function
-            ce, zl = loss, None
+            # the Function reduces (both of "mean"'s divisors known here, as device scalars) and
+            # hands back the z-loss part and the argmax when asked for
+            dens = plan.mean_denominators(t) if plan.reduction == "mean" else None
+            want_z = return_z_loss and plan.z_loss > 0
+            outs = _loss_with_grad_in_forward(e2, c, bias, t, plan, dens, mask, want_z)
+            loss = outs[0] if plan.reduction != "none" else _per_token(outs[0], out_shape, shift)
+            zl = outs[1] if want_z else None
+            argmax = outs[-1] if plan.need_argmax else None
         else:
             stats = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
             lse, x, s = stats[:3]
             ce, zl = plan.token_loss_parts(lse, x, s, t)
-    per_token = ce if zl is None else ce + zl
-
-    if plan.reduction == "mean":
-        den_ce, den_count = plan.mean_denominators(t)
-        if plan.class_weights is None or zl is None:
-            loss = per_token.sum() / den_ce
-        else:  # the z-loss is not class-weighted: its mean is over the non-ignored count
-            loss = ce.sum() / den_ce + zl.sum() / den_count
-    elif plan.reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = _per_token(per_token, out_shape, shift)
+            argmax = stats[plan.stat_names.index("argmax")] if plan.need_argmax else None
+            loss = _reduce(plan, ce, zl, t, out_shape, shift)
     if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return (loss, _per_token(lse, out_shape, shift)) if return_lse else loss
 
     out = CrossEntropyOutput(loss, lse=_per_token(lse, out_shape, shift) if return_lse else None)
     if return_z_loss:
-        zl = torch.zeros_like(ce) if zl is None else zl
+        zl = torch.zeros(t.shape, dtype=loss.dtype, device=t.device) if zl is None else zl
         out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
                       "none": lambda: _per_token(zl, out_shape, shift)}[plan.reduction]()
     if return_token_accuracy or return_predicted_tokens:
-        predicted = stats[plan.stat_names.index("argmax")].long()
+        predicted = argmax.long()
         hit = (valid & (predicted == t)).float()
         if return_token_accuracy:
             out.token_accuracy = (_per_token(hit, out_shape, shift) if plan.reduction == "none"
@@ -540,6 +528,19 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
         if return_predicted_tokens:
             out.predicted_tokens = _per_token(torch.where(valid, predicted, -1), out_shape, shift)
     return out
+
+
+def _reduce(plan: Plan, ce, zl, t, out_shape, shift: int) -> torch.Tensor:
+    """The loss from the per-token cross-entropy part ce [N] and z-loss part zl [N] (or None)."""
+    per_token = ce if zl is None else ce + zl
+    if plan.reduction == "mean":
+        den_ce, den_count = plan.mean_denominators(t)
+        if plan.class_weights is None or zl is None:
+            return per_token.sum() / den_ce
+        return ce.sum() / den_ce + zl.sum() / den_count  # the z-loss is not class-weighted: its own count
+    if plan.reduction == "sum":
+        return per_token.sum()
+    return _per_token(per_token, out_shape, shift)
 
 
 def _from_dtensors(e, c, targets, bias, group, vocab_start, options):

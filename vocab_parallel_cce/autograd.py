@@ -95,26 +95,37 @@ class LossWithGradInForward(torch.autograd.Function):
     Chunks of `plan.tuning.grad_in_forward_chunk(...)` tokens (all of them while their logits fit
     in `tuning.fast_logits_bytes`): Z = E_c·C_rᵀ is materialised once ([n_c, V_r]: bf16 for bf16
     inputs, as the unfused layer's logits, else float32);
-    its rows give the statistics (combined across ranks: one all-gather per chunk), `plan.token_loss`
-    gives the chunk's per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
-    G = a·p + b·[j = t] + u, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
+    its rows give the statistics `plan.stat_names` (lse, x, s; max and argmax when the plan asks;
+    combined across ranks: one all-gather per chunk), `plan.token_loss_parts` gives the chunk's
+    per-token loss, autograd on those [n_c] vectors gives the coefficients (a, b, u) of
+    G = a·p + b·[j = t] + u·w_j, and G is written over Z. Then dE_c = G·C_r (complete over the shard:
     written once), dC_r += Gᵀ·E_c in float32. 6·N·D·V FLOPs instead of the recomputing path's 8.
+    "mean" divides the cross-entropy part by `dens[0]` and the z-loss part by `dens[1]` (device
+    scalars: with class weights they differ), both folded into the coefficients.
     The backward only scales the stored gradients by the upstream gradient, in place (once). For
     "none" the per-token upstream gradient g must be one value s on every token whose G row is not
     zero (non-ignored, in-range target); the backward uses s and checks max|g_i − s| ≤ 1e-6·max|g_i|
     on the device: otherwise every gradient is NaN (no host sync, never silently wrong).
+
+    Extra outputs: with `want_z` the per-token z-loss part λ·lse² [N] (0 where ignored), a value
+    whose gradient is already inside the loss's: its upstream gradient must be 0 (else NaN
+    gradients); with `plan.need_argmax` the argmax [N] (global ids as floats, ties to the smallest
+    id), not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, e, c, bias, t, plan: Plan, count, loss_mask=None):
+    def forward(ctx, e, c, bias, t, plan: Plan, dens=None, loss_mask=None, want_z=False):
         """e [N, D] (sequence parallel: this rank's [N/W, D], gathered here), c [V_r, D], bias [V_r]
-        or None, t [N] global ids, count: number of valid tokens (device scalar, "mean"; else None),
-        loss_mask [N] bool or None ("none" only: tokens where it is False keep their loss but get
-        no gradient; their upstream gradient must be 0) → scalar loss ("mean", "sum") or per-token
-        loss [N] ("none"), float32 (float64 for float64 e)."""
+        or None, t [N] global ids, dens: "mean"'s two divisors (`plan.mean_denominators(t)`: of the
+        cross-entropy part, of the z-loss part; device scalars) or None, loss_mask [N] bool or None
+        ("none" only: tokens where it is False keep their loss but get no gradient; their upstream
+        gradient must be 0), want_z: also return the z-loss part → (loss, [z-loss part [N] if
+        want_z], [argmax [N] if plan.need_argmax]): the loss a scalar ("mean", "sum") or per token
+        [N] ("none"), float32 (float64 for float64 e)."""
         e = _gather_tokens(e, plan)  # used during this forward only
         n, d = e.shape
         v, reduction, backend = plan.n_valid, plan.reduction, plan.backend
+        names = plan.stat_names
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
@@ -136,24 +147,45 @@ class LossWithGradInForward(torch.autograd.Function):
         per_token = torch.empty(n, dtype=acc_dtype, device=e.device) if reduction == "none" else None
         active = torch.empty(n, dtype=torch.bool, device=e.device) if reduction == "none" else None
         held = torch.zeros(n, dtype=torch.bool, device=e.device) if loss_mask is not None else None
-        scale = 1.0 / count.clamp(min=1).to(acc_dtype) if reduction == "mean" else None
-        # "mean"'s 1/count goes into G, except in float16, whose range p/count would underflow.
-        fold = scale is not None and e.dtype != torch.float16
+        want_z = want_z and plan.z_loss > 0
+        z_part = torch.empty(n, dtype=acc_dtype, device=e.device) if want_z else None
+        argmax = torch.empty(n, dtype=acc_dtype, device=e.device) if plan.need_argmax else None
+        # The chunk's objective is k_ce·Σ ce + k_z·Σ zl, then × post: "mean" = Σ ce/dens[0] + Σ zl/dens[1].
+        # Its divisors go into G (k_ce = 1/dens[0], k_z = 1/dens[1]), except in float16, whose range
+        # p/count would underflow: there G gets k_z = dens[0]/dens[1] (≈ a mean class weight) and the
+        # products are multiplied by post = 1/dens[0] afterwards.
+        k_ce = k_z = post = None
+        if reduction == "mean":
+            den_ce, den_z = (q.to(acc_dtype) for q in dens)
+            if e.dtype != torch.float16:
+                k_ce, k_z = 1.0 / den_ce, 1.0 / den_z
+            else:
+                k_z, post = den_ce / den_z, 1.0 / den_ce
         for n0 in range(0, n, chunk):
             n1 = min(n, n0 + chunk)
             e_c, t_c = e[n0:n1], t[n0:n1]
             t_local = t_c - plan.vocab_start
-            z, lse, x, s = backend.logits_and_stats(e_c, c, bias, t_local, plan)
+            z, *st = backend.logits_and_stats(e_c, c, bias, t_local, plan)
+            if plan.need_argmax:
+                st[names.index("argmax")] = st[names.index("argmax")] + plan.vocab_start  # global ids
             if plan.world > 1:
-                lse, x, s = vp.combine_shard_stats(lse, x, s, plan.group)
+                st = vp.combine_stats(st, names, plan.group)  # one collective for all of them
+            lse = st[0]
+            if plan.need_argmax:
+                argmax[n0:n1] = st[names.index("argmax")]
             with torch.enable_grad():
-                stats = [q.detach().requires_grad_() for q in (lse, x, s)]
-                loss_c = plan.token_loss(*stats, t_c)
-                coef = torch.autograd.grad(loss_c.sum(), stats, allow_unused=True, materialize_grads=True)
+                leaves = [q.detach().requires_grad_() for q in st[:3]]
+                ce, zl = plan.token_loss_parts(*leaves, t_c)
+                objective = ce.sum() if k_ce is None else ce.sum() * k_ce
+                if zl is not None:
+                    objective = objective + (zl.sum() if k_z is None else zl.sum() * k_z)
+                coef = torch.autograd.grad(objective, leaves, allow_unused=True, materialize_grads=True)
+            if z_part is not None:
+                z_part[n0:n1] = zl.detach()
             if per_token is None:
-                total += loss_c.detach().sum().to(acc_dtype)
+                total += objective.detach().to(acc_dtype)
             else:
-                per_token[n0:n1] = loss_c.detach()
+                per_token[n0:n1] = (ce if zl is None else ce + zl).detach()
                 scored = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
                 if loss_mask is not None:
                     m = loss_mask[n0:n1]
@@ -161,8 +193,6 @@ class LossWithGradInForward(torch.autograd.Function):
                     held[n0:n1] = scored & ~m
                     scored = scored & m
                 active[n0:n1] = scored
-            if fold:
-                coef = [q * scale for q in coef]
             g = backend.grad_from_logits(z, bias, t_local, lse, *coef, plan, e.dtype)
             if need_de:  # complete over this shard's vocabulary: written once, no accumulation
                 if de.dtype != e.dtype:  # float32 partial sum (16-bit inputs, a cross-rank sum follows)
@@ -171,8 +201,8 @@ class LossWithGradInForward(torch.autograd.Function):
                     torch.mm(g, c[:v], out=de[n0:n1])
                 else:
                     de[n0:n1] = (g @ c[:v].to(g.dtype)).to(de.dtype)
-                if scale is not None and not fold:
-                    backend.scale_in_place(de[n0:n1], scale)
+                if post is not None:
+                    backend.scale_in_place(de[n0:n1], post)
             if need_dc and dc_acc.dtype == acc_dtype:
                 backend.product_fp32(dc_acc[:v], g.T, e_c.to(g.dtype), plan, accumulate=n0 > 0)
             elif need_dc and g.dtype == dc_acc.dtype == e_c.dtype:  # the only chunk, 16-bit G
@@ -182,33 +212,38 @@ class LossWithGradInForward(torch.autograd.Function):
             if need_db:
                 db[:v] += g.sum(dim=0, dtype=acc_dtype)
             del z, g
-        if scale is not None:
-            total = total * scale
-            if not fold:
-                for q in (dc_acc, db):
-                    if q is not None:
-                        q.mul_(scale)
+        if post is not None:
+            total = total * post
+            for q in (dc_acc, db):
+                if q is not None:
+                    q.mul_(post)
         dc = dc_acc
         if need_dc and dc_acc.dtype != c.dtype:
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.plan, ctx.active, ctx.held, ctx.e_dtype = plan, active, held, e.dtype
+        ctx.plan, ctx.active, ctx.held, ctx.e_dtype, ctx.want_z = plan, active, held, e.dtype, want_z
         out = total if per_token is None else per_token
-        return out.float() if acc_dtype == torch.float32 else out
+        outs = [out] + ([z_part] if want_z else []) + ([argmax] if argmax is not None else [])
+        if argmax is not None:
+            ctx.mark_non_differentiable(argmax)
+        return tuple(q.float() if acc_dtype == torch.float32 else q for q in outs)
 
     @staticmethod
-    def backward(ctx, g_loss):
+    def backward(ctx, g_loss, *g_extra):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
                                "(retain_graph is not supported in this mode)")
         grads, ctx.grads = ctx.grads, None
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
+        if ctx.want_z and g_extra and g_extra[0] is not None:
+            # the z-loss output's gradient is inside the loss's: one of its own cannot be honoured
+            k = torch.where((g_extra[0] != 0).any(), torch.full_like(k, float("nan")), k)
         for q in grads:
             if q is not None:
                 ctx.plan.backend.scale_in_place(q, k)  # dE before the cross-rank sum, in its dtype
         grads[0] = _sum_grad_e(grads[0], ctx.e_dtype, ctx.plan)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _uniform_upstream(g: torch.Tensor, active: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:

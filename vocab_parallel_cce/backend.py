@@ -67,17 +67,21 @@ class Backend(Protocol):
     # ---- gradient-in-forward mode (autograd.LossWithGradInForward), per token chunk [n, D]
 
     def logits_and_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
-                         plan: Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(Z, lse, x, s): Z [n, ≥ n_valid] the chunk's logits in the backend's storage format, read
+                         plan: Plan) -> tuple[Tensor, ...]:
+        """(Z, *stats): Z [n, ≥ n_valid] the chunk's logits in the backend's storage format, read
         only by `grad_from_logits` (float32 raw logits e·c[:n_valid]ᵀ, no bias, for float32 storage
         (float64 on torch); the triton backend's bf16 storage holds the final logits, bias and softcap
-        applied, rounded to bf16 as the unfused layer's), and this shard's statistics [n] (bias and
-        softcap applied; of the stored values where they are the final logits)."""
+        applied, rounded to bf16 as the unfused layer's), and this shard's statistics
+        `plan.stat_names` [n] each: (lse, x, s), then (max, argmax) with `plan.need_argmax`
+        (bias and softcap applied; s = Σ_j w_j z_j with `plan.sum_weights`; all of the stored
+        values where they are the final logits). No entropy's pz (`plan.need_entropy` is never
+        set with this mode)."""
 
     def grad_from_logits(self, z: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                          coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
                          dtype: torch.dtype) -> Tensor:
-        """G [n, n_valid] from `logits_and_stats`' Z (which it may overwrite), in `dtype` (the
+        """G [n, n_valid] = a·p + b·[j = t] + u·w_j (× the softcap's factor; w_j = 1 without
+        `plan.sum_weights`) from `logits_and_stats`' Z (which it may overwrite), in `dtype` (the
         inputs' dtype) or a wider float dtype."""
 
     def product_fp32(self, out: Tensor, a: Tensor, b: Tensor, plan: Plan, accumulate: bool) -> None:

@@ -152,25 +152,39 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
 
 def logits_and_stats(e, c, bias, t_local, plan: Plan):
     """Z: the chunk's raw logits e·c[:n_valid]ᵀ (no bias) in the compute dtype, and its rows'
-    (lse, x, s) (see backend.py)."""
+    statistics `plan.stat_names` (lse, x, s, then max, argmax when asked; s = Σ_j w_j z_j with
+    `plan.sum_weights`), see backend.py."""
+    if plan.need_entropy:
+        raise NotImplementedError("the gradient-in-forward mode has no entropy statistic")
     cdt = _compute_dtype(e)
     v = plan.n_valid
+    n = e.shape[0]
     z = e.to(cdt) @ c[:v].to(cdt).T
     zc, _ = _logits(z, None if bias is None else bias[:v].to(cdt), plan.softcap)
-    lse = torch.logsumexp(zc, dim=1) if v > 0 else zc.new_full((z.shape[0],), float("-inf"))
+    if v == 0:
+        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
+        return (z, *(zc.new_full((n,), float("-inf") if k in low else 0.0) for k in plan.stat_names))
+    lse = torch.logsumexp(zc, dim=1)
     in_shard = (t_local >= 0) & (t_local < v)
-    x = torch.where(in_shard, zc.gather(1, t_local.clamp(0, max(v - 1, 0))[:, None]).squeeze(1), 0.0) \
-        if v > 0 else zc.new_zeros(z.shape[0])
-    s = zc.sum(dim=1) if plan.need_sum else torch.zeros_like(lse)
-    return z, lse, x, s
+    x = torch.where(in_shard, zc.gather(1, t_local.clamp(0, v - 1)[:, None]).squeeze(1), 0.0)
+    w = plan.sum_weights
+    if not plan.need_sum:
+        s = torch.zeros_like(lse)
+    else:
+        s = zc.sum(dim=1) if w is None else zc @ w.to(cdt)
+    if not plan.need_argmax:
+        return z, lse, x, s
+    top, arg = zc.max(dim=1)  # the first maximal column: ties go to the smallest id
+    return z, lse, x, s, top, arg.to(cdt)
 
 
 def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, dtype):
     """G [n, n_valid] from the chunk's raw logits Z, in Z's (compute) dtype: wider than or equal
-    to `dtype`, as the contract allows (exact)."""
+    to `dtype`, as the contract allows (exact). With `plan.sum_weights` the u term is u·w_j."""
     v = plan.n_valid
     zc, dcap = _logits(z[:, :v], None if bias is None else bias[:v].to(z.dtype), plan.softcap)
-    return _logit_grad(zc, dcap, lse, coef_p, coef_t, coef_u, t_local, 0)
+    w = plan.sum_weights
+    return _logit_grad(zc, dcap, lse, coef_p, coef_t, coef_u, t_local, 0, None if w is None else w.to(z.dtype))
 
 
 def product_fp32(out, a, b, plan: Plan, accumulate: bool) -> None:

@@ -488,56 +488,68 @@ def _stores_logits_16bit(e: torch.Tensor, plan: Plan) -> bool:
 
 
 def logits_and_stats(e, c, bias, t_local, plan: Plan):
-    """(Z, lse, x, s): Z [n, ≥ n_valid] the chunk's logits, and this shard's float32 statistics [n].
+    """(Z, *stats): Z [n, ≥ n_valid] the chunk's logits, and this shard's float32 statistics
+    `plan.stat_names` [n] each (lse, x, s; then max, argmax with `plan.need_argmax`; s is
+    Σ_j w_j z_j with `plan.sum_weights`), see backend.py.
 
     bf16 (`_stores_logits_16bit`): Z = cuBLAS e·cᵀ in bf16, then one pass computes the statistics
-    and, with bias or softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z.
-    Otherwise Z is the raw float32 product and the statistics apply bias and softcap on the fly.
+    and, with bias or softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z (the
+    statistics, max and argmax included, are those of the stored values). Otherwise Z is the raw
+    float32 product and the statistics apply bias and softcap on the fly.
     """
+    if plan.need_entropy:
+        raise NotImplementedError("the gradient-in-forward mode has no entropy statistic")
     n, v = e.shape[0], plan.n_valid
+    names = plan.stat_names
     sixteen = _stores_logits_16bit(e, plan)
     z = torch.empty(n, triton.cdiv(max(v, 1), 8) * 8, dtype=e.dtype if sixteen else torch.float32,
                     device=e.device)
     if v == 0 or n == 0:
-        return z, (e.new_full((n,), float("-inf"), dtype=torch.float32),
-                   e.new_zeros(n, dtype=torch.float32), e.new_zeros(n, dtype=torch.float32))
-    out = torch.empty(3, n, dtype=torch.float32, device=e.device)
+        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
+        return (z, *(e.new_full((n,), float("-inf") if k in low else 0.0, dtype=torch.float32) for k in names))
+    out = torch.empty(len(names), n, dtype=torch.float32, device=e.device)
     bias_arg = c if bias is None else bias
     cap = plan.softcap or 1.0
+    sum_w = _sum_weights(plan)
+    sumw_arg = out if sum_w is None else sum_w
     if sixteen:
         torch.mm(e, c[:v].T, out=z[:, :v])
         rows, cols, warps = (4, 16, 1) if _interpreting() else (STATS_ROWS, STATS_COLS, STATS_WARPS)
         G.stored_logits_stats_kernel[(triton.cdiv(n, rows),)](
-            z, bias_arg, t_local, out, n, v, z.stride(0), cap,
+            z, bias_arg, t_local, out, n, v, z.stride(0), cap, sumw_arg,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, NEED_SUM=plan.need_sum,
             WRITE_BACK=bias is not None or plan.softcap is not None, BLOCK_R=rows, BLOCK_C=cols,
-            num_warps=warps,
+            HAS_SUMW=sum_w is not None, NEED_ARGMAX=plan.need_argmax, num_warps=warps,
         )
         counters["fast_bf16_logits"] += 1
     else:
         _product_fp32(z[:, :v], e, c[:v].T, plan.exact, False, plan.tuning)
         block = 16 if _interpreting() else ROW_BLOCK
         K.row_stats_kernel[(n,)](
-            z, bias_arg, t_local, out, v, z.stride(0), n, cap,
+            z, bias_arg, t_local, out, v, z.stride(0), n, cap, sumw_arg,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None,
-            NEED_SUM=plan.need_sum, BLOCK=block, num_warps=ROW_WARPS,
+            NEED_SUM=plan.need_sum, BLOCK=block, HAS_SUMW=sum_w is not None, NEED_ARGMAX=plan.need_argmax,
+            num_warps=ROW_WARPS,
         )
-    return z, out[0], out[1], out[2]
+    return (z, *out.unbind(0))
 
 
 def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, dtype):
     """G [n, n_valid] over Z's storage: in place for bf16 Z (the final logits), else in `dtype`
-    (float32 for float32) inside the float32 rows of the raw logits."""
+    (float32 for float32) inside the float32 rows of the raw logits. With `plan.sum_weights` the
+    u term is u·w_j."""
     n, v = z.shape[0], plan.n_valid
     coef = torch.stack([coef_p, coef_t, coef_u]).float().contiguous()
     lse = lse.float().contiguous()
+    sum_w = _sum_weights(plan)
+    sumw_arg = lse if sum_w is None else sum_w
     if z.dtype != torch.float32:  # the stored final logits: 1 − tanh² = 1 − (z/cap)²
         if v > 0 and n > 0:
             rows, cols, warps = (4, 16, 1) if _interpreting() else (GRAD_ROWS, GRAD_COLS, GRAD_WARPS)
             G.grad_from_stored_kernel[(triton.cdiv(n, rows), triton.cdiv(v, cols))](
-                z, t_local, lse, coef, z, n, v, z.stride(0), 0, 1.0 / (plan.softcap or 1.0), 0.0,
+                z, t_local, lse, coef, z, n, v, z.stride(0), 0, 1.0 / (plan.softcap or 1.0), 0.0, sumw_arg,
                 HAS_SOFTCAP=plan.softcap is not None, FILTER=False, BLOCK_R=rows, BLOCK_C=cols,
-                num_warps=warps,
+                HAS_SUMW=sum_w is not None, num_warps=warps,
             )
         # torch 2.13's CPU bf16 GEMM reads past K when A's rows are strided (the padding columns
         # enter the product): on CPU (the interpreter's tests) hand out a contiguous copy.
@@ -548,8 +560,8 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, 
     block = 16 if _interpreting() else ROW_BLOCK
     K.row_logit_grad_kernel[(n,)](
         z, g, z if bias is None else bias, t_local, lse, coef, v, z.stride(0), g.stride(0), n,
-        plan.softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None,
-        BLOCK=block, num_warps=ROW_WARPS,
+        plan.softcap or 1.0, sumw_arg, HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None,
+        BLOCK=block, HAS_SUMW=sum_w is not None, num_warps=ROW_WARPS,
     )
     return g[:, :v]
 

@@ -12,7 +12,8 @@ optionally softcapped z ← cap·tanh(z/cap). All accumulation is float32.
   as non-negligible (or all of them).
 - `row_stats_kernel`, `row_logit_grad_kernel`: the gradient-in-forward mode's passes over a
   materialised float32 chunk of logits Z [n_c, V] (one program per token row): the row's
-  (lse, correct logit, Σ logits), then G written over Z's own storage.
+  (lse, correct logit, Σ logits; optionally Σ_j w_j z_j and max / argmax), then G written over
+  Z's own storage.
 """
 
 import triton
@@ -280,10 +281,13 @@ def sparse_matmul_kernel(A, B, OUT, K_LIST, K_COUNT,
 
 
 @triton.jit
-def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap,
+def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap, SUMW,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of row `row` of Z (float32 [n_rows, V])."""
+                     BLOCK: tl.constexpr, HAS_SUMW: tl.constexpr = False, NEED_ARGMAX: tl.constexpr = False):
+    """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of row `row` of Z (float32 [n_rows, V]),
+    bias and softcap applied on the fly. Optional (stats.py), each only when its switch is on:
+    HAS_SUMW: OUT[2] = Σ_j w_j z_j (SUMW [V] float32 class weights); NEED_ARGMAX: OUT[3] = max_j z_j,
+    OUT[4] = its smallest column (as a float)."""
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
     tgt = tl.load(TGT + row)
@@ -292,6 +296,7 @@ def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap,
     s = tl.zeros((BLOCK,), tl.float32)
     x = tl.zeros((BLOCK,), tl.float32)
     zsum = tl.zeros((BLOCK,), tl.float32)
+    arg = tl.full((BLOCK,), 2147483647, tl.int32)  # per lane: column of the lane's max (NEED_ARGMAX)
     for v0 in range(0, V, BLOCK):
         offs = v0 + tl.arange(0, BLOCK)
         mask = offs < V
@@ -302,8 +307,13 @@ def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap,
             z = softcap * _tanh(z / softcap)
         x += tl.where(offs == tgt, z, 0.0)
         if NEED_SUM:
-            zsum += tl.where(mask, z, 0.0)
+            if HAS_SUMW:
+                zsum += tl.where(mask, z * tl.load(SUMW + offs, mask=mask, other=0.0), 0.0)
+            else:
+                zsum += tl.where(mask, z, 0.0)
         z = tl.where(mask, z, float("-inf"))
+        if NEED_ARGMAX:  # a lane's columns increase: only a strictly larger value moves its argmax
+            arg = tl.where(z > m, offs, arg)
         m_new = tl.maximum(m, z)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
@@ -314,12 +324,17 @@ def row_stats_kernel(Z, BIAS, TGT, OUT, V, stride_z, n_rows, softcap,
     tl.store(OUT + row, lse)
     tl.store(OUT + n_rows + row, tl.sum(x, axis=0))
     tl.store(OUT + 2 * n_rows + row, tl.sum(zsum, axis=0))
+    if NEED_ARGMAX:  # the smallest column among the lanes holding the row's max
+        tl.store(OUT + 3 * n_rows + row, m_max)
+        tl.store(OUT + 4 * n_rows + row, tl.min(tl.where(m == m_max, arg, 2147483647), axis=0).to(tl.float32))
 
 
 @triton.jit
-def row_logit_grad_kernel(Z, G, BIAS, TGT, LSE, COEF, V, stride_z, stride_g, n_rows, softcap,
-                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """G[row, j] = a·p + b·[j = t] + u (× (1 − tanh²) when softcapped), p = exp(z − lse), from Z.
+def row_logit_grad_kernel(Z, G, BIAS, TGT, LSE, COEF, V, stride_z, stride_g, n_rows, softcap, SUMW,
+                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_SUMW: tl.constexpr = False):
+    """G[row, j] = a·p + b·[j = t] + u (× (1 − tanh²) when softcapped), p = exp(z − lse), from Z;
+    HAS_SUMW: u·w_j instead of u (SUMW [V] float32 class weights).
 
     G may occupy Z's own storage (row r of G inside row r of Z, narrower elements): block k of
     G overwrites Z columns below (k + 1)·BLOCK / 2, all loaded by iteration k; the barrier makes
@@ -342,7 +357,10 @@ def row_logit_grad_kernel(Z, G, BIAS, TGT, LSE, COEF, V, stride_z, stride_g, n_r
         if HAS_SOFTCAP:
             th = _tanh(z / softcap)
             z = softcap * th
-        g = a * tl.exp(z - lse) + tl.where(offs == tgt, b, 0.0) + u
+        if HAS_SUMW:
+            g = a * tl.exp(z - lse) + tl.where(offs == tgt, b, 0.0) + u * tl.load(SUMW + offs, mask=mask, other=0.0)
+        else:
+            g = a * tl.exp(z - lse) + tl.where(offs == tgt, b, 0.0) + u
         if HAS_SOFTCAP:
             g = g * (1.0 - th * th)
         tl.debug_barrier()

@@ -169,13 +169,13 @@ def grad_launch(e, c, t, g, lse, coef, cfg, v_begin=0, width=None):
 def gpass_launch(z, t, lse, coef, br=4, bc=1024, warps=4):
     n, v = z.shape[0], z.shape[1]
     TG.grad_from_stored_kernel[(triton.cdiv(n, br), triton.cdiv(v, bc))](
-        z, t, lse, coef, z, n, v, z.stride(0), 0, 1.0, 0.0, HAS_SOFTCAP=False, FILTER=False,
+        z, t, lse, coef, z, n, v, z.stride(0), 0, 1.0, 0.0, lse, HAS_SOFTCAP=False, FILTER=False,
         BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
 
 
 def rowstats_launch(z, t, out, v):
     n = z.shape[0]
-    K.row_stats_kernel[(n,)](z, z, t, out, v, z.stride(0), n, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False,
+    K.row_stats_kernel[(n,)](z, z, t, out, v, z.stride(0), n, 1.0, out, HAS_BIAS=False, HAS_SOFTCAP=False,
                              NEED_SUM=False, BLOCK=2048, num_warps=8)
 
 
