@@ -339,7 +339,9 @@ def test_predicted_tokens_and_accuracy(dtype):
     assert (pred[~valid] == -1).all() and ((pred[valid] >= 0) & (pred[valid] < v)).all()
     top = z.max(-1).values
     picked = z.gather(1, pred.clamp(min=0)[:, None])[:, 0]
-    slack = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * z.abs().max(-1).values
+    # bf16: cuBLAS rounds the raw product, and with a bias the stored sum is rounded again: two
+    # roundings of each of two values (measured: a gap of 0.0766 at max 8.36, above 2^-7 of it)
+    slack = (2.0**-6 if dtype == torch.bfloat16 else 1e-5) * z.abs().max(-1).values
     assert ((top - picked)[valid] <= slack[valid]).all()
     assert not ((pred == 20001) | (pred == 39000)).any() and (pred == 5).sum() > n // 4
     assert torch.equal(out.token_accuracy, (valid & (pred == t)).float())
@@ -502,7 +504,9 @@ def test_fast_mode_predicted_tokens_and_ties(dtype, with_bias):
     valid = t != -100
     pred = out.predicted_tokens
     picked = z.gather(1, pred.clamp(min=0)[:, None])[:, 0]
-    slack = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * z.abs().max(-1).values
+    # bf16: cuBLAS rounds the raw product, and with a bias the stored sum is rounded again: two
+    # roundings of each of two values (measured: a gap of 0.0766 at max 8.36, above 2^-7 of it)
+    slack = (2.0**-6 if dtype == torch.bfloat16 else 1e-5) * z.abs().max(-1).values
     assert ((z.max(-1).values - picked)[valid] <= slack[valid]).all()
     assert not ((pred == 20001) | (pred == 39000)).any() and (pred == 5).sum() > n // 4
     assert torch.equal(out.token_accuracy, (valid & (pred == t)).float())
