@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vocab_parallel_cce.api as api
 from reference import reference_argmax, rel_err
+from test_class_weights import _inputs  # the same leaves, targets and class weights
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -39,15 +39,6 @@ TOL = {torch.float64: (1e-12, 1e-11), torch.float32: (1e-5, 1e-5), torch.float16
        torch.bfloat16: (2e-3, 2e-2)}
 
 
-def _inputs(n, d, v, dtype, bias=False, ignore_every=4, scale=2.0):
-    e = torch.randn(n, d, dtype=torch.float64)
-    c = torch.randn(v, d, dtype=torch.float64) * scale / d**0.5
-    b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
-    t = torch.randint(0, v, (n,))
-    if ignore_every:
-        t[::ignore_every] = -100
-    w = torch.rand(v, dtype=torch.float64) * 2 + 0.1
-    return [x.to(dtype).requires_grad_() if x is not None else None for x in (e, c, b)], t, w
 
 
 def _oracle(leaves, t, w, reduction, ls=0.0, zl=0.0, softcap=None, vocab=None):
@@ -316,17 +307,8 @@ def test_a_gradient_through_the_z_loss_output_gives_nan(impl, reduction, seed):
     assert torch.isfinite(torch.autograd.grad(slow.z_loss.sum(), leaves[0])[0]).all()
 
 
-def test_auto_selects_the_fast_mode_for_these_options(seed, monkeypatch):
-    calls = []
-    real = api.LossWithGradInForward
-
-    class Counted(real):
-        @staticmethod
-        def forward(ctx, *args):
-            calls.append(1)
-            return real.forward(ctx, *args)
-
-    monkeypatch.setattr(api, "LossWithGradInForward", Counted)
+def test_auto_selects_the_fast_mode_for_these_options(seed, fast_mode_calls):
+    calls = fast_mode_calls
     leaves, t, w = _inputs(12, 16, 40, torch.float32)
     e, c = leaves[:2]
     flags = {k: v for k, v in FLAGS.items() if k != "return_z_loss"}
