@@ -94,7 +94,8 @@ class CrossEntropyOutput:
     shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
 
     loss: torch.Tensor
-    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, reduced the same way (fast mode: no gradient of its own)
+    # the z-loss part of `loss`, reduced the same way (grad_in_forward=True: no gradient of its own)
+    z_loss: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
     predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
     lse: torch.Tensor | None = None  # return_lse
@@ -391,10 +392,10 @@ def linear_cross_entropy(
             "mean"/"sum", no return_lse, no return_z_loss (whose output keeps a gradient of its
             own only there), not while torch.compile traces (where the memory-first mode's custom
             ops avoid a graph break), with any of the other options (class weights, label
-            smoothing, z-loss, the accuracy / predicted-token outputs) — else the memory-first mode. The default is
-            False until a multi-seed training-curve comparison has shown the fast mode's bf16
-            logits harmless (issue 12). Without autograd (no input requires grad) the
-            memory-first forward runs in every case.
+            smoothing, z-loss, the accuracy / predicted-token outputs) — else the memory-first
+            mode. The default is False until a multi-seed training-curve comparison has shown
+            the fast mode's bf16 logits harmless (issue 12). Without autograd (no input requires
+            grad) the memory-first forward runs in every case.
         loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
             (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
             rank's slice). A promise that positions where it is 0 get upstream gradient 0: the

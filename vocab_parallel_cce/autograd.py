@@ -44,7 +44,6 @@ def _sum_grad_e(de, dtype, plan: Plan):
     return vp.sum_grad_e(de, dtype, plan.group, scatter=plan.sequence_parallel)
 
 
-
 def _save_plan(ctx, plan: Plan) -> None:
     """Keep `plan` on ctx for the backward with its process group held WEAKLY.
 

@@ -27,8 +27,9 @@ Logit gradient, given the GLOBAL lse_i and per-token coefficients (a_i, b_i, u_i
     (w_j = 1 without `plan.sum_weights`; the q term only when `backward` gets coef_q and the
     GLOBAL pz as mean_z)
 and `backward` returns dE = G·C [N, D], dC = Gᵀ·E [V_local, D], dbias = Σ_i G_ij [V_local] in the
-inputs' dtypes (None where not asked for; dE in float32 when asked for with `de_fp32`). The triton backend may skip dC tiles (never dE's) per
-`plan.filter_eps` / `plan.adaptive_filter`; the torch backend is always exact.
+inputs' dtypes (None where not asked for; dE in float32 when asked for with `de_fp32`). The
+triton backend may skip dC tiles (never dE's) per `plan.filter_eps` / `plan.adaptive_filter`;
+the torch backend is always exact.
 """
 
 from __future__ import annotations

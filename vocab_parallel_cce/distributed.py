@@ -90,19 +90,23 @@ def combine_stats(partial, names: tuple[str, ...], group) -> tuple[torch.Tensor,
     return stats.merge(gathered, names)
 
 
+def _round_rows_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst ← src (float32 [n, d]) in dst's narrower dtype, front to back in row blocks of ~1M
+    elements. dst may overlap src's storage as long as each dst row starts at or before the same
+    src row's bytes: row block [r0, r1) of dst then only covers bytes of src rows < r1, all read
+    (into `tmp`) before it is written, so no second [n, d] buffer is needed."""
+    rows = max(1, (1 << 20) // max(src.shape[1], 1))
+    for r0 in range(0, src.shape[0], rows):
+        tmp = src[r0:r0 + rows].to(dst.dtype)
+        dst[r0:r0 + rows].copy_(tmp)
+
+
 def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Convert a contiguous float32 [n, d] tensor to `dtype` inside its own storage (the result
-    views its first bytes).
-
-    Row block [r0, r1) of the result occupies bytes of float32 rows < r1, all of which have been
-    read (into `tmp`) by the time it is written, so no second [n, d] buffer is needed.
-    """
+    views its first bytes)."""
     n, d = acc.shape
     out = acc.view(-1).view(dtype)[: n * d].view(n, d)
-    rows = max(1, (1 << 20) // max(d, 1))
-    for r0 in range(0, n, rows):
-        tmp = acc[r0:r0 + rows].to(dtype)
-        out[r0:r0 + rows].copy_(tmp)
+    _round_rows_into(acc, out)
     return out
 
 
@@ -149,12 +153,7 @@ def sum_grad_e(de: torch.Tensor, dtype: torch.dtype, group, scatter: bool) -> to
         return block.to(dtype)
     out = de.view(-1).view(dtype)[: de.numel()].view(de.shape)  # de's storage, read no more
     mine = out[first:first + rows]
-    # float32 block → `dtype` at rows [first, first + rows) of `out`: those bytes start at or before
-    # the block's own, so front to back in row chunks nothing is overwritten before it is read.
-    step = max(1, (1 << 20) // max(de.shape[1], 1))
-    for r0 in range(0, rows, step):
-        tmp = block[r0:r0 + step].to(dtype)
-        mine[r0:r0 + step].copy_(tmp)
+    _round_rows_into(block, mine)  # mine's rows start at or before the block's own bytes
     if de.numel():  # in-place all-gather: this rank's block is already in place
         _wait(_all_gather_single(out, mine, group=group, async_op=True), what + " (all-gather)")
     return out

@@ -34,6 +34,12 @@ def names(entropy: bool, argmax: bool) -> tuple[str, ...]:
     return BASE + (("pz",) if entropy else ()) + (("max", "argmax") if argmax else ())
 
 
+def of_no_rows(names: tuple[str, ...], n: int, like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The statistics `names` of n tokens over an empty vocabulary part (a shard with no valid
+    rows): lse and max −inf (the merge's identities), the others 0; [n] each, on like's device."""
+    return [like.new_full((n,), float("-inf") if k in ("lse", "max") else 0.0, dtype=dtype) for k in names]
+
+
 def merge(parts: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
     """Statistics of the union of R disjoint vocabulary parts, k separate tensors [N] (none a view
     of another), from their partial statistics `parts` [R, k, N] (rows named by `names`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import stats
 from .plan import Plan
 
 # Elements of one logits block; 2**22 float32 = 16 MiB.
@@ -162,8 +163,7 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan):
     z = e.to(cdt) @ c[:v].to(cdt).T
     zc, _ = _logits(z, None if bias is None else bias[:v].to(cdt), plan.softcap)
     if v == 0:
-        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
-        return (z, *(zc.new_full((n,), float("-inf") if k in low else 0.0) for k in plan.stat_names))
+        return (z, *stats.of_no_rows(plan.stat_names, n, zc, zc.dtype))
     lse = torch.logsumexp(zc, dim=1)
     in_shard = (t_local >= 0) & (t_local < v)
     x = torch.where(in_shard, zc.gather(1, t_local.clamp(0, v - 1)[:, None]).squeeze(1), 0.0)

@@ -171,8 +171,7 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     block_n, block_v, block_d, warps, stages = _forward_config(e.dtype, tuning)
     n_tiles, v_tiles = triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v)
     if n == 0 or n_valid == 0:
-        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
-        return [e.new_full((n,), float("-inf") if k in low else 0.0, dtype=torch.float32) for k in names]
+        return stats.of_no_rows(names, n, e, torch.float32)
     e_arg, c_arg, tma = _tma_operands(e, c, block_n, block_v, block_d, tuning)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
     splits = tuning.forward_splits or max(1, min(v_tiles, triton.cdiv(4 * _num_sms(e.device), n_tiles), 128))
@@ -505,8 +504,7 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan):
     z = torch.empty(n, triton.cdiv(max(v, 1), 8) * 8, dtype=e.dtype if sixteen else torch.float32,
                     device=e.device)
     if v == 0 or n == 0:
-        low = ("lse", "max")  # −inf over no vocabulary rows; the others 0
-        return (z, *(e.new_full((n,), float("-inf") if k in low else 0.0, dtype=torch.float32) for k in names))
+        return (z, *stats.of_no_rows(names, n, e, torch.float32))
     out = torch.empty(len(names), n, dtype=torch.float32, device=e.device)
     bias_arg = c if bias is None else bias
     cap = plan.softcap or 1.0
