@@ -378,32 +378,43 @@ def linear_cross_entropy(
             refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad);
             its group None is the default process group, as in Apple CCE.
-        grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
-            from materialised logits (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not
-            used), for an upstream gradient that is the same for every non-ignored token:
-            "mean"/"sum", or "none" followed by such a reduction (checked on the device: otherwise
-            the gradients are NaN). Needs return_lse=False; the backward may run only once (no
-            retain_graph). Memory: the logits of all tokens in the input dtype (bf16; float32 for
-            other dtypes), as the unfused layer holds them, in token chunks of at most
-            Tuning.fast_logits_bytes (4 GiB; with several chunks dC accumulates in float32).
+        grad_in_forward: the mode. True (the fast mode): the gradients from materialised logits
+            (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not used; the logits of all
+            tokens in the input dtype for bf16, float32 for other dtypes, as the unfused layer holds
+            them). Two paths (DESIGN.md): where all tokens' logits fit one chunk of
+            Tuning.fast_logits_bytes (4 GiB), the held-logits path keeps them to the backward and
+            forms the gradients there, with the upstream gradient known: ANY upstream gradient is
+            exact (per token for "none"; the z-loss output's own too), dE and dC rounded once.
+            Beyond that, token chunks with the gradients computed during the forward, for an
+            upstream gradient that is the same for every non-ignored token: "mean"/"sum", or "none"
+            followed by such a reduction (checked on the device: otherwise the gradients are NaN;
+            dC accumulates over the chunks in float32). Needs return_lse=False; the backward may
+            run only once (no retain_graph).
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
-            "auto": the fast mode where it is exact and cheap to be in — the triton backend,
-            "mean"/"sum", no return_lse, no return_z_loss (whose output keeps a gradient of its
-            own only there), not while torch.compile traces (where the memory-first mode's custom
-            ops avoid a graph break), with any of the other options (class weights, label
-            smoothing, z-loss, the accuracy / predicted-token outputs) — else the memory-first mode. The default is
-            False until a multi-seed training-curve comparison has shown the fast mode's bf16
-            logits harmless (issue 12). Without autograd (no input requires grad) the
-            memory-first forward runs in every case.
+            "auto": the fast mode where it is exact and cheap to be in — the triton backend, no
+            return_lse, not while torch.compile traces (where the memory-first mode's custom ops
+            avoid a graph break); "mean"/"sum" always, "none" and return_z_loss where the logits
+            fit one chunk (the held-logits path); with any of the other options (class weights,
+            label smoothing, z-loss, the accuracy / predicted-token outputs) — else the
+            memory-first mode. The default is False until a multi-seed training-curve comparison
+            has shown the fast mode's bf16 logits harmless (issue 12). Without autograd (no input
+            requires grad) the memory-first forward runs in every case.
         loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
             (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
             rank's slice). A promise that positions where it is 0 get upstream gradient 0: the
-            fast mode then keeps their loss values but computes no gradient for them, so the
-            upstream gradient stays uniform over the rest (a non-zero upstream gradient there
-            gives NaN gradients, never silently wrong ones). The memory-first mode needs no promise.
+            fast mode then keeps their loss values but computes no gradient for them, so on its
+            token-chunked path the upstream gradient stays uniform over the rest (a non-zero
+            upstream gradient there gives NaN gradients, never silently wrong ones, on both paths).
+            The memory-first mode needs no promise.
         tuning: performance knobs (block shapes, chunk sizes, TMA, skip-policy thresholds; see
             `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
+        dc_accumulate_into: None, or a contiguous floating-point tensor of c's shape (Megatron's
+            float32 `weight.main_grad`; a float32 master gradient under autocast) into which c's
+            gradient is ADDED in the backward; c then gets no gradient (c.grad stays None). On the
+            fast mode's held-logits path with a float32 target (float64 for float64 inputs) dC =
+            Gᵀ·E is accumulated straight into it by one float32-output product: no dC tensor is
+            formed. Elsewhere dC is formed as before and added into it.
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with

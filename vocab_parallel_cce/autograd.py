@@ -6,6 +6,12 @@ vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ig
 reductions, return_lse) is ordinary PyTorch on [N] vectors, so its gradient reaches the backward
 below as three per-token coefficients:
     ∂L/∂z_ij = (∂L/∂lse_i)·p_ij + (∂L/∂x_i)·[j = t_i] + (∂L/∂s_i).
+
+The fast mode (grad_in_forward) materialises the logits once and has two Functions:
+`LossWithHeldLogits` when all tokens fit one chunk (`holds_logits`): Z is held to the backward and
+G is formed there, with the upstream gradient inside it (any upstream gradient); else
+`LossWithGradInForward`: token chunks, G formed in the forward for an upstream gradient of 1 and
+the products scaled in the backward (a uniform upstream gradient only).
 """
 
 from __future__ import annotations
@@ -89,8 +95,10 @@ class ShardStats(torch.autograd.Function):
 
 
 class LossWithGradInForward(torch.autograd.Function):
-    """The loss with its gradients computed during the forward, for an upstream gradient that is
-    the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
+    """The fast mode's token-chunked path (taken when the logits do not fit one chunk; one chunk
+    takes `LossWithHeldLogits`): the loss with its gradients computed during the forward, for an
+    upstream gradient that is the same for every non-ignored token: a scalar ("mean"/"sum"), or,
+    for "none", checked to be so.
 
     Chunks of `plan.tuning.grad_in_forward_chunk(...)` tokens (all of them while their logits fit
     in `tuning.fast_logits_bytes`): Z = E_c·C_rᵀ is materialised once ([n_c, V_r]: bf16 for bf16
