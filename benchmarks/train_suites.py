@@ -529,12 +529,18 @@ class Fidelity:
                 info = read_log(p)
                 if info:
                     corpora.append(info)
-        return {"per_run": per_run, "summary": summary, "corpora": corpora,
+        # where the runs trained (the header names the machine that aggregates)
+        trained_on = sorted({f"{cfg.get('device')}/{cfg.get('backend')}, torch {cfg.get('torch')}"
+                             for _, _, cfg, _ in logs})
+        return {"per_run": per_run, "summary": summary, "corpora": corpora, "trained_on": trained_on,
                 "aggregated_from": [os.path.abspath(p) for p in paths]}
 
     @staticmethod
     def markdown(doc: dict) -> str:
         lines = machine_header(doc, "fidelity suite", Fidelity.INTRO)
+        if doc.get("trained_on"):
+            lines += ["", "Runs trained on: " + "; ".join(doc["trained_on"]) + " (the header above names the "
+                      "machine that tabulated them).", ""]
         rows = [[s["corpus"], s["mode"], ",".join(map(str, s["seeds"])), f"{s['steps']} (last {s['last']})",
                  R.fmt(s["native_last_mean"], ".4f"), R.fmt(s["mean_diff"], "+.2e"), R.fmt(s["std_diff"], ".1e"),
                  R.fmt(s["native_seed_std"], ".1e"), R.fmt(s["ratio_to_native_spread"], ".3f"),

@@ -120,6 +120,11 @@ def main(argv=None) -> int:
         if status == 0:
             with contextlib.suppress(Exception):
                 dist.barrier()
+        # Megatron's parallel_state refers to its groups: drop those references first, or
+        # destroy_process_group() cannot free the groups (and join gloo's worker threads, which can
+        # otherwise abort the process at interpreter exit: DESIGN.md "Process-group lifetime").
+        with contextlib.suppress(Exception):
+            ps.destroy_model_parallel()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     return status

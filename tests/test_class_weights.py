@@ -22,9 +22,11 @@ from vocab_parallel_cce import linear_cross_entropy
 triton_interpreter.patch_bf16_dot()
 
 
-def _inputs(n, d, v, dtype=torch.float64, bias=False, ignore_every=4):
+def _inputs(n, d, v, dtype=torch.float64, bias=False, ignore_every=4, scale=2.0):
+    """[e, c, bias] leaves in `dtype` (logits std ≈ scale), targets with every `ignore_every`-th
+    ignored, and class weights in [0.1, 2.1) (float64)."""
     e = torch.randn(n, d, dtype=torch.float64)
-    c = torch.randn(v, d, dtype=torch.float64) * 2 / d**0.5
+    c = torch.randn(v, d, dtype=torch.float64) * scale / d**0.5
     b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
     t = torch.randint(0, v, (n,))
     if ignore_every:

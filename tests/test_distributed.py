@@ -296,6 +296,44 @@ def _destroyed_group_case(grank, gworld) -> list[str]:
     return problems
 
 
+def _graph_keeps_no_group_case(grank, gworld) -> list[str]:
+    """The autograd graph of a grouped call (both modes, both fast paths, linear_log_probs) does not keep the
+    group alive: with the outputs still referenced, destroy_process_group frees it (joining gloo's
+    worker threads: one left running into interpreter exit can abort the process, DESIGN.md
+    "Process-group lifetime"); a backward after the destroy raises a clear RuntimeError."""
+    import gc
+    import weakref
+
+    from vocab_parallel_cce import Tuning, linear_cross_entropy, linear_log_probs
+
+    problems = []
+    e, c, t = _small_inputs()
+    e.requires_grad_()
+    c.requires_grad_()
+    group = dist.new_group(list(range(gworld)))
+    ref = weakref.ref(group)
+    kept = [
+        linear_cross_entropy(e, c, t, group=group, vocab_start=5 * grank, impl="torch"),
+        linear_cross_entropy(e, c, t, group=group, vocab_start=5 * grank, impl="torch", grad_in_forward=True),
+        linear_cross_entropy(e, c, t, group=group, vocab_start=5 * grank, impl="torch", grad_in_forward=True,
+                             tuning=Tuning(fast_chunk_tokens=2)),  # the token-chunked fast path
+        linear_log_probs(e, c, t, group=group, vocab_start=5 * grank, impl="torch")[0].sum(),
+    ]
+    for out in kept:
+        out.backward()
+    late = linear_cross_entropy(e, c, t, group=group, vocab_start=5 * grank, impl="torch")  # no backward yet
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    if ref() is not None:
+        problems.append("the group outlives destroy_process_group while the outputs are alive: "
+                        f"referred to by {[type(r).__name__ for r in gc.get_referrers(ref())]}")
+    else:
+        problems += _expect_raises(late.backward, RuntimeError, r"process group of this loss was destroyed")
+    del kept
+    return problems
+
+
 def _single_device_equivalence(group, seed, expect_world) -> list[str]:
     """group=None (or a group of one rank) with the full classifier equals the plain call."""
     from vocab_parallel_cce import linear_cross_entropy
@@ -463,6 +501,7 @@ def _world_worker(rank: int, world: int, base_seed: int):
 
     if world == 2:
         _record(results, "layout cache: destroyed group", lambda: _destroyed_group_case(rank, world))
+        _record(results, "the graph keeps no group alive", lambda: _graph_keeps_no_group_case(rank, world))
 
     # a rank that never joins: a RuntimeError within the (short) group timeout, not a hang
     if world == 2:

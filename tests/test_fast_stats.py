@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fast_mode import CountFast
 from reference import reference_argmax, rel_err
+from test_class_weights import _inputs  # the same leaves, targets and class weights
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -39,15 +40,6 @@ TOL = {torch.float64: (1e-12, 1e-11), torch.float32: (1e-5, 1e-5), torch.float16
        torch.bfloat16: (2e-3, 2e-2)}
 
 
-def _inputs(n, d, v, dtype, bias=False, ignore_every=4, scale=2.0):
-    e = torch.randn(n, d, dtype=torch.float64)
-    c = torch.randn(v, d, dtype=torch.float64) * scale / d**0.5
-    b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
-    t = torch.randint(0, v, (n,))
-    if ignore_every:
-        t[::ignore_every] = -100
-    w = torch.rand(v, dtype=torch.float64) * 2 + 0.1
-    return [x.to(dtype).requires_grad_() if x is not None else None for x in (e, c, b)], t, w
 
 
 def _oracle(leaves, t, w, reduction, ls=0.0, zl=0.0, softcap=None, vocab=None):

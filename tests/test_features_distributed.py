@@ -81,6 +81,15 @@ def _tokens(sp, lead, grank, world):
     k = lead[0] // world
     return slice(grank * k, (grank + 1) * k)
 
+def _local_leaves(e, c, b, sizes, order, grank, sp, lead, world):
+    """(shard start, shard size, this rank's token index, its leaves e [tokens], c and b [shard rows])."""
+    start, size = _shard(sizes, order, grank)
+    tok = _tokens(sp, lead, grank, world)
+    e_loc = e[tok].clone().requires_grad_()
+    c_loc, b_loc = (x[start:start + size].clone().requires_grad_() for x in (c, b))
+    return start, size, tok, e_loc, c_loc, b_loc
+
+
 
 def _rl_case(seed, grank, world, sizes, order, vocab=None, sp=False, lead=(12,), shift=0, reduce_grad_e=True,
              impl="torch", dtype=torch.float64, tol=(1e-11, 1e-10)):
@@ -98,10 +107,7 @@ def _rl_case(seed, grank, world, sizes, order, vocab=None, sp=False, lead=(12,),
     w1, w2 = w1[used], w2[used]
     ref_grads = torch.autograd.grad((rlp * w1).sum() + (rent * w2).sum(), leaves)
 
-    start, size = _shard(sizes, order, grank)
-    tok = _tokens(sp, lead, grank, world)
-    e_loc = e[tok].clone().requires_grad_()
-    c_loc, b_loc = (x[start:start + size].clone().requires_grad_() for x in (c, b))
+    start, size, tok, e_loc, c_loc, b_loc = _local_leaves(e, c, b, sizes, order, grank, sp, lead, world)
     counter = _Count()
     try:
         lp, ent = linear_log_probs(e_loc, c_loc, t[tok], bias=b_loc, group=dist.group.WORLD, vocab_start=start,
@@ -140,10 +146,7 @@ def _weights_case(seed, grank, world, sizes, order, reduction, vocab=None, sp=Fa
     leaves = [x.double().requires_grad_() for x in (e, c, b)]
     ref = reference_loss(*leaves[:2], t, leaves[2], vocab_size=vocab if vocab < v else None, class_weights=w, **kw)
     ref_grads = torch.autograd.grad((ref * (up if reduction == "none" else 1.0)).sum(), leaves)
-    start, size = _shard(sizes, order, grank)
-    tok = _tokens(sp, lead, grank, world)
-    e_loc = e[tok].clone().requires_grad_()
-    c_loc, b_loc = (x[start:start + size].clone().requires_grad_() for x in (c, b))
+    start, size, tok, e_loc, c_loc, b_loc = _local_leaves(e, c, b, sizes, order, grank, sp, lead, world)
     loss = linear_cross_entropy(e_loc, c_loc, t[tok], b_loc, group=dist.group.WORLD, vocab_start=start, vocab_size=vocab,
                                 sequence_parallel=sp, class_weights=w, impl="torch", **kw)
     de, dc, db = torch.autograd.grad((loss * (up if reduction == "none" else 1.0)).sum(), (e_loc, c_loc, b_loc))
@@ -236,10 +239,7 @@ def _fast_case(seed, grank, world, sizes, order, reduction, vocab=None, sp=False
     single = linear_cross_entropy(*single_leaves[:2], t, single_leaves[2], **kw)  # one process, the full classifier
     single_grads = grads_of(single, single_leaves)
 
-    start, size = _shard(sizes, order, grank)
-    tok = _tokens(sp, lead, grank, world)
-    e_loc = e[tok].clone().requires_grad_()
-    c_loc, b_loc = (x[start:start + size].clone().requires_grad_() for x in (c, b))
+    start, size, tok, e_loc, c_loc, b_loc = _local_leaves(e, c, b, sizes, order, grank, sp, lead, world)
     counter = _Count()
     try:
         out = linear_cross_entropy(e_loc, c_loc, t[tok], b_loc, group=dist.group.WORLD, vocab_start=start,

@@ -16,6 +16,9 @@ the products scaled in the backward (a uniform upstream gradient only).
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+
 import torch
 
 from . import distributed as vp
@@ -47,6 +50,40 @@ def _sum_grad_e(de, dtype, plan: Plan):
     return vp.sum_grad_e(de, dtype, plan.group, scatter=plan.sequence_parallel)
 
 
+
+def _save_plan(ctx, plan: Plan) -> None:
+    """Keep `plan` on ctx for the backward with its process group held WEAKLY.
+
+    The graph (alive while any output is) must not keep the group alive: `destroy_process_group()`
+    frees a group only when nothing else refers to it, and a group that outlives it keeps gloo's
+    worker threads running into interpreter shutdown, where one that drops a finished collective's
+    last reference needs the GIL and aborts the process ("terminate called without an active
+    exception"; torch, see DESIGN.md "Process-group lifetime"). A group that cannot be referenced
+    weakly is kept as before."""
+    group, ref = plan.group, None
+    if group is not None:
+        try:
+            ref = weakref.ref(group)
+        except TypeError:
+            ref = lambda: group  # noqa: E731  (a strong reference)
+        plan = dataclasses.replace(plan, group=None)
+    ctx.plan, ctx.group_ref = plan, ref
+
+
+def _saved_plan(ctx) -> Plan:
+    """The plan `_save_plan` kept, with its process group."""
+    plan, ref = ctx.plan, ctx.group_ref
+    if ref is None:
+        return plan
+    group = ref()
+    if group is None:
+        raise RuntimeError(
+            "vocab_parallel_cce: the process group of this loss was destroyed before its backward "
+            "(destroy_process_group / new groups must come after the backward)"
+        )
+    return dataclasses.replace(plan, group=group)
+
+
 class ShardStats(torch.autograd.Function):
     """The global per-token statistics `plan.stat_names` (stats.py): (lse, x, s), then the
     entropy's pz = Σ_j p_j z_j and the (max, argmax) when the plan asks for them. The argmax is a
@@ -67,7 +104,7 @@ class ShardStats(torch.autograd.Function):
             stats = list(vp.combine_stats(stats, names, plan.group))  # one collective for all of them
         stats = [q.clone() if q._base is not None else q for q in stats]  # no views as outputs
         ctx.save_for_backward(e, c, bias, t_local, stats[0], stats[3] if plan.need_entropy else None)
-        ctx.plan = plan
+        _save_plan(ctx, plan)
         frozen = ([] if plan.need_sum else [stats[2]]) + [stats[names.index(k)] for k in ("max", "argmax")
                                                           if k in names]
         ctx.mark_non_differentiable(*frozen)
@@ -76,7 +113,7 @@ class ShardStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         e, c, bias, t_local, lse, pz = ctx.saved_tensors
-        plan: Plan = ctx.plan
+        plan = _saved_plan(ctx)
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         zeros = torch.zeros_like(lse)
         coef = [zeros if g is None else g.to(lse.dtype) for g in grads[:3]]
@@ -230,7 +267,8 @@ class LossWithGradInForward(torch.autograd.Function):
             dc = dc_acc.to(c.dtype)
             del dc_acc
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
-        ctx.plan, ctx.active, ctx.held, ctx.e_dtype, ctx.want_z = plan, active, held, e.dtype, want_z
+        _save_plan(ctx, plan)
+        ctx.active, ctx.held, ctx.e_dtype, ctx.want_z = active, held, e.dtype, want_z
         out = total if per_token is None else per_token
         outs = [out] + ([z_part] if want_z else []) + ([argmax] if argmax is not None else [])
         if argmax is not None:
@@ -243,14 +281,15 @@ class LossWithGradInForward(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
                                "(retain_graph is not supported in this mode)")
         grads, ctx.grads = ctx.grads, None
+        plan = _saved_plan(ctx)
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
         if ctx.want_z and g_extra and g_extra[0] is not None:
             # the z-loss output's gradient is inside the loss's: one of its own cannot be honoured
             k = torch.where((g_extra[0] != 0).any(), torch.full_like(k, float("nan")), k)
         for q in grads:
             if q is not None:
-                ctx.plan.backend.scale_in_place(q, k)  # dE before the cross-rank sum, in its dtype
-        grads[0] = _sum_grad_e(grads[0], ctx.e_dtype, ctx.plan)
+                plan.backend.scale_in_place(q, k)  # dE before the cross-rank sum, in its dtype
+        grads[0] = _sum_grad_e(grads[0], ctx.e_dtype, plan)
         return (*grads, None, None, None, None, None)
 
 
@@ -349,7 +388,8 @@ class LossWithHeldLogits(torch.autograd.Function):
         ctx.save_for_backward(e, c, bias, t_local, lse)
         ctx.z, ctx.coef = z, torch.stack([q.to(acc_dtype) for q in coef])
         ctx.k = (k_ce, k_z)
-        ctx.plan, ctx.loss_mask, ctx.dc_into = plan, loss_mask, dc_into
+        _save_plan(ctx, plan)
+        ctx.loss_mask, ctx.dc_into = loss_mask, dc_into
         ctx.want_z = want_z and zl is not None
         outs = [out] + ([zl] if ctx.want_z else []) + ([argmax] if argmax is not None else [])
         if argmax is not None:
@@ -364,7 +404,7 @@ class LossWithHeldLogits(torch.autograd.Function):
         z, ctx.z = ctx.z, None
         coef, ctx.coef = ctx.coef, None
         e, c, bias, t_local, lse = ctx.saved_tensors
-        plan: Plan = ctx.plan
+        plan = _saved_plan(ctx)
         backend, v = plan.backend, plan.n_valid
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
