@@ -38,21 +38,3 @@ def seed(request) -> int:
 def _no_autocast_leak():
     yield
     assert not torch.is_autocast_enabled("cpu"), "a test left CPU autocast enabled"
-
-
-@pytest.fixture
-def fast_mode_calls(monkeypatch) -> list:
-    """A list that gains an item at each forward of the fast mode (api.LossWithGradInForward)."""
-    import vocab_parallel_cce.api as api
-
-    calls: list = []
-    real = api.LossWithGradInForward
-
-    class Counted(real):
-        @staticmethod
-        def forward(ctx, *args):
-            calls.append(1)
-            return real.forward(ctx, *args)
-
-    monkeypatch.setattr(api, "LossWithGradInForward", Counted)
-    return calls

@@ -12,6 +12,7 @@ import triton_interpreter  # noqa: F401  (turns the interpreter on before triton
 import pytest
 import torch
 
+from fast_mode import CountFast
 from reference import reference_argmax, reference_loss, rel_err
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
@@ -116,19 +117,18 @@ def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
     assert (pred == 3).sum() > 10
 
 
-def test_fast_mode_runs_with_these_outputs(fast_mode_calls, seed):
-    """No fallback: grad_in_forward=True (and "auto", except for return_z_loss) runs the fast mode
-    with each of the outputs,
-    and gives the memory-first mode's values (test_fast_stats.py checks them in depth)."""
-    calls = fast_mode_calls
+def test_fast_mode_runs_with_these_outputs(monkeypatch, seed):
+    """No fallback: grad_in_forward=True and "auto" run the fast mode with each of the outputs (the
+    held-logits path: one chunk; "auto" takes return_z_loss only there, whose output has a gradient
+    of its own), and give the memory-first mode's values (test_fast_stats.py checks them in depth)."""
+    fast = CountFast(monkeypatch)
     e, c, t = _inputs((21,), 16, 30, torch.float32)
     flags = ({"return_token_accuracy": True}, {"return_predicted_tokens": True}, {"return_z_loss": True})
     for gif in (True, "auto"):
         for kw in flags:
-            calls.clear()
+            fast.clear()
             out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=gif, z_loss=1e-3, **kw)
-            # "auto" leaves return_z_loss to the memory-first mode (its output's own gradient)
-            assert calls == ([] if gif == "auto" and "return_z_loss" in kw else [1]), (gif, kw)
+            assert fast.paths == ["held"], (gif, kw)
             ref = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, z_loss=1e-3, **kw)
             assert rel_err(out.loss, ref.loss) < 1e-6
             for name in ("z_loss", "token_accuracy", "predicted_tokens"):

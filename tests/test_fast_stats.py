@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fast_mode import CountFast
 from reference import reference_argmax, rel_err
 from test_class_weights import _inputs  # the same leaves, targets and class weights
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
@@ -288,27 +289,39 @@ def test_padded_vocabulary_rows(impl, dtype, padded_weights, seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_a_gradient_through_the_z_loss_output_gives_nan(impl, reduction, seed):
-    """The fast mode's z-loss output is a value (its gradient is inside the loss's): backpropagating
-    through it gives NaN gradients, never silently wrong ones; through the loss alone, the right ones."""
+def test_a_gradient_through_the_z_loss_output(impl, reduction, seed):
+    """The held-logits fast mode (one chunk) honours a gradient through the z-loss output (its
+    coefficient a_z is kept apart); the token-chunked one cannot (the output's gradient is inside
+    the loss's, formed in the forward): NaN gradients, never silently wrong ones; through the loss
+    alone, the right ones on both."""
     leaves, t, _ = _inputs(17, 8, 23, torch.float32, bias=True)
     kw = dict(impl=impl, reduction=reduction, z_loss=1e-2)
     up = _upstream(t, reduction)
     for through in ("z_loss", "loss + z_loss"):
-        out = _run(leaves, t, True, **kw)
-        objective = out.z_loss if through == "z_loss" else out.loss + out.z_loss
-        grads = torch.autograd.grad((objective * up).sum(), leaves)
+        ref, ref_z, ref_leaves = _oracle(leaves, t, None, reduction, zl=1e-2)
+        def objective(out):
+            return out.z_loss if through == "z_loss" else out.loss + out.z_loss
+
+        out = _run(leaves, t, True, **kw)  # held
+        w = up if reduction != "none" else 0.3 + torch.rand(t.shape, dtype=torch.float64)  # any upstream
+        grads = torch.autograd.grad((objective(out).double() * w).sum(), leaves)
+        r = ref_z if through == "z_loss" else ref + ref_z
+        for g, rg in zip(grads, torch.autograd.grad((r * w).sum(), ref_leaves)):
+            assert rel_err(g, rg) < 1e-5, through
+        out = _run(leaves, t, True, tuning=CHUNKS, **kw)  # token chunks
+        grads = torch.autograd.grad((objective(out) * up).sum(), leaves)
         assert all(torch.isnan(g).all() for g in grads), through
-    out = _run(leaves, t, True, **kw)
-    ref, _, ref_leaves = _oracle(leaves, t, None, reduction, zl=1e-2)
-    for g, rg in zip(_grads(out.loss, leaves, up), _grads(ref, ref_leaves, up)):
-        assert rel_err(g, rg) < 1e-5
+    for tuning in (None, CHUNKS):
+        out = _run(leaves, t, True, tuning=tuning, **kw)
+        ref, _, ref_leaves = _oracle(leaves, t, None, reduction, zl=1e-2)
+        for g, rg in zip(_grads(out.loss, leaves, up), _grads(ref, ref_leaves, up)):
+            assert rel_err(g, rg) < 1e-5
     slow = _run(leaves, t, False, **kw)  # the memory-first mode differentiates it
     assert torch.isfinite(torch.autograd.grad(slow.z_loss.sum(), leaves[0])[0]).all()
 
 
-def test_auto_selects_the_fast_mode_for_these_options(seed, fast_mode_calls):
-    calls = fast_mode_calls
+def test_auto_selects_the_fast_mode_for_these_options(seed, monkeypatch):
+    fast = CountFast(monkeypatch)
     leaves, t, w = _inputs(12, 16, 40, torch.float32)
     e, c = leaves[:2]
     flags = {k: v for k, v in FLAGS.items() if k != "return_z_loss"}
@@ -317,14 +330,16 @@ def test_auto_selects_the_fast_mode_for_these_options(seed, fast_mode_calls):
              {"class_weights": w.float(), "z_loss": 1e-2}, {**flags, "class_weights": w.float(), "z_loss": 1e-2,
                                                           "label_smoothing": 0.1, "reduction": "sum"})
     for kw in cases:
-        calls.clear()
-        linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", **kw)
-        assert calls == [1], kw
-    # return_z_loss: the z-loss output keeps a gradient of its own, so "auto" takes the memory-first mode
-    calls.clear()
-    out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", return_z_loss=True, z_loss=1e-2)
-    assert not calls
-    assert torch.isfinite(torch.autograd.grad(out.z_loss, e)[0]).all()
-    calls.clear()
-    linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", reduction="none", **FLAGS)
-    assert not calls  # per-token upstream gradients: the memory-first mode
+        for tuning, path in ((None, "held"), (CHUNKS, "chunked")):
+            fast.clear()
+            linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", tuning=tuning, **kw)
+            assert fast.paths == [path], kw
+    # return_z_loss (an output with a gradient of its own) and "none" (per-token upstream
+    # gradients): the fast mode only where it holds the logits (one chunk), else memory-first
+    for kw in ({"return_z_loss": True, "z_loss": 1e-2}, {"reduction": "none", **FLAGS}):
+        for tuning, paths in ((None, ["held"]), (CHUNKS, [])):
+            fast.clear()
+            out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", tuning=tuning, **kw)
+            assert fast.paths == paths, (kw, tuning)
+            if "z_loss" in kw:
+                assert torch.isfinite(torch.autograd.grad(out.z_loss, e)[0]).all()

@@ -552,3 +552,106 @@ def test_no_host_sync_in_the_fast_mode_with_the_new_options():
         run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ---- the fast mode's held-logits path (one chunk: the logits held to the backward)
+
+
+def _unfused_bf16_grads(e, c, t, up):
+    """dE, dC of the unfused bf16 layer for Σ up_i·ce_i: bf16 logits, float32 cross-entropy; its
+    logit gradient is rounded to bf16 once (ToCopyBackward), then the products' outputs."""
+    ins = [x.detach().clone().requires_grad_() for x in (e, c)]
+    ce = torch.nn.functional.cross_entropy((ins[0] @ ins[1].T).float(), t, reduction="none")
+    return torch.autograd.grad((ce * up).sum(), ins)
+
+
+def _reference_none(e, c, t, up):
+    ins, z = _logits64(e, c)
+    ce = torch.nn.functional.cross_entropy(z, t, reduction="none")
+    return torch.autograd.grad((ce * up.double()).sum(), ins)
+
+
+@pytest.mark.parametrize("upstream", ["per-token", "scalar-0.37"])
+def test_held_logits_any_upstream_at_real_size(upstream):
+    """(8192, 4096, 32064) bf16: a non-uniform per-token upstream gradient (RL-like weights / N), or a
+    scalar that is not a power of two: dE and dC within 1.05× the unfused bf16 layer's error against
+    float64 (one rounding each, as its own)."""
+    n, d, v = 8192, 4096, 32064
+    e, c, t = _inputs(n, d, v, torch.bfloat16, "zipf", seed=91)
+    t[::11] = -100
+    g = torch.Generator(device="cuda").manual_seed(5)
+    up = ((torch.rand(n, device="cuda", generator=g) + 0.5) / n if upstream == "per-token"
+          else torch.full((n,), 0.37, device="cuda"))
+    ins = [x.clone().requires_grad_() for x in (e, c)]
+    loss = linear_cross_entropy(*ins, t, grad_in_forward=True, reduction="none")
+    ge, gc = torch.autograd.grad((loss * up).sum(), ins)
+    ue, uc = _unfused_bf16_grads(e, c, t, up)
+    re_, rc = _reference_none(e, c, t, up)
+    errs = rel_err(ge.double(), re_), rel_err(gc.double(), rc)
+    base = rel_err(ue.double(), re_), rel_err(uc.double(), rc)
+    assert errs[0] <= 1.05 * base[0] and errs[1] <= 1.05 * base[1], (errs, base)
+
+
+def test_held_logits_accumulates_into_main_grad_without_a_dc_tensor():
+    """dc_accumulate_into=main_grad (float32): one float32-output product with beta = 1; c.grad stays
+    None; the backward's peak is lower by about dC's bf16 bytes; closer to float64 than the bf16 dC."""
+    n, d, v = 8192, 4096, 32064
+    e, c, t = _inputs(n, d, v, torch.bfloat16, "zipf", seed=92)
+    main_grad = torch.randn(v, d, device="cuda") * 1e-3
+    before = main_grad.clone()
+    peaks = {}
+    for target in (None, main_grad):
+        ins = [x.clone().requires_grad_() for x in (e, c)]
+        loss = linear_cross_entropy(*ins, t, grad_in_forward=True, dc_accumulate_into=target)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks["into" if target is not None else "dc"] = torch.cuda.max_memory_allocated() - start
+        if target is None:
+            dc = ins[1].grad
+        else:
+            assert ins[1].grad is None and ins[0].grad is not None
+    assert peaks["dc"] - peaks["into"] >= 0.9 * v * d * 2, peaks
+    _, (_, rc) = _reference(e, c, t)
+    err_into, err_dc = rel_err((main_grad - before).double(), rc), rel_err(dc.double(), rc)
+    assert err_into < err_dc, (err_into, err_dc)
+
+
+def test_held_logits_peak_memory_is_logits_plus_gradients():
+    """Forward + backward peak over the inputs ≤ 1.05 × (Z + dE + dC) in bf16 (Z padded to 8 columns)."""
+    n, d, v = 8192, 4096, 32064
+    e, c, t = _inputs(n, d, v, torch.bfloat16, "random", seed=93)
+    ins = [x.clone().requires_grad_() for x in (e, c)]
+    linear_cross_entropy(*ins, t, grad_in_forward=True, reduction="none").sum().backward()  # warm (cuBLAS workspace)
+    ins = [x.clone().requires_grad_() for x in (e, c)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    linear_cross_entropy(*ins, t, grad_in_forward=True, reduction="none").sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    bound = 2 * n * ((v + 7) // 8 * 8) + 2 * n * d + 2 * v * d
+    assert peak <= 1.05 * bound, (peak / 2**20, bound / 2**20)
+
+
+def test_no_host_sync_on_the_held_logits_path():
+    e, c, t = _inputs(2048, 1024, 20000, torch.bfloat16, "random", seed=94)
+    e, c = e.requires_grad_(), c.requires_grad_()
+    up = torch.rand(2048, device="cuda") / 2048
+    mask = (torch.arange(2048, device="cuda") % 5 != 0)
+    main_grad = torch.zeros(20000, 1024, device="cuda")
+
+    def run():
+        for kw in (dict(), dict(dc_accumulate_into=main_grad), dict(loss_mask=mask, z_loss=1e-4, label_smoothing=0.1)):
+            loss = linear_cross_entropy(e, c, t, grad_in_forward=True, reduction="none", **kw)
+            (loss * up * (mask if "loss_mask" in kw else 1)).sum().backward()
+        linear_cross_entropy(e, c, t, grad_in_forward="auto", reduction="none").sum().backward()
+
+    run()  # warm caches (compilation, the cuBLAS probe)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,7 +1,9 @@
-"""grad_in_forward=True (gradients computed during the forward, token chunks) against the float64
-reference, on impl="torch" (reduction "none" with an upstream gradient uniform over the non-ignored
-tokens, and the NaN it gives otherwise, included); the Triton row kernels of this mode are tested in
-test_triton_interpreter.py, the vocabulary-parallel combination in test_distributed.py."""
+"""grad_in_forward=True's token-chunked path (gradients computed during the forward; forced here by
+`Tuning(fast_chunk_tokens=7)`) against the float64 reference, on impl="torch" (reduction "none"
+with an upstream gradient uniform over the non-ignored tokens, and the NaN it gives otherwise,
+included); the Triton row kernels of this mode are tested in test_triton_interpreter.py, the
+vocabulary-parallel combination in test_distributed.py. The one-chunk held-logits path (any upstream
+gradient): test_held_logits.py."""
 
 from __future__ import annotations
 
@@ -129,16 +131,18 @@ def test_none_with_a_uniform_upstream_gradient(seed, chunk, dtype, option):
         assert g.dtype == dtype and rel_err(g.double(), rg) < grad_tol
 
 
-def test_none_with_a_non_uniform_upstream_gradient_gives_nan(seed):
+def test_none_with_a_non_uniform_upstream_gradient_gives_nan_in_token_chunks(seed, chunk):
+    """The token-chunked path (logits over the one-chunk budget) needs a uniform upstream gradient;
+    the held-logits path takes any (test_held_logits.py)."""
     e, c, t, b = make_inputs(10, 6, 13, torch.float32, bias=True, ignore_frac=0.0)
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none")
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none", tuning=chunk)
     w = torch.ones(10)
     w[3] = 0.5  # e.g. a fractional loss mask on a non-ignored token
     grads = torch.autograd.grad((loss * w).sum(), (e, c, b))
     assert all(torch.isnan(g).all() for g in grads)
     # all tokens ignored: any upstream gradient is fine, every gradient is 0
     t.fill_(-100)
-    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none")
+    loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none", tuning=chunk)
     grads = torch.autograd.grad((loss * torch.rand(10)).sum(), (e, c, b))
     assert all(not g.any() for g in grads)
 

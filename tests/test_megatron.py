@@ -114,28 +114,47 @@ def test_training_matches_native_grad_in_forward(tp, sp):
     spawn(_train_compare, tp, sp, [(False, 0), (True, 0)], 3, {}, {"grad_in_forward": True})
 
 
-def _gif_misuse(rank, world):
+def _gif_masks(rank, world):
+    """grad_in_forward=True with loss masks the forward does not see, or fractional ones: exact on
+    the held-logits path (the logits fit one chunk: any upstream gradient), NaN on the token-chunked
+    path (forced by VPCCE_FAST_CHUNK_TOKENS=5), which needs one upstream weight on every scored position."""
+    import os
+
     with cpu_megatron():
         init_parallel(world)
         m = build_gpt(world, mtp_layers=1)
         with pytest.raises(ValueError, match="grad_in_forward=True does not support multi-token"):
             vm.patch_gpt_model(m, grad_in_forward=True)
+        ref = build_gpt(world)
         m = vm.patch_gpt_model(build_gpt(world), grad_in_forward=True)
         ids, pos, am, labels, lm = batch(seed=1)  # lm has zeros on positions whose labels are valid
-        per_token = m(ids, pos, am, labels=labels)  # ... which the forward does not see
-        ((per_token * lm).sum() / lm.sum()).backward()
-        assert torch.isnan(_grads(m)["output_layer.weight"]).all(), "a non-uniform upstream gradient must give NaN"
-        m.zero_grad(set_to_none=True)
         half = lm.clone()
         half[1, :4] = 0.5  # a fractional mask: not one weight on every scored position, even when seen
-        per_token = m(ids, pos, am, labels=labels, loss_mask=half)
-        ((per_token * half).sum() / half.sum()).backward()
-        assert torch.isnan(_grads(m)["output_layer.weight"]).all()
+        for chunked in (False, True):
+            if chunked:
+                os.environ["VPCCE_FAST_CHUNK_TOKENS"] = "5"  # read by Tuning.from_env: chunks of 5 tokens
+            try:
+                for mask, seen in ((lm, False), (half, True)):
+                    grads = []
+                    for model in (ref, m):
+                        model.zero_grad(set_to_none=True)
+                        kw = {"loss_mask": mask} if seen else {}
+                        per_token = model(ids, pos, am, labels=labels, **kw)
+                        ((per_token * mask).sum() / mask.sum()).backward()
+                        grads.append(_grads(model))
+                    if chunked:
+                        assert torch.isnan(grads[1]["output_layer.weight"]).all(), \
+                            "token chunks: a non-uniform upstream gradient must give NaN"
+                    else:
+                        for name in grads[0]:
+                            _close(grads[1][name], grads[0][name], f"held logits, mask seen={seen}: {name}")
+            finally:
+                os.environ.pop("VPCCE_FAST_CHUNK_TOKENS", None)
     return True
 
 
-def test_grad_in_forward_rejects_mtp_and_flags_loss_masks_it_cannot_honour():
-    spawn(_gif_misuse, 1)
+def test_grad_in_forward_rejects_mtp_and_takes_any_loss_mask_where_it_holds_the_logits():
+    spawn(_gif_masks, 1)
 
 
 @pytest.mark.skipif(not HAS_MUP, reason="this megatron-core has no MuP logit scaling")
@@ -264,7 +283,7 @@ def test_label_smoothing_matches_megatron_at_tp1():
 # --------------------------------------------------------------------------- main_grad / DDP
 
 
-def _ddp_compare(rank, world, tied, fusion):
+def _ddp_compare(rank, world, tied, fusion, gif=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     with cpu_megatron():
@@ -279,7 +298,7 @@ def _ddp_compare(rank, world, tied, fusion):
             # what matters: its classifier gradient must land in main_grad exactly once.
             new.output_layer.gradient_accumulation_fusion = True
         ref = DistributedDataParallel(ref.config, ddp_cfg, ref)
-        new = vm.patch_gpt_model(DistributedDataParallel(new.config, ddp_cfg, new))
+        new = vm.patch_gpt_model(DistributedDataParallel(new.config, ddp_cfg, new), grad_in_forward=gif)
         for step in range(2):  # two micro-batches accumulate into main_grad
             ids, pos, am, labels, lm = batch(seed=step)
             for m in (ref, new):
@@ -299,6 +318,13 @@ def _ddp_compare(rank, world, tied, fusion):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_megatron_ddp_main_grad(tied, fusion):
     spawn(_ddp_compare, 2, tied, fusion)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_megatron_ddp_main_grad_fast_mode_accumulates_into_it(tied):
+    """grad_in_forward=True with gradient-accumulation fusion: the held-logits path adds dC straight
+    into the float32 main_grad (dc_accumulate_into), over two micro-batches, as the native layer's."""
+    spawn(_ddp_compare, 2, tied, True, True)
 
 
 # --------------------------------------------------------------------------- pipeline parallel

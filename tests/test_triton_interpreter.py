@@ -271,16 +271,18 @@ def test_grad_in_forward_bf16_loss_is_the_unfused_bf16_layers(seed):
 
 
 def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
-    """The backward multiplies the stored 16-bit gradients by the upstream gradient in float32
-    (scale_kernel): the factor itself is never rounded to bfloat16."""
+    """The token-chunked fast mode's backward multiplies the stored 16-bit gradients by the
+    upstream gradient in float32 (scale_kernel): the factor itself is never rounded to bfloat16.
+    (The held-logits path puts the factor into G instead: test_held_logits.py.)"""
     e, c, b = _inputs(13, 16, 29, torch.bfloat16, bias=True)
     t = torch.randint(0, 29, (13,))
     k = 1.0 + 2.0**-7 + 2.0**-9  # bfloat16 would round it to 1 + 2**-7
     k_rounded = torch.tensor(k).to(torch.bfloat16).item()
     assert k_rounded != k
-    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum")
+    chunks = Tuning(fast_chunk_tokens=5)
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum", tuning=chunks)
     grads = torch.autograd.grad(loss * k, (e, c, b))
-    loss1 = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum")
+    loss1 = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum", tuning=chunks)
     grads1 = torch.autograd.grad(loss1, (e, c, b))
     to_bf16 = triton_interpreter.kernel_bf16  # the interpreter's downcast truncates
     for g, g1 in zip(grads, grads1):
@@ -391,22 +393,30 @@ def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monke
 
 
 def test_auto_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
-    """The default is the memory-first mode; grad_in_forward="auto": the fast mode for
-    "mean"/"sum" with grads on the triton backend, the memory-first mode for per-token upstream
-    gradients, return_lse, the torch backend, while torch.compile traces, and without autograd."""
+    """The default is the memory-first mode; grad_in_forward="auto": the fast mode with grads on
+    the triton backend — the held-logits path when the logits fit one chunk, for every reduction
+    ("none" with per-token upstream gradients too), the token-chunked path beyond that for
+    "mean"/"sum" only (per-token upstream gradients then take the memory-first mode) — and the
+    memory-first mode for return_lse, the torch backend, while torch.compile traces, and without autograd."""
+    from fast_mode import fast_path_of
+
     e, c, _ = _inputs(12, 16, 40, torch.float32)
     t = torch.randint(0, 40, (12,))
 
     def mode(**kw):
         out = linear_cross_entropy(e, c, t, **{"impl": "triton", "grad_in_forward": "auto", **kw})
-        loss = out[0] if isinstance(out, tuple) else out
-        if loss.grad_fn is None:
-            return "no autograd"
-        return "fast" if type(loss.grad_fn).__name__.startswith("LossWithGradInForward") else "memory-first"
+        return fast_path_of(out[0] if isinstance(out, tuple) else out)
 
+    tiny = Tuning(fast_logits_bytes=64 * 40 * 4)  # chunks of 128 tokens (the least): 12 fit, 300 do not
     assert type(linear_cross_entropy(e, c, t, impl="triton").grad_fn).__name__ == "DivBackward0"  # default
-    assert mode() == "fast" and mode(reduction="sum") == "fast"
-    assert mode(reduction="none") == "memory-first"
+    assert mode() == "held" and mode(reduction="sum") == "held" and mode(reduction="none") == "held"
+    assert mode(tuning=tiny) == "held" and mode(tuning=Tuning(fast_chunk_tokens=5)) == "chunked"
+    assert mode(tuning=Tuning(fast_chunk_tokens=5), reduction="none") == "memory-first"
+    big_e = torch.randn(300, 16, requires_grad=True)
+    big_t = torch.randint(0, 40, (300,))
+    for red, expect in (("mean", "chunked"), ("none", "memory-first")):
+        out = linear_cross_entropy(big_e, c, big_t, impl="triton", grad_in_forward="auto", reduction=red, tuning=tiny)
+        assert fast_path_of(out) == expect, red
     assert mode(return_lse=True) == "memory-first"
     assert mode(impl="torch") == "memory-first"
     assert mode(grad_in_forward=False) == "memory-first"

@@ -12,7 +12,7 @@ import torch
 
 from . import distributed as vp
 from . import torch_backend
-from .autograd import LossWithGradInForward, ShardStats
+from .autograd import LossWithGradInForward, LossWithHeldLogits, ShardStats, _AccumulateGradInto, holds_logits
 from .backend import Backend
 from .distributed import clear_layout_cache  # noqa: F401  (documented as vocab_parallel_cce.api.clear_layout_cache)
 from . import stats
@@ -306,6 +306,7 @@ def linear_cross_entropy(
     grad_in_forward: bool | str = False,
     loss_mask: torch.Tensor | None = None,
     tuning: Tuning | None = None,
+    dc_accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of the logits `e @ c.T (+ bias)` without materialising them.
 
@@ -378,32 +379,43 @@ def linear_cross_entropy(
             refer to the gathered tensors).
         vocab_parallel_options: Apple CCE's VocabParallelOptions (start, stop, group, reduce_e_grad);
             its group None is the default process group, as in Apple CCE.
-        grad_in_forward: the mode. True (the fast mode): compute the gradients during the forward
-            from materialised logits (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not
-            used), for an upstream gradient that is the same for every non-ignored token:
-            "mean"/"sum", or "none" followed by such a reduction (checked on the device: otherwise
-            the gradients are NaN). Needs return_lse=False; the backward may run only once (no
-            retain_graph). Memory: the logits of all tokens in the input dtype (bf16; float32 for
-            other dtypes), as the unfused layer holds them, in token chunks of at most
-            Tuning.fast_logits_bytes (4 GiB; with several chunks dC accumulates in float32).
+        grad_in_forward: the mode. True (the fast mode): the gradients from materialised logits
+            (6·N·D·V FLOPs instead of 8, no recompute; filter_eps is not used; the logits of all
+            tokens in the input dtype for bf16, float32 for other dtypes, as the unfused layer holds
+            them). Two paths (DESIGN.md): where all tokens' logits fit one chunk of
+            Tuning.fast_logits_bytes (4 GiB), the held-logits path keeps them to the backward and
+            forms the gradients there, with the upstream gradient known: ANY upstream gradient is
+            exact (per token for "none"; the z-loss output's own too), dE and dC rounded once.
+            Beyond that, token chunks with the gradients computed during the forward, for an
+            upstream gradient that is the same for every non-ignored token: "mean"/"sum", or "none"
+            followed by such a reduction (checked on the device: otherwise the gradients are NaN;
+            dC accumulates over the chunks in float32). Needs return_lse=False; the backward may
+            run only once (no retain_graph).
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
-            "auto": the fast mode where it is exact and cheap to be in — the triton backend,
-            "mean"/"sum", no return_lse, no return_z_loss (whose output keeps a gradient of its
-            own only there), not while torch.compile traces (where the memory-first mode's custom
-            ops avoid a graph break), with any of the other options (class weights, label
-            smoothing, z-loss, the accuracy / predicted-token outputs) — else the memory-first
-            mode. The default is False until a multi-seed training-curve comparison has shown
-            the fast mode's bf16 logits harmless (issue 12). Without autograd (no input requires
-            grad) the memory-first forward runs in every case.
+            "auto": the fast mode where it is exact and cheap to be in — the triton backend, no
+            return_lse, not while torch.compile traces (where the memory-first mode's custom ops
+            avoid a graph break); "mean"/"sum" always, "none" and return_z_loss where the logits
+            fit one chunk (the held-logits path); with any of the other options (class weights,
+            label smoothing, z-loss, the accuracy / predicted-token outputs) — else the
+            memory-first mode. The default is False until a multi-seed training-curve comparison
+            has shown the fast mode's bf16 logits harmless (issue 12). Without autograd (no input
+            requires grad) the memory-first forward runs in every case.
         loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
             (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
             rank's slice). A promise that positions where it is 0 get upstream gradient 0: the
-            fast mode then keeps their loss values but computes no gradient for them, so the
-            upstream gradient stays uniform over the rest (a non-zero upstream gradient there
-            gives NaN gradients, never silently wrong ones). The memory-first mode needs no promise.
+            fast mode then keeps their loss values but computes no gradient for them, so on its
+            token-chunked path the upstream gradient stays uniform over the rest (a non-zero
+            upstream gradient there gives NaN gradients, never silently wrong ones, on both paths).
+            The memory-first mode needs no promise.
         tuning: performance knobs (block shapes, chunk sizes, TMA, skip-policy thresholds; see
             `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
+        dc_accumulate_into: None, or a contiguous floating-point tensor of c's shape (Megatron's
+            float32 `weight.main_grad`; a float32 master gradient under autocast) into which c's
+            gradient is ADDED in the backward; c then gets no gradient (c.grad stays None). On the
+            fast mode's held-logits path with a float32 target (float64 for float64 inputs) dC =
+            Gᵀ·E is accumulated straight into it by one float32-output product: no dC tensor is
+            formed. Elsewhere dC is formed as before and added into it.
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
@@ -428,24 +440,52 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(q is not None and q.requires_grad for q in (e, c, bias))
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
         filter_eps = None
-    if grad_in_forward == "auto":
-        # not with return_z_loss: the fast mode cannot give the z-loss output a gradient of its own
-        grad_in_forward = (backend is not torch_backend and reduction in ("mean", "sum") and not return_lse
-                           and not return_z_loss and not torch.compiler.is_compiling())
-    gif = grad_in_forward and needs_grad  # without autograd the default path runs
     device_type = e.device.type
     dtype = torch.get_autocast_dtype(device_type) if _autocast_enabled(device_type) else e.dtype
+    tuning = Tuning.from_env() if tuning is None else tuning
+    # tokens the loss Function sees (sequence parallel: all ranks'), whether their logits fit one chunk
+    n_tokens = (e.numel() // max(1, e.shape[-1])) * (layout["world"] if layout["sequence_parallel"] else 1)
+    one_chunk = holds_logits(_ChunkView(tuning, layout["n_valid"], exact), n_tokens, dtype)
+    if grad_in_forward == "auto":
+        # "none" (per-token upstream gradients) and return_z_loss (an output with a gradient of its
+        # own) only where the held-logits path runs: the token-chunked one needs a uniform upstream
+        grad_in_forward = (backend is not torch_backend and not return_lse and not torch.compiler.is_compiling()
+                           and (one_chunk or (reduction in ("mean", "sum") and not return_z_loss)))
+    gif = grad_in_forward and needs_grad  # without autograd the default path runs
     eps, adaptive = _filter(filter_eps, backend, exact, dtype, label_smoothing, gif)
     plan = Plan(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
         **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, grad_in_forward=gif,
-        tuning=Tuning.from_env() if tuning is None else tuning, class_weights=weights, need_argmax=need_argmax,
+        tuning=tuning, class_weights=weights, need_argmax=need_argmax,
     )
     if loss_mask is not None:
         _check_loss_mask(loss_mask, targets, reduction)
+    if dc_accumulate_into is not None:
+        _check_accumulate_into(dc_accumulate_into, c)
     return _run(plan, e, c, targets, bias, shift, return_lse, return_z_loss, return_token_accuracy,
-                return_predicted_tokens, loss_mask)
+                return_predicted_tokens, loss_mask,
+                dc_accumulate_into if needs_grad and c.requires_grad else None, one_chunk)
+
+
+@dataclass(frozen=True)
+class _ChunkView:
+    """The three fields of a Plan that `holds_logits` reads, before the Plan exists."""
+
+    tuning: Tuning
+    n_valid: int
+    exact: bool
+
+
+def _check_accumulate_into(target, c) -> None:
+    if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"dc_accumulate_into: expected a floating-point tensor, got {got}")
+    if tuple(target.shape) != tuple(c.shape) or target.device != c.device:
+        raise ValueError(f"dc_accumulate_into: expected a tensor of c's shape {tuple(c.shape)} on {c.device}, "
+                         f"got {tuple(target.shape)} on {target.device}")
+    if not target.is_contiguous() or target.requires_grad:
+        raise ValueError("dc_accumulate_into: expected a contiguous tensor that does not require grad")
 
 
 def _check_loss_mask(loss_mask, targets, reduction) -> None:
@@ -491,9 +531,14 @@ def _per_token(q: torch.Tensor, out_shape, shift: int) -> torch.Tensor:
 
 
 def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z_loss: bool = False,
-         return_token_accuracy: bool = False, return_predicted_tokens: bool = False, loss_mask=None):
+         return_token_accuracy: bool = False, return_predicted_tokens: bool = False, loss_mask=None,
+         dc_into=None, one_chunk: bool = False):
     """The loss (and lse, or a CrossEntropyOutput) of a validated call: `_prepare`, the autograd
-    Function of the plan's mode, reductions."""
+    Function of the plan's mode, reductions. dc_into: c's gradient is added into it (none is
+    returned); one_chunk: the fast mode holds the logits (`LossWithHeldLogits`)."""
+    held = plan.grad_in_forward and one_chunk
+    if dc_into is not None and not held:  # c's gradient formed as a tensor: added into dc_into
+        c = _accumulate_grad_into(c, dc_into)
     e2, c, bias, t, out_shape, mask = _prepare(plan, e, c, targets, bias, shift, loss_mask)
     valid = t != plan.ignore_index
 
@@ -503,7 +548,10 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
             # hands back the z-loss part and the argmax when asked for
             dens = plan.mean_denominators(t) if plan.reduction == "mean" else None
             want_z = return_z_loss and plan.z_loss > 0
-            outs = _loss_with_grad_in_forward(e2, c, bias, t, plan, dens, mask, want_z)
+            if held:  # one chunk: the logits are held to the backward, any upstream gradient
+                outs = _loss_with_held_logits(e2, c, bias, t, plan, dens, mask, want_z, dc_into)
+            else:  # token chunks: the gradients formed in the forward, a uniform upstream gradient
+                outs = _loss_with_grad_in_forward(e2, c, bias, t, plan, dens, mask, want_z)
             loss = outs[0] if plan.reduction != "none" else _per_token(outs[0], out_shape, shift)
             zl = outs[1] if want_z else None
             argmax = outs[-1] if plan.need_argmax else None
@@ -591,6 +639,16 @@ def _class_weights(w, e, c, layout: dict) -> torch.Tensor | None:
 @torch.compiler.disable  # runs eagerly under torch.compile (a graph break): Python loop, collectives
 def _loss_with_grad_in_forward(*args):
     return LossWithGradInForward.apply(*args)
+
+
+@torch.compiler.disable  # eagerly under torch.compile (a graph break): the held logits live in ctx
+def _loss_with_held_logits(*args):
+    return LossWithHeldLogits.apply(*args)
+
+
+@torch.compiler.disable  # its backward writes into a tensor that is not a graph input
+def _accumulate_grad_into(c, target):
+    return _AccumulateGradInto.apply(c, target)
 
 
 # LinearCrossEntropy's positional parameters: Apple CCE's module, in its order.

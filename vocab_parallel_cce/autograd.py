@@ -6,6 +6,12 @@ vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ig
 reductions, return_lse) is ordinary PyTorch on [N] vectors, so its gradient reaches the backward
 below as three per-token coefficients:
     ∂L/∂z_ij = (∂L/∂lse_i)·p_ij + (∂L/∂x_i)·[j = t_i] + (∂L/∂s_i).
+
+The fast mode (grad_in_forward) materialises the logits once and has two Functions:
+`LossWithHeldLogits` when all tokens fit one chunk (`holds_logits`): Z is held to the backward and
+G is formed there, with the upstream gradient inside it (any upstream gradient); else
+`LossWithGradInForward`: token chunks, G formed in the forward for an upstream gradient of 1 and
+the products scaled in the backward (a uniform upstream gradient only).
 """
 
 from __future__ import annotations
@@ -125,8 +131,10 @@ class ShardStats(torch.autograd.Function):
 
 
 class LossWithGradInForward(torch.autograd.Function):
-    """The loss with its gradients computed during the forward, for an upstream gradient that is
-    the same for every non-ignored token: a scalar ("mean"/"sum"), or, for "none", checked to be so.
+    """The fast mode's token-chunked path (taken when the logits do not fit one chunk; one chunk
+    takes `LossWithHeldLogits`): the loss with its gradients computed during the forward, for an
+    upstream gradient that is the same for every non-ignored token: a scalar ("mean"/"sum"), or,
+    for "none", checked to be so.
 
     Chunks of `plan.tuning.grad_in_forward_chunk(...)` tokens (all of them while their logits fit
     in `tuning.fast_logits_bytes`): Z = E_c·C_rᵀ is materialised once ([n_c, V_r]: bf16 for bf16
@@ -298,3 +306,197 @@ def _uniform_upstream(g: torch.Tensor, active: torch.Tensor, held: torch.Tensor 
     bound = 1e-6 * g.abs().amax()
     ok = deviation <= bound if broken is None else (deviation <= bound) & ~broken
     return torch.where(ok, s, torch.full_like(s, float("nan")))
+
+
+def logits_element_size(dtype: torch.dtype, plan: Plan) -> int:
+    """Bytes per stored logit in the fast mode: bf16 logits for bf16 inputs (not in exact mode),
+    else float32 (float64 for float64 inputs)."""
+    return 2 if dtype == torch.bfloat16 and not plan.exact else max(4, torch.finfo(dtype).bits // 8)
+
+
+def holds_logits(plan: Plan, n: int, dtype: torch.dtype) -> bool:
+    """Whether the fast mode takes the held-logits path (`LossWithHeldLogits`): all n tokens (the
+    gathered ones under sequence parallelism) in ONE chunk of `plan.tuning.grad_in_forward_chunk`,
+    i.e. their logits fit in `Tuning.fast_logits_bytes` (and `fast_chunk_tokens` is unset or ≥ n).
+    Otherwise the fast mode is `LossWithGradInForward` (token chunks, gradients in the forward)."""
+    return plan.tuning.grad_in_forward_chunk(n, plan.n_valid, logits_element_size(dtype, plan)) >= n
+
+
+class LossWithHeldLogits(torch.autograd.Function):
+    """The fast mode when all tokens go in one chunk: the logits are held from the forward to the
+    backward, and the gradients are formed in the backward, once the upstream gradient is known.
+
+    Forward: Z = E·C_rᵀ materialised once ([N, V_r]: bf16 for bf16 inputs, else float32; the same
+    `backend.logits_and_stats` as `LossWithGradInForward`), the statistics `plan.stat_names`
+    (combined across ranks: one all-gather), the per-token loss by `plan.token_loss_parts`, and,
+    by autograd on those [N] vectors, the per-token coefficients (a, b, u) of the cross-entropy part
+    and a_z of the z-loss part (unscaled: "mean"'s divisors are kept as device scalars). Z, the
+    coefficients and lse are kept; no gradient is computed yet.
+
+    Backward, with the upstream gradient g (a scalar for "mean"/"sum", per token [N] for "none"):
+    the coefficients × g (× "mean"'s divisors; + the z-loss output's own upstream gradient × a_z),
+    G = a·p + b·[j = t] + u·w_j written over Z (`backend.grad_from_logits`: one pass, the ×g costs
+    nothing there), dE = G·C_r (one rounding: bf16 output; float32 when the group sums it next),
+    dC = Gᵀ·E (bf16, or with `dc_into` accumulated straight into that float32 tensor by one
+    `product_fp32(accumulate=True)`: no dC is allocated and none is returned), dbias = Σ_i G.
+    So any upstream gradient is exact, per token too, and the z-loss output's gradient is honoured.
+    Peak memory: Z + dE + dC during the backward, what `LossWithGradInForward` peaks at during its
+    forward; between forward and backward Z (2·N·V_r bytes for bf16) is held instead of dE + dC
+    (under sequence parallelism also the gathered e, 2·N·D bytes: dC needs it, without a second
+    gather). G overwrites Z, so the backward runs once (no retain_graph).
+
+    float16: G is stored in float16, whose range g·p could underflow (g ≈ 1/N); the coefficients
+    are divided by a power of two near their largest magnitude and the products multiplied back by
+    it (exact scalings, no host sync).
+
+    `loss_mask` ("none"): tokens where it is False keep their loss and get no gradient; a non-zero
+    upstream gradient there breaks that promise and gives NaN gradients (checked on the device).
+    """
+
+    @staticmethod
+    def forward(ctx, e, c, bias, t, plan: Plan, dens=None, loss_mask=None, want_z=False, dc_into=None):
+        """Arguments and outputs as `LossWithGradInForward.forward`; dc_into: None, or a tensor of
+        c's shape into which c's gradient is added in the backward instead of being returned."""
+        e = _gather_tokens(e, plan)  # kept for dC = Gᵀ·E (no second gather in the backward)
+        backend, names = plan.backend, plan.stat_names
+        acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
+        t_local = t - plan.vocab_start
+        z, *st = backend.logits_and_stats(e, c, bias, t_local, plan)
+        if plan.need_argmax:
+            st[names.index("argmax")] = st[names.index("argmax")] + plan.vocab_start  # global ids
+        if plan.world > 1:
+            st = list(vp.combine_stats(st, names, plan.group))  # one collective for all of them
+        lse = st[0].contiguous()
+        argmax = st[names.index("argmax")].clone() if plan.need_argmax else None
+        with torch.enable_grad():
+            leaves = [q.detach().requires_grad_() for q in st[:3]]
+            ce, zl = plan.token_loss_parts(*leaves, t)
+            coef = list(torch.autograd.grad(ce.sum(), leaves, allow_unused=True, materialize_grads=True))
+            if zl is not None:  # ∂zl_i/∂lse_i, on its own: the z-loss output may get a gradient of its own
+                coef += list(torch.autograd.grad(zl.sum(), leaves[:1], allow_unused=True, materialize_grads=True))
+        ce = ce.detach().to(acc_dtype)
+        zl = None if zl is None else zl.detach().to(acc_dtype)
+        k_ce = k_z = None
+        if plan.reduction == "mean":
+            k_ce, k_z = (1.0 / q.to(acc_dtype) for q in dens)
+            out = ce.sum() * k_ce + (0.0 if zl is None else zl.sum() * k_z)
+        elif plan.reduction == "sum":
+            out = ce.sum() + (0.0 if zl is None else zl.sum())
+        else:
+            out = ce if zl is None else ce + zl
+        ctx.save_for_backward(e, c, bias, t_local, lse)
+        ctx.z, ctx.coef = z, torch.stack([q.to(acc_dtype) for q in coef])
+        ctx.k = (k_ce, k_z)
+        _save_plan(ctx, plan)
+        ctx.loss_mask, ctx.dc_into = loss_mask, dc_into
+        ctx.want_z = want_z and zl is not None
+        outs = [out] + ([zl] if ctx.want_z else []) + ([argmax] if argmax is not None else [])
+        if argmax is not None:
+            ctx.mark_non_differentiable(argmax)
+        return tuple(q.float() if acc_dtype == torch.float32 else q for q in outs)
+
+    @staticmethod
+    def backward(ctx, g_loss, *g_extra):
+        if ctx.z is None:
+            raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
+                               "(retain_graph is not supported in this mode)")
+        z, ctx.z = ctx.z, None
+        coef, ctx.coef = ctx.coef, None
+        e, c, bias, t_local, lse = ctx.saved_tensors
+        plan = _saved_plan(ctx)
+        backend, v = plan.backend, plan.n_valid
+        need_de, need_dc, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        acc = coef.dtype
+        a, b, u = coef[0], coef[1], coef[2]
+        a_z = coef[3] if coef.shape[0] > 3 else None
+        g = torch.zeros((), dtype=acc, device=e.device) if g_loss is None else g_loss.to(acc)
+        broken = None
+        if plan.reduction == "none":
+            scored = (a != 0) | (b != 0) | (u != 0)
+            if a_z is not None:
+                scored = scored | (a_z != 0)
+            if ctx.loss_mask is not None:  # the promise: g = 0 where the mask is False
+                broken = (scored & ~ctx.loss_mask & (g != 0)).any()
+                scored = scored & ctx.loss_mask
+            k_ce = k_z = torch.where(scored, g, 0.0)  # what unscored tokens received (even inf) is unused
+        else:
+            k_ce, k_z = ctx.k
+            k_ce, k_z = (g if k is None else g * k for k in (k_ce, k_z))
+        a_tot = k_ce * a
+        if a_z is not None:
+            a_tot = a_tot + k_z * a_z
+            g_z = g_extra[0] if ctx.want_z and g_extra and g_extra[0] is not None else None
+            if g_z is not None:  # the z-loss output's own gradient: ∂zl_i/∂lse_i = a_z
+                zmask = a_z != 0 if ctx.loss_mask is None else (a_z != 0) & ctx.loss_mask
+                a_tot = a_tot + torch.where(zmask, g_z.to(acc), 0.0) * a_z
+        b_tot, u_tot = k_ce * b, k_ce * u
+        n = e.shape[0]
+        a_tot, b_tot, u_tot = (q.expand(n).contiguous() for q in (a_tot, b_tot, u_tot))
+        if broken is not None:
+            a_tot = torch.where(broken, float("nan"), a_tot)
+        scale = None
+        if e.dtype == torch.float16 and n > 0:  # G in float16: bring the coefficients near 1 by 2^k
+            top = torch.stack([a_tot.abs().amax(), b_tot.abs().amax(), u_tot.abs().amax()]).amax()
+            exp = torch.frexp(top.float()).exponent
+            scale = torch.where((top > 0) & torch.isfinite(top), torch.ldexp(torch.ones_like(top), exp),
+                                torch.ones_like(top))
+            a_tot, b_tot, u_tot = (q / scale for q in (a_tot, b_tot, u_tot))
+        grad = backend.grad_from_logits(z, bias, t_local, lse, a_tot, b_tot, u_tot, plan, e.dtype)
+        del z
+        de = dc = db = None
+        if need_de:
+            if _grad_e_fp32(e, plan, need_de):  # float32 partial sum: the group sums it, rounds once
+                de = torch.empty(e.shape, dtype=torch.float32, device=e.device)
+                backend.product_fp32(de, grad, c[:v], plan, accumulate=False)
+            elif grad.dtype == c.dtype:
+                de = torch.mm(grad, c[:v])
+            else:
+                de = (grad @ c[:v].to(grad.dtype)).to(e.dtype)
+            if scale is not None:
+                backend.scale_in_place(de, scale)
+        into = ctx.dc_into if need_dc else None
+        if into is not None and into.dtype == acc and scale is None:
+            # straight into the float32 target (Megatron's main_grad): one product, beta = 1
+            backend.product_fp32(into[:v], grad.T, e if grad.dtype == e.dtype else e.to(grad.dtype), plan,
+                                 accumulate=True)
+        elif need_dc:
+            dc = torch.empty_like(c)
+            dc[v:].zero_()
+            if n == 0:
+                dc.zero_()
+            elif grad.dtype == c.dtype == e.dtype:
+                torch.mm(grad.T, e, out=dc[:v])
+            else:
+                dc[:v] = (grad.T @ e.to(grad.dtype)).to(c.dtype)
+            if scale is not None:
+                backend.scale_in_place(dc, scale)
+            if into is not None:
+                into.add_(dc)
+                dc = None
+        if need_db:
+            db = torch.zeros(c.shape[0], dtype=acc, device=c.device)
+            db[:v] = grad.sum(dim=0, dtype=acc)
+            if scale is not None:
+                db.mul_(scale)
+            db = db.to(bias.dtype)
+        del grad
+        return _sum_grad_e(de, e.dtype, plan), dc, db, None, None, None, None, None, None
+
+
+class _AccumulateGradInto(torch.autograd.Function):
+    """Identity on c whose backward adds c's gradient into `target` and hands none on (the
+    `dc_accumulate_into` option on the paths that form dC as a tensor: memory-first, and the fast
+    mode's token chunks)."""
+
+    @staticmethod
+    def forward(ctx, c, target):
+        ctx.target = target
+        ctx.set_materialize_grads(False)
+        return c.view_as(c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None:
+            ctx.target.add_(grad)
+        return None, None

@@ -28,8 +28,9 @@ Gradients: the hidden-state gradient is all-reduced over the tensor-parallel gro
 ranks' partial sums are summed in float32 and rounded once (linear_cross_entropy's). The
 classifier's gradient goes to `weight.grad` and Megatron's DDP hook adds it to `main_grad`; when
 the output layer uses gradient-accumulation fusion and the weight has a `main_grad`, it is added
-into `main_grad` in backward instead (and `grad_added_to_main_grad` set), as Megatron's fused
-wgrad does. No parameter or module is replaced, so parameter names and checkpoints are unchanged.
+into `main_grad` in backward instead, by the loss itself (`dc_accumulate_into`; the fast mode's
+held-logits path accumulates it there straight from a float32-output product, no dC tensor), and
+`grad_added_to_main_grad` set, as Megatron's fused wgrad does. No parameter or module is replaced, so parameter names and checkpoints are unchanged.
 
 Pipeline parallelism: only the stage with `output_layer` (post_process) is changed; on other
 stages the call is a no-op.
@@ -116,8 +117,9 @@ class MegatronLossOptions:
     true_vocab_size: int | None = None
     impl: str = "auto"
     filter_eps: Any = None  # dC tile skipping off (linear_cross_entropy's default)
-    grad_in_forward: bool | str = False  # "auto": the fast mode wherever the forward sees the loss mask
+    grad_in_forward: bool | str = False  # "auto": see patch_gpt_model
     class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
+    mtp_heads: bool = False  # the model has multi-token-prediction heads (their rolled masks are not seen)
 
 
 def _config_softcap(config) -> float | None:
@@ -152,15 +154,15 @@ def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, i
         )
     if not (grad_in_forward == "auto" or isinstance(grad_in_forward, bool)):
         raise TypeError(f"grad_in_forward: expected True, False or 'auto', got {grad_in_forward!r}")
-    if grad_in_forward == "auto" and getattr(config, "mtp_num_layers", None):
-        grad_in_forward = False  # the heads' rolled loss masks are not seen by the forward
-    if grad_in_forward is True and getattr(config, "mtp_num_layers", None):
+    mtp = bool(getattr(config, "mtp_num_layers", None))
+    if grad_in_forward is True and mtp:
         raise ValueError(
             "grad_in_forward=True does not support multi-token-prediction heads: their loss mask is zero at "
-            "each sequence's last positions, so their per-token upstream gradient is not uniform"
+            "each sequence's last positions, so their per-token upstream gradient is not uniform where the "
+            "logits do not fit one chunk (grad_in_forward='auto' takes the fast mode where they do)"
         )
     return MegatronLossOptions(float(label_smoothing), float(z_loss), softcap, true_vocab_size, impl, filter_eps,
-                               grad_in_forward)
+                               grad_in_forward, mtp_heads=mtp)
 
 
 def _check_class_weights(w, model, true_vocab_size):
@@ -181,17 +183,22 @@ def _check_class_weights(w, model, true_vocab_size):
 
 
 class _WgradIntoMainGrad(torch.autograd.Function):
-    """Identity on the weight; backward adds its gradient into `weight.main_grad` (fused-wgrad style)."""
+    """Identity on the weight; backward adds its gradient into `weight.main_grad` (fused-wgrad
+    style). The loss gets `dc_accumulate_into=weight.main_grad` too, so it has already added the
+    classifier's gradient there (the fast mode's held-logits path straight from the product, with
+    no dC tensor) and hands this Function no gradient (None); one that does arrive is added."""
 
     @staticmethod
     def forward(ctx, weight):
         ctx.weight = weight
+        ctx.set_materialize_grads(False)
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
         weight = ctx.weight
-        weight.main_grad.add_(grad)
+        if grad is not None:
+            weight.main_grad.add_(grad)
         if hasattr(weight, "grad_added_to_main_grad"):
             # Megatron DDP: its hook skips (or, with zero_out_wgrad, adds) param.grad; hand it zeros
             # so that hooks run on the main thread and nothing is counted twice.
@@ -245,18 +252,25 @@ class _PatchState:
         sequence_parallel = bool(getattr(layer, "sequence_parallel", False)) and world > 1
         if scale != 1.0:
             hidden = hidden * scale
-        c = weight
+        c, into = weight, None
         fused_wgrad = getattr(layer, "gradient_accumulation_fusion", False)
         if fused_wgrad and hasattr(weight, "main_grad") and weight.requires_grad:
             c = _WgradIntoMainGrad.apply(weight)
+            main_grad = weight.main_grad
+            if tuple(main_grad.shape) == tuple(weight.shape) and main_grad.is_contiguous():
+                into = main_grad  # the loss adds dC there itself (float32: straight from the product)
         bias = getattr(layer, "bias", None)
         if bias is not None and getattr(layer, "skip_bias_add", False):
             bias = None  # Megatron returns it separately and never adds it to the logits
         v_local = weight.shape[0]
         used_vocab = opt.true_vocab_size or v_local * world
         mask_seen = self.loss_mask is not None and self.loss_mask.shape == labels.shape
-        # "auto": the fast mode exactly where it is exact, i.e. where the forward saw the loss mask
-        grad_in_forward = mask_seen if opt.grad_in_forward == "auto" else opt.grad_in_forward
+        # "auto": with the loss mask seen (and no MTP heads, whose rolled masks are not), the fast mode,
+        # exact on both of its paths; else linear_cross_entropy's "auto": the fast mode where the
+        # logits fit one chunk (held to the backward: any upstream gradient), else memory-first.
+        grad_in_forward = opt.grad_in_forward
+        if grad_in_forward == "auto" and mask_seen and not opt.mtp_heads:
+            grad_in_forward = True
         targets = labels.transpose(0, 1)  # [s, b]
         # Megatron's contract: every label position has a loss, loss_mask decides later. Labels
         # outside the vocabulary (e.g. -100 / -1 padding) get loss 0 and no gradient here, never NaN.
@@ -272,7 +286,7 @@ class _PatchState:
         # The fast mode needs one upstream weight on every scored position: positions the loss mask
         # drops keep their loss but take no gradient (the mask multiplies them by 0 anyway).
         mask = None
-        if grad_in_forward and mask_seen:
+        if grad_in_forward is True and mask_seen:
             mask = self.loss_mask.to(labels.device).transpose(0, 1)  # [s, b]
             if sequence_parallel:
                 mask = mask[rank * s_local : (rank + 1) * s_local]
@@ -301,6 +315,7 @@ class _PatchState:
             grad_in_forward=grad_in_forward,
             loss_mask=mask,
             class_weights=self.class_weights(hidden.device),
+            dc_accumulate_into=into,
         )
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
@@ -493,19 +508,25 @@ def patch_gpt_model(
             default, so that the numbers match Megatron's (which includes the padded rows).
         impl, filter_eps: passed to `linear_cross_entropy` (impl "auto": triton on a supported GPU;
             filter_eps None: no dC tile skipping, "auto" the adaptive skipping).
-        grad_in_forward: the loss's mode (`linear_cross_entropy`'s). True, the fast mode: the
-            gradients are computed during the forward (6·N·D·V FLOPs instead of 8; the shard's
-            logits held once in 16 bits, as Megatron's own layer holds them), for Megatron's
-            `sum(losses * loss_mask) / n` with a 0/1 loss mask: positions where the `loss_mask`
-            passed to the model's forward is 0 keep their per-token loss but take no gradient, so
-            every scored position gets the same upstream gradient, as the mode needs. A loss mask
-            with other values, or zeros that the forward did not receive, gives NaN gradients
-            (checked on the device; Megatron's NaN check then stops the step). Not with
-            multi-token-prediction heads (a ValueError). False, the memory-first mode: any loss
-            mask, logits recomputed in the backward; the default until a multi-seed
+        grad_in_forward: the loss's mode (`linear_cross_entropy`'s). True, the fast mode (6·N·D·V
+            FLOPs instead of 8; the shard's logits held once in 16 bits, as Megatron's own layer
+            holds them). Where the logits fit one chunk (`Tuning.fast_logits_bytes`, 4 GiB: the
+            common case) they are held to the backward and the gradients formed there, so any
+            loss mask and any upstream gradient is exact. Otherwise (token chunks, gradients in
+            the forward) it needs Megatron's `sum(losses * loss_mask) / n` with a 0/1 loss mask:
+            positions where the `loss_mask` passed to the model's forward is 0 keep their
+            per-token loss but take no gradient, so every scored position gets the same upstream
+            gradient; a loss mask with other values, or zeros that the forward did not receive,
+            then gives NaN gradients (checked on the device; Megatron's NaN check stops the step).
+            Not with multi-token-prediction heads (a ValueError). False, the memory-first mode:
+            any loss mask, logits recomputed in the backward; the default until a multi-seed
             training-curve comparison backs the fast mode's bf16 logits. "auto": the fast mode in
-            each forward that receives `loss_mask` (Megatron's GPT training step passes it),
-            except with multi-token-prediction heads; else the memory-first mode.
+            each forward that receives `loss_mask` (Megatron's GPT training step passes it), and
+            else (no mask seen, or multi-token-prediction heads) `linear_cross_entropy`'s "auto":
+            the fast mode where the logits fit one chunk on the Triton backend, else memory-first.
+            With gradient-accumulation fusion (`weight.main_grad`) the classifier's gradient is
+            added into main_grad by the loss (`dc_accumulate_into`); on the held-logits path by
+            one float32-output product, with no bf16 dC tensor.
         class_weights: per-class weights w [vocab] (the padded vocabulary or true_vocab_size
             entries; F.cross_entropy's `weight`): the per-token loss becomes w[label]·nll (with
             label smoothing, F.cross_entropy's weighted form). Megatron's loss function then

@@ -1,0 +1,45 @@
+"""Test helper: which of the fast mode's two Functions ran (api resolves them at call time)."""
+
+from __future__ import annotations
+
+import vocab_parallel_cce.api as api
+
+PATHS = {"LossWithGradInForward": "chunked", "LossWithHeldLogits": "held"}
+
+
+class CountFast:
+    """Records each run of the fast mode's Functions in `paths`: "held" (LossWithHeldLogits: one
+    chunk, the logits held to the backward) or "chunked" (LossWithGradInForward: token chunks,
+    gradients in the forward)."""
+
+    def __init__(self, monkeypatch):
+        self.paths: list[str] = []
+        for name, tag in PATHS.items():
+            real = getattr(api, name)
+
+            def forward(ctx, *args, _real=real, _tag=tag):
+                self.paths.append(_tag)
+                return _real.forward(ctx, *args)
+
+            monkeypatch.setattr(api, name, type("Counted" + name, (real,), {"forward": staticmethod(forward)}))
+
+    @property
+    def calls(self) -> int:
+        return len(self.paths)
+
+    def clear(self) -> None:
+        self.paths.clear()
+
+
+def fast_path_of(loss) -> str:
+    """"held", "chunked", "memory-first" or "no autograd", from the loss's grad_fn."""
+    fn = loss.grad_fn
+    if fn is None:
+        return "no autograd"
+    while type(fn).__name__.startswith(("View", "Slice", "Reshape", "Alias")):  # "none"'s reshapes
+        fn = fn.next_functions[0][0]
+    name = type(fn).__name__
+    for cls, tag in PATHS.items():
+        if name.startswith(cls):
+            return tag
+    return "memory-first"
