@@ -2,7 +2,11 @@
 
 - `stored_logits_stats_kernel`: per row, lse, correct logit and Σ logits (bias and softcap applied
   on the fly; with them, the final logits written back so the gradient pass can use them), and
-  optionally the class-weighted Σ_j w_j z_j and the max / argmax (stats.py).
+  optionally the class-weighted Σ_j w_j z_j and the max / argmax (stats.py). No cross-thread
+  reduction in its loop: every lane of a [BLOCK_R, BLOCK_C] block keeps its own running max m and
+  s = Σ exp(z − m) (one exp per element: d = z − m, e = exp(−|d|), s ← d > 0 ? s·e + 1 : s + e),
+  target logit, logit sum and argmax; the lanes are merged once per row at the end
+  (lse = M + log Σ_k s_k·exp(m_k − M), M = max_k m_k).
 - `grad_from_stored_kernel`: G = a·p + b·[j = t] + u (u·w_j with class weights) in place
   (× 1 − (z/cap)² = 1 − tanh² of the raw logit when softcapped), with optional per-tile keep flags.
 """
@@ -50,6 +54,66 @@ def grad_from_stored_kernel(Z, TGT, LSE, COEF, FLAGS, N, V, stride_z, stride_f, 
         tl.store(FLAGS + tl.program_id(0) * stride_f + tl.program_id(1), keep.to(tl.int8))
 
 
+# Lowest float32: the per-lane running max starts here rather than at −inf, so that d = z − m is
+# never −inf − (−inf) = NaN: a −inf logit (a −inf bias masking a token out) or a masked column
+# (−inf) gives d = −inf and leaves the lane as it was. No bf16 logit reaches it (bf16's lowest is
+# −3.3895e38), so a lane whose m is still there has seen no finite logit.
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _lane_stats_block(Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s, x, zsum, arg,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                      WRITE_BACK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SUMW: tl.constexpr,
+                      NEED_ARGMAX: tl.constexpr, PARTIAL: tl.constexpr):
+    """One BLOCK_C-column block into the per-lane statistics [BLOCK_R, BLOCK_C] (m, s, x, zsum, arg),
+    element-wise only. PARTIAL: the last block, columns ≥ V masked; otherwise every column is < V
+    and only the rows are masked (a mask constant along the row: the loads vectorise whatever V
+    is)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    if PARTIAL:
+        mask_c = cols < V
+        mask = mask_r[:, None] & mask_c[None, :]
+    else:
+        mask = mask_r[:, None]  # rows only, broadcast along the block
+    # masked elements load 0, and bias (0), softcap (cap·tanh(0) = 0) and rounding keep them 0:
+    # they add nothing to x (a target ≥ V may name a masked column) nor to zsum.
+    z = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        if PARTIAL:
+            z += tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        else:
+            z += tl.load(BIAS + cols).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    if WRITE_BACK:  # the statistics use the stored (rounded) logits, as the gradient pass will:
+        zq = z.to(Z.dtype.element_ty)  # Σ_j p_j = 1 exactly for the p it computes
+        tl.store(row_ptr + cols[None, :], zq, mask=mask)
+        z = zq.to(tl.float32)
+    x += tl.where(cols[None, :] == tgt[:, None], z, 0.0)
+    if NEED_SUM:
+        if HAS_SUMW:
+            if PARTIAL:
+                w = tl.load(SUMW + cols, mask=mask_c, other=0.0)
+            else:
+                w = tl.load(SUMW + cols)
+            zsum += z * w[None, :]
+        else:
+            zsum += z
+    if PARTIAL:
+        z = tl.where(mask_c[None, :], z, float("-inf"))
+    # one exp per element: d = z − m, e = exp(−|d|); a new lane max (d > 0) rescales s: s·e + 1,
+    # otherwise s + e. m > −inf always, so d is never NaN (unless z is NaN or z = m = +inf).
+    d = z - m
+    e = tl.exp(-tl.abs(d))
+    up = d > 0
+    s = tl.where(up, s * e + 1.0, s + e)
+    if NEED_ARGMAX:  # a lane's columns increase: only a strictly larger value moves its argmax
+        arg = tl.where(up, cols[None, :], arg)
+    m = tl.where(up, z, m)
+    return m, s, x, zsum, arg
+
+
 @triton.jit
 def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
                                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
@@ -63,49 +127,45 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
 
     Optional (stats.py), each only when its switch is on, of the same (stored) values:
     HAS_SUMW: OUT[2] = Σ_j w_j z_j (SUMW [V] float32 class weights); NEED_ARGMAX:
-    OUT[3] = max_j z_j, OUT[4] = its smallest column (as a float)."""
+    OUT[3] = max_j z_j, OUT[4] = its smallest column (as a float). A correct logit is the z_t
+    of a target t in [0, V), else 0. A row whose logits are all −inf gets lse = max = −inf and
+    argmax 0. Grid: cdiv(N, BLOCK_R) programs of BLOCK_R rows; V ≥ 1.
+
+    Per-lane running statistics, no cross-thread reduction inside the loop: each lane (r, k) of
+    the [BLOCK_R, BLOCK_C] block sees the columns j ≡ k (mod BLOCK_C) of row r in increasing
+    order and keeps its own running max m, s = Σ exp(z_j − m), Σ [j = t]·z_j, Σ z_j (or Σ w_j z_j)
+    and the column of its max, updated with one exp per element:
+        d = z − m,  e = exp(−|d|),  s ← (d > 0) ? s·e + 1 : s + e,  m ← max(m, z)
+    (m starts at the lowest float32 rather than −inf, so masked columns, loaded as −inf, and −inf
+    logits give d = −inf, e = 0 and change nothing). Once per row, after the loop:
+        M = max_k m_k,  lse = M + log Σ_k s_k·exp(m_k − M),  x, Σz: Σ_k,
+        max = M,  argmax = min{arg_k : m_k = M}  (the smallest column reaching the row max)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     tgt = tl.load(TGT + rows, mask=mask_r, other=-1)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_R,), tl.float32)
-    x = tl.zeros((BLOCK_R,), tl.float32)
-    zsum = tl.zeros((BLOCK_R,), tl.float32)
-    arg = tl.zeros((BLOCK_R,), tl.int32)  # column of the running max (NEED_ARGMAX)
+    m = tl.full((BLOCK_R, BLOCK_C), _LOWEST, tl.float32)
+    s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    x = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    zsum = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    arg = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)  # column of the lane's max (NEED_ARGMAX)
     row_ptr = Z + rows[:, None].to(tl.int64) * stride_z
-    for c0 in range(0, V, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask_c = cols < V
-        mask = mask_r[:, None] & mask_c[None, :]
-        z = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        if WRITE_BACK:  # the statistics use the stored (rounded) logits, as the gradient pass will:
-            zq = z.to(Z.dtype.element_ty)  # Σ_j p_j = 1 exactly for the p it computes
-            tl.store(row_ptr + cols[None, :], zq, mask=mask)
-            z = zq.to(tl.float32)
-        x += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        if NEED_SUM:
-            if HAS_SUMW:
-                w = tl.load(SUMW + cols, mask=mask_c, other=0.0)
-                zsum += tl.sum(tl.where(mask, z * w[None, :], 0.0), axis=1)
-            else:
-                zsum += tl.sum(tl.where(mask, z, 0.0), axis=1)
-        z = tl.where(mask_c[None, :], z, float("-inf"))
-        tile_max = tl.max(z, axis=1)
-        if NEED_ARGMAX:  # blocks in increasing column order: only a strictly larger max moves the argmax
-            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], 2147483647), axis=1)
-            arg = tl.where(tile_max > m, tile_arg, arg)
-        # online log-sum-exp per row: s ← s·exp(m − m') + Σ_j exp(z_j − m')
-        m_new = tl.maximum(m, tile_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
-        m = m_new
-    tl.store(OUT + rows, m + tl.log(s), mask=mask_r)
-    tl.store(OUT + N + rows, x, mask=mask_r)
-    tl.store(OUT + 2 * N + rows, zsum, mask=mask_r)
+    v_full = (V // BLOCK_C) * BLOCK_C
+    for c0 in range(0, v_full, BLOCK_C):
+        m, s, x, zsum, arg = _lane_stats_block(
+            Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s, x, zsum, arg, HAS_BIAS, HAS_SOFTCAP,
+            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX, False)
+    if v_full < V:
+        m, s, x, zsum, arg = _lane_stats_block(
+            Z, BIAS, SUMW, row_ptr, v_full, V, tgt, mask_r, softcap, m, s, x, zsum, arg, HAS_BIAS, HAS_SOFTCAP,
+            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX, True)
+    # the merge of the lanes: a lane that saw no finite logit has s = 0 and adds 0 (m − M is finite
+    # or 0 there, never NaN); a row of −inf logits has M = lowest and Σ = 0, so lse = −inf.
+    row_max = tl.max(m, axis=1)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max[:, None]), axis=1))
+    tl.store(OUT + rows, lse, mask=mask_r)
+    tl.store(OUT + N + rows, tl.sum(x, axis=1), mask=mask_r)
+    tl.store(OUT + 2 * N + rows, tl.sum(zsum, axis=1), mask=mask_r)
     if NEED_ARGMAX:
-        tl.store(OUT + 3 * N + rows, m, mask=mask_r)
-        tl.store(OUT + 4 * N + rows, arg.to(tl.float32), mask=mask_r)
+        row_arg = tl.min(tl.where(m == row_max[:, None], arg, 2147483647), axis=1)
+        tl.store(OUT + 3 * N + rows, tl.where(row_max > _LOWEST, row_max, float("-inf")), mask=mask_r)
+        tl.store(OUT + 4 * N + rows, row_arg.to(tl.float32), mask=mask_r)
