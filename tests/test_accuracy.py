@@ -113,7 +113,8 @@ def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
     e, c, t = _with_ties(e, c, t, {19: [3, 60]})
     e, c = e.detach().to(dtype).requires_grad_(), c.detach().to(dtype).requires_grad_()
     t[:10] = 3
-    out, pred = _check(e, c, t, "none", impl="triton", tuning=tuning, softcap=20.0)
+    # the memory-first kernels' tiles and splits (the fast mode's ties: test_fast_stats.py)
+    out, pred = _check(e, c, t, "none", impl="triton", tuning=tuning, softcap=20.0, grad_in_forward=False)
     assert (pred == 3).sum() > 10
 
 

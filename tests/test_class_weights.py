@@ -149,12 +149,16 @@ def test_triton_both_modes(reduction, ls, zl, gif, seed, monkeypatch):
         assert rel_err(g, rg) < 1e-5
 
 
-def test_triton_bf16_weighted_smoothing(seed):
+@pytest.mark.parametrize("gif,loss_tol", [(False, 1e-4), (True, 1e-3)])
+def test_triton_bf16_weighted_smoothing(seed, gif, loss_tol):
+    """Memory-first: float32 logits; the fast mode (the default here): bf16 logits, as the unfused
+    layer's (their rounding, ~2^-9·|z| per logit, moves the loss by up to ~1e-3 relative)."""
     leaves, t, w = _inputs(33, 32, 60, torch.bfloat16)
-    loss = linear_cross_entropy(*leaves[:2], t, class_weights=w, label_smoothing=0.1, impl="triton")
+    loss = linear_cross_entropy(*leaves[:2], t, class_weights=w, label_smoothing=0.1, impl="triton",
+                                grad_in_forward=gif)
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves[:2]]
     ref = reference_loss(*ref_leaves, t, label_smoothing=0.1, class_weights=w)
-    assert rel_err(loss, ref) < 1e-4
+    assert rel_err(loss, ref) < loss_tol
     for g, rg in zip(torch.autograd.grad(loss, leaves[:2]), torch.autograd.grad(ref, ref_leaves)):
         assert rel_err(g, rg) < 2e-2
 

@@ -303,7 +303,7 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     reduce_grad_e: bool = True,
     sequence_parallel: bool = False,
-    grad_in_forward: bool | str = False,
+    grad_in_forward: bool | str = "auto",
     loss_mask: torch.Tensor | None = None,
     tuning: Tuning | None = None,
     dc_accumulate_into: torch.Tensor | None = None,

@@ -117,7 +117,7 @@ class MegatronLossOptions:
     true_vocab_size: int | None = None
     impl: str = "auto"
     filter_eps: Any = None  # dC tile skipping off (linear_cross_entropy's default)
-    grad_in_forward: bool | str = False  # "auto": see patch_gpt_model
+    grad_in_forward: bool | str = "auto"  # see patch_gpt_model
     class_weights: Any = None  # [vocab] float tensor (F.cross_entropy's weight), moved to the loss's device once
     mtp_heads: bool = False  # the model has multi-token-prediction heads (their rolled masks are not seen)
 
@@ -131,7 +131,7 @@ def _config_softcap(config) -> float | None:
 
 
 def _resolve_options(model, label_smoothing, z_loss, softcap, true_vocab_size, impl, filter_eps,
-                     grad_in_forward=False) -> MegatronLossOptions:
+                     grad_in_forward="auto") -> MegatronLossOptions:
     config = model.config
     cfg_cap = _config_softcap(config)
     if softcap is None:
@@ -489,7 +489,7 @@ def patch_gpt_model(
     true_vocab_size: int | None = None,
     impl: str = "auto",
     filter_eps: Any = None,
-    grad_in_forward: bool | str = False,
+    grad_in_forward: bool | str = "auto",
     class_weights: torch.Tensor | None = None,
     allow_unsupported_version: bool = False,
 ):
