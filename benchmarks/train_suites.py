@@ -182,7 +182,8 @@ def read_log(path: str) -> dict | None:
 
 
 def mode_args(mode: str) -> list[str]:
-    """train_gpt.py flags of a fused mode: 'default', 'gif' (grad_in_forward), 'impl=NAME', or
+    """train_gpt.py flags of a fused mode: 'default' (the adapter's defaults), 'gif' (the fast mode,
+    grad_in_forward=True), 'memory' (the memory-first mode, grad_in_forward=False), 'impl=NAME', or
     combinations joined by '+' (e.g. 'gif+impl=torch')."""
     out = []
     for part in mode.split("+"):
@@ -190,15 +191,18 @@ def mode_args(mode: str) -> list[str]:
             continue
         if part == "gif":
             out.append("--fused-grad-in-forward")
+        elif part == "memory":
+            out.append("--fused-memory-first")
         elif part.startswith("impl="):
             out += ["--fused-impl", part[5:]]
         else:
-            raise SystemExit(f"--modes: unknown fused mode {part!r} (default, gif, impl=NAME, joined by '+')")
+            raise SystemExit(f"--modes: unknown fused mode {part!r} (default, gif, memory, impl=NAME, joined by '+')")
     return out
 
 
 def mode_of(config: dict) -> str:
     parts = (["gif"] if config.get("fused_grad_in_forward") else []) + (
+        ["memory"] if config.get("fused_memory_first") else []) + (
         [f"impl={config['fused_impl']}"] if config.get("fused_impl") else [])
     return "+".join(parts) or "default"
 
@@ -218,7 +222,9 @@ class Gpt:
     def add_args(p):
         p.add_argument("--tp", default="1", help="comma list of tensor-parallel sizes (processes)")
         p.add_argument("--configs", default="4096x1,1024x16", help="comma list of SEQxMICROBATCH")
-        p.add_argument("--modes", default="default,gif", help="fused modes: default, gif, impl=NAME ('+' joins)")
+        p.add_argument("--modes", default="default,memory",
+                       help="fused modes: default (the adapter's defaults), gif (the fast mode), "
+                            "memory (the memory-first mode), impl=NAME ('+' joins)")
         p.add_argument("--steps", type=int, default=10)
         p.add_argument("--model", default=Gpt.MODEL, help="model and data flags of train_gpt.py")
         p.add_argument("--extra", default="", help="more train_gpt.py flags")
@@ -362,7 +368,9 @@ class Fidelity:
     @staticmethod
     def add_args(p):
         p.add_argument("--seeds", default="0,1,2", help="comma list of --seed values (weights and batches)")
-        p.add_argument("--modes", default="default,gif", help="fused modes: default, gif, impl=NAME ('+' joins)")
+        p.add_argument("--modes", default="default,memory",
+                       help="fused modes: default (the adapter's defaults), gif (the fast mode), "
+                            "memory (the memory-first mode), impl=NAME ('+' joins)")
         p.add_argument("--corpora", default="generated,text",
                        help="'generated' (launch's corpus), 'text' (--text-corpus), or paths of text files")
         p.add_argument("--text-corpus", default=None,

@@ -199,6 +199,7 @@ SMALL_DATA = ["--lexicon", "500", "--corpus-tokens", "5000"]
     (["--steps", "0"], "--steps must be > 0"),
     (["--device", "cuda"], "--device cuda"),
     (["--corpus", "/nonexistent/text.txt"], "--corpus /nonexistent/text.txt: no such file"),
+    (["--fused-memory-first"], "--fused-memory-first only applies to --loss fused or both"),
 ])
 def test_inconsistent_sizes_exit_2(torchrun_env, tmp_path, capsys, args, message):
     if args == ["--device", "cuda"] and torch.cuda.is_available():
@@ -303,6 +304,28 @@ def test_fused_impl_checked_before_start(torchrun_env, tmp_path, capsys):
     assert train_gpt.main([*SMALL_DATA, "--loss", "both", "--fused-impl", "torch", "--check",
                            "--out", str(tmp_path / "o")]) == 0
     assert not (tmp_path / "o").exists()
+
+
+def test_fused_modes_are_exclusive_and_reach_the_adapter(torchrun_env, tmp_path, capsys):
+    """--fused-memory-first / --fused-grad-in-forward pick grad_in_forward False / True; neither: the
+    adapter's default; both: a usage error. The benchmark suites name them memory / gif / default."""
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "both", "--fused-memory-first", "--fused-grad-in-forward",
+                         "--check", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "choose one mode" in capsys.readouterr().err
+    from gpt import model as gpt_model
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from train_suites import mode_args, mode_of
+
+    if not fused_available():
+        pytest.skip("vocab_parallel_cce.megatron is not importable")
+    base = dict(loss="fused", fused_impl=None, fused_grad_in_forward=False)
+    assert gpt_model.fused_loss(base)[1] == {}
+    assert gpt_model.fused_loss({**base, "fused_memory_first": True})[1] == {"grad_in_forward": False}
+    assert gpt_model.fused_loss({**base, "fused_grad_in_forward": True})[1] == {"grad_in_forward": True}
+    assert mode_args("memory") == ["--fused-memory-first"] and mode_args("gif") == ["--fused-grad-in-forward"]
+    assert mode_of({"fused_memory_first": True}) == "memory" and mode_of({}) == "default"
+    with pytest.raises(SystemExit, match="unknown fused mode 'fast'"):
+        mode_args("fast")
 
 
 @pytest.mark.parametrize("out", ["/sys/vcce-never", "/proc/vcce-never"])

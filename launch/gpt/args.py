@@ -83,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="impl= of the fused loss: auto, torch, triton, triton_exact (or Apple CCE's names); "
                         "default: the library's auto")
     g.add_argument("--fused-grad-in-forward", action="store_true",
-                   help="the fused loss computes its gradients during the forward (grad_in_forward=True: "
-                        "fewer FLOPs, more memory; this script's loss is a plain mean, which it needs)")
+                   help="the fused loss in its fast mode always (grad_in_forward=True: 6·N·D·V FLOPs, the "
+                        "logits held in bf16); without this flag or --fused-memory-first, the adapter's "
+                        "default ('auto': the fast mode in each forward that receives the loss mask)")
+    g.add_argument("--fused-memory-first", action="store_true",
+                   help="the fused loss in its memory-first mode (grad_in_forward=False: the logits "
+                        "recomputed in the backward, CCE memory)")
     g.add_argument("--native-fused-ce", action="store_true",
                    help="native runs use Megatron's fused vocab-parallel cross-entropy "
                         "(cross_entropy_loss_fusion=True) instead of its unfused one")
@@ -199,13 +203,17 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError("--fused-impl only applies to --loss fused or both")
     if args.fused_grad_in_forward and args.loss == "native":
         raise UsageError("--fused-grad-in-forward only applies to --loss fused or both")
+    if args.fused_memory_first and args.loss == "native":
+        raise UsageError("--fused-memory-first only applies to --loss fused or both")
+    if args.fused_memory_first and args.fused_grad_in_forward:
+        raise UsageError("--fused-memory-first and --fused-grad-in-forward: choose one mode")
 
     cfg.update(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, dp=world // tp,
                sequence_parallel=sp, device=device, backend="nccl" if device == "cuda" else "gloo",
                loss=args.loss, seed=args.seed, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                tie_embeddings=args.tie_embeddings, fused_impl=args.fused_impl, corpus=args.corpus,
                native_fused_ce=args.native_fused_ce, fused_grad_in_forward=args.fused_grad_in_forward,
-               data_seed=args.data_seed, dist_timeout=args.dist_timeout, log_interval=args.log_interval)
+               fused_memory_first=args.fused_memory_first, data_seed=args.data_seed, dist_timeout=args.dist_timeout, log_interval=args.log_interval)
     return cfg
 
 

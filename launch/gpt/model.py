@@ -76,4 +76,6 @@ def fused_loss(cfg: dict):
         options["impl"] = cfg["fused_impl"]
     if cfg["fused_grad_in_forward"]:
         options["grad_in_forward"] = True
+    elif cfg.get("fused_memory_first"):
+        options["grad_in_forward"] = False
     return patch_gpt_model, options
