@@ -293,6 +293,19 @@ def test_backward_runs_once(seed):
         loss.sum().backward()
 
 
+def test_default_backward_twice_names_the_way_out(seed):
+    """The default ("auto") is the fast mode on the Triton backend: a second backward is refused with
+    the argument that allows it, and grad_in_forward=False does allow it."""
+    leaves, t = _inputs(8, 4, 9, torch.float32)
+    loss = linear_cross_entropy(*leaves[:2], t, impl="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="default 'auto'.*pass grad_in_forward=False"):
+        loss.backward()
+    loss = linear_cross_entropy(*leaves[:2], t, impl="triton", grad_in_forward=False)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
 def test_over_the_budget_the_token_chunked_path_runs(seed, monkeypatch):
     """Logits over Tuning.fast_logits_bytes: token chunks (gradients in the forward), still exact
     for "mean" (a scalar upstream gradient)."""

@@ -130,6 +130,11 @@ class ShardStats(torch.autograd.Function):
         return _sum_grad_e(de, e.dtype, plan), dc, db, None, None
 
 
+_ONE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or the default 'auto') can run "
+                 "its backward only once (no retain_graph); pass grad_in_forward=False for a graph that "
+                 "is differentiated more than once")
+
+
 class LossWithGradInForward(torch.autograd.Function):
     """The fast mode's token-chunked path (taken when the logits do not fit one chunk; one chunk
     takes `LossWithHeldLogits`): the loss with its gradients computed during the forward, for an
@@ -277,8 +282,7 @@ class LossWithGradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
         if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
-                               "(retain_graph is not supported in this mode)")
+            raise RuntimeError(_ONE_BACKWARD)
         grads, ctx.grads = ctx.grads, None
         plan = _saved_plan(ctx)
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
@@ -398,8 +402,7 @@ class LossWithHeldLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
         if ctx.z is None:
-            raise RuntimeError("linear_cross_entropy(grad_in_forward=True): backward can run only once "
-                               "(retain_graph is not supported in this mode)")
+            raise RuntimeError(_ONE_BACKWARD)
         z, ctx.z = ctx.z, None
         coef, ctx.coef = ctx.coef, None
         e, c, bias, t_local, lse = ctx.saved_tensors

@@ -48,8 +48,9 @@ def torch_linear_cross_entropy(
             F.cross_entropy: NaN when every target is ignored), "sum" or "none".
         ignore_index: None means -100, as in PyTorch.
         label_smoothing: in [0, 1).
-        options: a `torch.nn.LinearCrossEntropyOptions` or None; accepted and unused (the fused
-            kernels never hold the logits, so no chunking strategy applies).
+        options: a `torch.nn.LinearCrossEntropyOptions` or None; accepted and unused: the mode is
+            `linear_cross_entropy`'s default ("auto": the fast mode, the logits held in chunks of
+            at most `Tuning.fast_logits_bytes`), not PyTorch's chunking strategy.
 
     Returns:
         The loss in input's dtype (as F.cross_entropy of input-dtype logits), per element for
