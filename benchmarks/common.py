@@ -632,7 +632,7 @@ TUNABLE = {"vpcce_triton": dict(impl="triton"),
            "vpcce_torch_gif": dict(impl="torch", grad_in_forward=True)}
 # Reference rows of run.py's loss suite: timed cuBLAS products, not losses.
 REFERENCE_ROWS = ("cublas_3x", "cublas_4x")
-DEFAULT_METHODS = ["vpcce_triton_gif", "vpcce_triton", "torch_compile", "torch_eager", "liger", "apple_cce",
+DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_memory", "torch_compile", "torch_eager", "liger", "apple_cce",
                    "megatron_fused", "torch_linear_ce", "cublas_3x", "cublas_4x"]
 
 

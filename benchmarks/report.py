@@ -12,8 +12,9 @@ import math
 
 # Display names (methods without an entry keep their registry name).
 LABELS = {
-    "vpcce_triton": "ours",
+    "vpcce_triton": "ours (default)",
     "vpcce_triton_gif": "ours grad_in_forward",
+    "vpcce_triton_memory": "ours memory-first",
     "vpcce_triton_exact": "ours triton_exact",
     "vpcce_triton_dense": "ours dense dC",
     "vpcce_triton_filter": "ours skip 2^-12",
