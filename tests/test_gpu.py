@@ -188,18 +188,29 @@ def test_autocast_bf16_with_fp32_parameters():
     assert rel_err(ge.double(), rge) < 1.5e-2 and rel_err(gc.double(), rgc) < 1.5e-2
 
 
-def test_no_host_sync_on_the_default_path():
-    e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=13)
-    e, c = e.requires_grad_(), c.requires_grad_()
-    linear_cross_entropy(e, c, t).backward()  # warm caches (cuBLAS probe, compilation)
-    linear_cross_entropy(e, c, t, grad_in_forward=True).backward()
+def _twice_without_host_sync(run):
+    """run() once (compilation, the cuBLAS probe), then again with any host synchronisation an error."""
+    run()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_no_host_sync_on_the_default_path():
+    """The default (the fast mode) and the memory-first mode."""
+    e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=13)
+    e, c = e.requires_grad_(), c.requires_grad_()
+
+    def run():
         linear_cross_entropy(e, c, t, label_smoothing=0.1).backward()
         linear_cross_entropy(e, c, t).backward()
         linear_cross_entropy(e, c, t, z_loss=1e-4, grad_in_forward=True).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        linear_cross_entropy(e, c, t, grad_in_forward=False).backward()
+        linear_cross_entropy(e, c, t, label_smoothing=0.1, grad_in_forward=False).backward()
+
+    _twice_without_host_sync(run)
 
 
 def test_auto_filter_measures_then_skips_without_host_sync():
@@ -365,12 +376,7 @@ def test_no_host_sync_with_the_new_options():
                                    return_z_loss=True, z_loss=1e-4)
         out.loss.backward()
 
-    run()  # warm caches (compilation)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _twice_without_host_sync(run)
 
 
 def test_torch_compile_log_probs():
@@ -546,12 +552,7 @@ def test_no_host_sync_in_the_fast_mode_with_the_new_options():
             linear_cross_entropy(e.float(), c.float(), t, grad_in_forward="auto", class_weights=w,
                                  label_smoothing=0.1, **flags).loss.backward()
 
-    run()  # warm caches (compilation, the cuBLAS probe)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _twice_without_host_sync(run)
 
 
 # ---- the fast mode's held-logits path (one chunk: the logits held to the backward)
@@ -649,9 +650,4 @@ def test_no_host_sync_on_the_held_logits_path():
             (loss * up * (mask if "loss_mask" in kw else 1)).sum().backward()
         linear_cross_entropy(e, c, t, grad_in_forward="auto", reduction="none").sum().backward()
 
-    run()  # warm caches (compilation, the cuBLAS probe)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _twice_without_host_sync(run)

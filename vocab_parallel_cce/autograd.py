@@ -135,6 +135,15 @@ _ONE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or 
                  "is differentiated more than once")
 
 
+def _fast_outputs(ctx, loss, z_part, argmax, acc_dtype):
+    """The fast-mode Functions' outputs: (loss, [z-loss part if ctx.want_z], [argmax if any]), the
+    float ones in float32 unless the accumulation is float64; the argmax is not differentiable."""
+    outs = [loss] + ([z_part] if ctx.want_z else []) + ([argmax] if argmax is not None else [])
+    if argmax is not None:
+        ctx.mark_non_differentiable(argmax)
+    return tuple(q.float() if acc_dtype == torch.float32 else q for q in outs)
+
+
 class LossWithGradInForward(torch.autograd.Function):
     """The fast mode's token-chunked path (taken when the logits do not fit one chunk; one chunk
     takes `LossWithHeldLogits`): the loss with its gradients computed during the forward, for an
@@ -274,10 +283,7 @@ class LossWithGradInForward(torch.autograd.Function):
         _save_plan(ctx, plan)
         ctx.active, ctx.held, ctx.e_dtype, ctx.want_z = active, held, e.dtype, want_z
         out = total if per_token is None else per_token
-        outs = [out] + ([z_part] if want_z else []) + ([argmax] if argmax is not None else [])
-        if argmax is not None:
-            ctx.mark_non_differentiable(argmax)
-        return tuple(q.float() if acc_dtype == torch.float32 else q for q in outs)
+        return _fast_outputs(ctx, out, z_part, argmax, acc_dtype)
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
@@ -394,10 +400,7 @@ class LossWithHeldLogits(torch.autograd.Function):
         _save_plan(ctx, plan)
         ctx.loss_mask, ctx.dc_into = loss_mask, dc_into
         ctx.want_z = want_z and zl is not None
-        outs = [out] + ([zl] if ctx.want_z else []) + ([argmax] if argmax is not None else [])
-        if argmax is not None:
-            ctx.mark_non_differentiable(argmax)
-        return tuple(q.float() if acc_dtype == torch.float32 else q for q in outs)
+        return _fast_outputs(ctx, out, zl, argmax, acc_dtype)
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
