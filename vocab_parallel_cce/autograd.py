@@ -133,6 +133,17 @@ class ShardStats(torch.autograd.Function):
 _ONE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or the default 'auto') can run "
                  "its backward only once (no retain_graph); pass grad_in_forward=False for a graph that "
                  "is differentiated more than once")
+_NO_DOUBLE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or the default 'auto') has no "
+                       "double backward: it forms the gradients from the logits outside autograd, so with "
+                       "create_graph=True they could not be differentiated again; for gradients that are "
+                       "differentiated again pass impl='torch', grad_in_forward=False")
+
+
+def _refuse_double_backward() -> None:
+    """The fast mode's backward under create_graph=True (grad mode on inside a backward) raises:
+    its gradients carry no graph (a penalty on them would silently be 0), never a wrong value."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
 class LossWithGradInForward(torch.autograd.Function):
@@ -281,6 +292,7 @@ class LossWithGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
+        _refuse_double_backward()
         if ctx.grads is None:
             raise RuntimeError(_ONE_BACKWARD)
         grads, ctx.grads = ctx.grads, None
@@ -347,7 +359,7 @@ class LossWithHeldLogits(torch.autograd.Function):
     Peak memory: Z + dE + dC during the backward, what `LossWithGradInForward` peaks at during its
     forward; between forward and backward Z (2·N·V_r bytes for bf16) is held instead of dE + dC
     (under sequence parallelism also the gathered e, 2·N·D bytes: dC needs it, without a second
-    gather). G overwrites Z, so the backward runs once (no retain_graph).
+    gather). G overwrites Z, so the backward runs once (no retain_graph); no double backward.
 
     float16: G is stored in float16, whose range g·p could underflow (g ≈ 1/N); the coefficients
     are divided by a power of two near their largest magnitude and the products multiplied back by
@@ -401,6 +413,7 @@ class LossWithHeldLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
+        _refuse_double_backward()
         if ctx.z is None:
             raise RuntimeError(_ONE_BACKWARD)
         z, ctx.z = ctx.z, None
