@@ -1,6 +1,6 @@
 """Edge cases the default ("auto": the fast mode on the Triton backend) exposes to every caller,
 each against the memory-first mode (grad_in_forward=False) or PyTorch's unfused layer: no autograd,
-a second backward, and double backward (create_graph=True), which the fast mode cannot give and
+an empty batch, a second backward, and double backward (create_graph=True), which the fast mode cannot give and
 must refuse. TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
@@ -66,6 +66,24 @@ def test_a_second_backward_names_grad_in_forward_false(path, seed):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once.*pass grad_in_forward=False"):
         loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_exact", "torch"])
+@pytest.mark.parametrize("mode", ["default", False, "chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_batch_gives_zero_gradients(impl, mode, reduction, seed):
+    """N = 0 tokens: a zero loss and exactly zero dC and dbias in every mode (the memory-first
+    Triton backward once left dC unwritten: whatever the allocator held)."""
+    _, c, b, _ = _inputs(bias=True)
+    e = torch.randn(0, 16, requires_grad=True)
+    kw = dict(tuning=CHUNKS, grad_in_forward=True) if mode == "chunked" else (
+        {} if mode == "default" else dict(grad_in_forward=mode))
+    out = linear_cross_entropy(e, c, torch.zeros(0, dtype=torch.long), b, impl=impl, reduction=reduction,
+                               return_token_accuracy=True, z_loss=1e-3, return_z_loss=True, **kw)
+    assert out.loss.shape == ((0,) if reduction == "none" else ())
+    de, dc, db = torch.autograd.grad(out.loss.sum() + out.z_loss.sum(), (e, c, b))
+    assert de.shape == (0, 16) and dc.shape == c.shape and db.shape == b.shape
+    assert not dc.any() and not db.any() and not out.loss.any() and not out.token_accuracy.any()
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing requires grad"])
