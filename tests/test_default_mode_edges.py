@@ -1,10 +1,12 @@
 """Edge cases the default ("auto": the fast mode on the Triton backend) exposes to every caller,
 each against the memory-first mode (grad_in_forward=False) or PyTorch's unfused layer: no autograd,
-an empty batch, a second backward, and double backward (create_graph=True), which the fast mode cannot give and
-must refuse. TRITON_INTERPRET=1 on CPU."""
+an empty batch, every token ignored with an upstream gradient that is not finite (a user's
+`sum / n` with n = 0, the PyTorch drop-in's "mean"), a second backward, and double backward
+(create_graph=True), which the fast mode cannot give and must refuse. TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
@@ -12,6 +14,7 @@ import triton_interpreter  # noqa: F401  (turns the interpreter on before triton
 import pytest
 import torch
 
+import vocab_parallel_cce.compat as compat
 from fast_mode import CountFast, fast_path_of
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
@@ -84,6 +87,41 @@ def test_an_empty_batch_gives_zero_gradients(impl, mode, reduction, seed):
     de, dc, db = torch.autograd.grad(out.loss.sum() + out.z_loss.sum(), (e, c, b))
     assert de.shape == (0, 16) and dc.shape == c.shape and db.shape == b.shape
     assert not dc.any() and not db.any() and not out.loss.any() and not out.token_accuracy.any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_token_ignored_with_a_non_finite_upstream_gives_zero_gradients(path, reduction, seed):
+    """All tokens ignored and the loss divided by their count (0): the value is NaN and the
+    upstream gradient inf. No token is scored, so every gradient is 0: as the memory-first mode and
+    the unfused layer (F.cross_entropy(reduction="sum") / 0) give, where the fast mode gave NaN."""
+    e, c, b, t = _inputs(bias=True)
+    t.fill_(-100)
+    zero = torch.zeros(())
+    for mode in (path, "memory-first", "unfused"):
+        if mode == "unfused":
+            loss = torch.nn.functional.cross_entropy(e @ c.T + b, t, reduction="sum")
+        else:
+            loss = linear_cross_entropy(e, c, t, b, impl="triton", reduction=reduction, label_smoothing=0.1,
+                                        z_loss=1e-3, tuning=PATHS[path], grad_in_forward=mode != "memory-first")
+            assert fast_path_of(loss) == mode
+        grads = torch.autograd.grad(loss / zero, (e, c, b))
+        assert all(not g.any() for g in grads), (mode, [g.abs().max() for g in grads])
+
+
+def test_the_pytorch_drop_in_every_target_ignored(seed, monkeypatch):
+    """torch_linear_cross_entropy's "mean" with every target ignored: F.cross_entropy's NaN loss and
+    its zero gradients, with the library's default mode on Triton (the held-logits path)."""
+    fast = CountFast(monkeypatch)
+    monkeypatch.setattr(compat, "linear_cross_entropy", functools.partial(linear_cross_entropy, impl="triton"))
+    e, c, b, t = _inputs(bias=True)
+    t.fill_(-100)
+    loss = compat.torch_linear_cross_entropy(e, c, t, linear_bias=b)
+    assert fast.paths == ["held"] and torch.isnan(loss)
+    ref = torch.nn.functional.cross_entropy(e @ c.T + b, t)
+    assert torch.isnan(ref)
+    for g, rg in zip(torch.autograd.grad(loss, (e, c, b)), torch.autograd.grad(ref, (e, c, b))):
+        assert torch.equal(g, rg)  # zeros
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing requires grad"])
