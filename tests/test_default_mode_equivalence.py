@@ -83,8 +83,8 @@ class Case:
         return out
 
     def __str__(self) -> str:
-        opts = [f"{self.impl}-{str(self.dtype).split('.')[-1]}", "x".join(map(str, self.lead)) + f"-d{self.d}-v{self.v}",
-                self.reduction, f"grad-{self.grads}"]
+        shape = "x".join(map(str, self.lead)) + f"-d{self.d}-v{self.v}"
+        opts = [f"{self.impl}-{str(self.dtype).split('.')[-1]}", shape, self.reduction, f"grad-{self.grads}"]
         for flag, name in ((self.bias, "bias"), (self.softcap, "cap"), (self.label_smoothing, "ls"),
                            (self.z_loss, "z"), (self.weights, "w"), (self.shift, "shift"), (self.int32_targets, "i32"),
                            (self.strided_e, "strided"), (self.return_z, "rz"), (self.return_acc, "acc"),
