@@ -390,7 +390,8 @@ def linear_cross_entropy(
             upstream gradient that is the same for every non-ignored token: "mean"/"sum", or "none"
             followed by such a reduction (checked on the device: otherwise the gradients are NaN;
             dC accumulates over the chunks in float32). Needs return_lse=False; the backward may
-            run only once (no retain_graph).
+            run only once (no retain_graph) and has no double backward (create_graph=True raises;
+            impl="torch" with grad_in_forward=False differentiates twice).
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
             "auto": the fast mode where it is exact and cheap to be in — the triton backend, no

@@ -133,6 +133,17 @@ class ShardStats(torch.autograd.Function):
 _ONE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or the default 'auto') can run "
                  "its backward only once (no retain_graph); pass grad_in_forward=False for a graph that "
                  "is differentiated more than once")
+_NO_DOUBLE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=True, or the default 'auto') has no "
+                       "double backward: it forms the gradients from the logits outside autograd, so with "
+                       "create_graph=True they could not be differentiated again; for gradients that are "
+                       "differentiated again pass impl='torch', grad_in_forward=False")
+
+
+def _refuse_double_backward() -> None:
+    """The fast mode's backward under create_graph=True (grad mode on inside a backward) raises:
+    its gradients carry no graph (a penalty on them would silently be 0), never a wrong value."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
 def _fast_outputs(ctx, loss, z_part, argmax, acc_dtype):
@@ -208,6 +219,8 @@ class LossWithGradInForward(torch.autograd.Function):
         want_z = want_z and plan.z_loss > 0
         z_part = torch.empty(n, dtype=acc_dtype, device=e.device) if want_z else None
         argmax = torch.empty(n, dtype=acc_dtype, device=e.device) if plan.need_argmax else None
+        # "mean"/"sum": whether any token has a gradient (with none, the backward's g is unused, even inf)
+        any_scored = torch.zeros((), dtype=torch.bool, device=e.device) if reduction != "none" else None
         # The chunk's objective is k_ce·Σ ce + k_z·Σ zl, then × post: "mean" = Σ ce/dens[0] + Σ zl/dens[1].
         # Its divisors go into G (k_ce = 1/dens[0], k_z = 1/dens[1]), except in float16, whose range
         # p/count would underflow: there G gets k_z = dens[0]/dens[1] (≈ a mean class weight) and the
@@ -242,6 +255,7 @@ class LossWithGradInForward(torch.autograd.Function):
                 z_part[n0:n1] = zl.detach()
             if per_token is None:
                 total += objective.detach().to(acc_dtype)
+                any_scored |= ((coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)).any()
             else:
                 per_token[n0:n1] = (ce if zl is None else ce + zl).detach()
                 scored = (coef[0] != 0) | (coef[1] != 0) | (coef[2] != 0)
@@ -282,16 +296,20 @@ class LossWithGradInForward(torch.autograd.Function):
         ctx.grads = [de, dc, None if db is None else db.to(bias.dtype)]
         _save_plan(ctx, plan)
         ctx.active, ctx.held, ctx.e_dtype, ctx.want_z = active, held, e.dtype, want_z
+        ctx.any_scored = any_scored
         out = total if per_token is None else per_token
         return _fast_outputs(ctx, out, z_part, argmax, acc_dtype)
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
+        _refuse_double_backward()
         if ctx.grads is None:
             raise RuntimeError(_ONE_BACKWARD)
         grads, ctx.grads = ctx.grads, None
         plan = _saved_plan(ctx)
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
+        if ctx.any_scored is not None:  # no token with a gradient: zeros whatever g is (even inf, a 0/0 loss)
+            k = torch.where(ctx.any_scored, k, 0.0)
         if ctx.want_z and g_extra and g_extra[0] is not None:
             # the z-loss output's gradient is inside the loss's: one of its own cannot be honoured
             k = torch.where((g_extra[0] != 0).any(), torch.full_like(k, float("nan")), k)
@@ -353,7 +371,7 @@ class LossWithHeldLogits(torch.autograd.Function):
     Peak memory: Z + dE + dC during the backward, what `LossWithGradInForward` peaks at during its
     forward; between forward and backward Z (2·N·V_r bytes for bf16) is held instead of dE + dC
     (under sequence parallelism also the gathered e, 2·N·D bytes: dC needs it, without a second
-    gather). G overwrites Z, so the backward runs once (no retain_graph).
+    gather). G overwrites Z, so the backward runs once (no retain_graph); no double backward.
 
     float16: G is stored in float16, whose range g·p could underflow (g ≈ 1/N); the coefficients
     are divided by a power of two near their largest magnitude and the products multiplied back by
@@ -404,6 +422,7 @@ class LossWithHeldLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
+        _refuse_double_backward()
         if ctx.z is None:
             raise RuntimeError(_ONE_BACKWARD)
         z, ctx.z = ctx.z, None
@@ -418,17 +437,19 @@ class LossWithHeldLogits(torch.autograd.Function):
         a_z = coef[3] if coef.shape[0] > 3 else None
         g = torch.zeros((), dtype=acc, device=e.device) if g_loss is None else g_loss.to(acc)
         broken = None
+        # what unscored tokens (ignored: coefficients 0) received is unused, even inf (e.g. a loss divided
+        # by a count of 0): their gradient is 0, as the memory-first mode's
+        scored = (a != 0) | (b != 0) | (u != 0)
+        if a_z is not None:
+            scored = scored | (a_z != 0)
         if plan.reduction == "none":
-            scored = (a != 0) | (b != 0) | (u != 0)
-            if a_z is not None:
-                scored = scored | (a_z != 0)
             if ctx.loss_mask is not None:  # the promise: g = 0 where the mask is False
                 broken = (scored & ~ctx.loss_mask & (g != 0)).any()
                 scored = scored & ctx.loss_mask
-            k_ce = k_z = torch.where(scored, g, 0.0)  # what unscored tokens received (even inf) is unused
+            k_ce = k_z = torch.where(scored, g, 0.0)
         else:
             k_ce, k_z = ctx.k
-            k_ce, k_z = (g if k is None else g * k for k in (k_ce, k_z))
+            k_ce, k_z = (torch.where(scored, g if k is None else g * k, 0.0) for k in (k_ce, k_z))
         a_tot = k_ce * a
         if a_z is not None:
             a_tot = a_tot + k_z * a_z

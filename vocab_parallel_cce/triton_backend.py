@@ -424,8 +424,8 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
             db[v_begin:v_begin + w] += g_chunk.sum(dim=0, dtype=torch.float32)
         v_begin += w
 
-    if need_dc:
-        dc[n_valid:].zero_()  # padding rows (after the loop: G may have lived in them)
+    if need_dc:  # padding rows (after the loop: G may have lived in them); all rows without tokens
+        dc[n_valid if n > 0 else 0:].zero_()
     if flagging and adaptive:
         skip_policy.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
     if need_de:
