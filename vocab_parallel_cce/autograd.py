@@ -139,11 +139,17 @@ _NO_DOUBLE_BACKWARD = ("linear_cross_entropy: the fast mode (grad_in_forward=Tru
                        "differentiated again pass impl='torch', grad_in_forward=False")
 
 
-def _refuse_double_backward() -> None:
-    """The fast mode's backward under create_graph=True (grad mode on inside a backward) raises:
-    its gradients carry no graph (a penalty on them would silently be 0), never a wrong value."""
+def _take_once(ctx, attr: str):
+    """The fast mode's state for its one backward (ctx.<attr>, then cleared). Raises under
+    create_graph=True (grad mode on inside a backward: the gradients would carry no graph, so a
+    penalty on them would silently be 0) and on a second backward (the state is used up)."""
     if torch.is_grad_enabled():
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
+    value = getattr(ctx, attr)
+    if value is None:
+        raise RuntimeError(_ONE_BACKWARD)
+    setattr(ctx, attr, None)
+    return value
 
 
 def _fast_outputs(ctx, loss, z_part, argmax, acc_dtype):
@@ -302,10 +308,7 @@ class LossWithGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
-        _refuse_double_backward()
-        if ctx.grads is None:
-            raise RuntimeError(_ONE_BACKWARD)
-        grads, ctx.grads = ctx.grads, None
+        grads = _take_once(ctx, "grads")
         plan = _saved_plan(ctx)
         k = g_loss if ctx.active is None else _uniform_upstream(g_loss, ctx.active, ctx.held)
         if ctx.any_scored is not None:  # no token with a gradient: zeros whatever g is (even inf, a 0/0 loss)
@@ -422,10 +425,7 @@ class LossWithHeldLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
-        _refuse_double_backward()
-        if ctx.z is None:
-            raise RuntimeError(_ONE_BACKWARD)
-        z, ctx.z = ctx.z, None
+        z = _take_once(ctx, "z")
         coef, ctx.coef = ctx.coef, None
         e, c, bias, t_local, lse = ctx.saved_tensors
         plan = _saved_plan(ctx)
