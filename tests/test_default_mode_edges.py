@@ -61,6 +61,39 @@ def test_double_backward_is_refused_with_the_way_out(path, grads, seed):
     for p, q in zip(ours, unfused):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-14)
 
+def test_memory_first_triton_second_differentiation_names_the_way_out(seed):
+    """The memory-first mode's first backward under create_graph=True runs (its gradients are right);
+    differentiating them again through the Triton kernels raises, naming the mode that can."""
+    e, c, _, t = _inputs()
+    loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False)
+    ge, = torch.autograd.grad(loss, e, create_graph=True)
+    ref, = torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False), e)
+    assert torch.equal(ge.detach(), ref)
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*impl='torch', grad_in_forward=False"):
+        (ge**2).sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_the_default_call_compiles_as_one_graph(impl, seed, monkeypatch):
+    """torch.compile(fullgraph=True) of the default call (which takes the memory-first mode while
+    compiling): no graph break, also when the Tuning comes from VPCCE_* variables; the values are
+    eager's (the eager default is the fast mode: float32 rounding apart)."""
+    monkeypatch.setenv("VPCCE_GROUP_V", "8")
+    torch._dynamo.reset()
+    e, c, b, t = _inputs(bias=True)
+
+    def fn(e, c, b, t):
+        return linear_cross_entropy(e, c, t, b, impl=impl, label_smoothing=0.1)
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(e, c, b, t)
+    grads = torch.autograd.grad(out, (e, c, b))
+    ref = fn(e, c, b, t)
+    ref_grads = torch.autograd.grad(ref, (e, c, b))
+    assert torch.allclose(out, ref, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_second_backward_names_grad_in_forward_false(path, seed):
     e, c, _, t = _inputs()

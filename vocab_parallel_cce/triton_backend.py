@@ -443,6 +443,18 @@ def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, n
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "linear_cross_entropy: the Triton backend's gradients cannot be differentiated again (no double "
+        "backward through its kernels); for gradients that are differentiated again pass impl='torch', "
+        "grad_in_forward=False")
+
+
+# What a second differentiation through the memory-first backward meets: this error, not PyTorch's
+# "no autograd formula" (the first backward under create_graph=True still runs).
+_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _sum_weights(plan: Plan):
     w = plan.sum_weights
     return None if w is None else w.float().contiguous()

@@ -46,19 +46,18 @@ class Tuning:
         """Defaults overridden by VPCCE_<FIELD> (upper case; tuples as comma-separated ints,
         booleans as 0/1). Read once per call by the API, never inside kernels' launchers."""
         kw = {}
-        for f in fields(cls):
-            raw = os.environ.get("VPCCE_" + f.name.upper())
+        for name, default in _FIELD_DEFAULTS:
+            raw = os.environ.get("VPCCE_" + name.upper())
             if raw is None or raw == "":
                 continue
-            default = getattr(cls, f.name)
-            if f.name.endswith("_block"):
-                kw[f.name] = tuple(int(v) for v in raw.split(","))
+            if name.endswith("_block"):
+                kw[name] = tuple(int(v) for v in raw.split(","))
             elif isinstance(default, bool):
-                kw[f.name] = raw not in ("0", "false", "False")
+                kw[name] = raw not in ("0", "false", "False")
             elif isinstance(default, float):
-                kw[f.name] = float(raw)
+                kw[name] = float(raw)
             else:
-                kw[f.name] = int(raw)
+                kw[name] = int(raw)
         return cls(**kw)
 
     def with_(self, **changes) -> "Tuning":
@@ -84,3 +83,8 @@ class Tuning:
     @functools.lru_cache(maxsize=64)
     def decode(text: str) -> "Tuning":
         return Tuning(**ast.literal_eval(text))
+
+
+# (name, default) of every field, read once here: torch.compile (dynamo) traces a loop over this
+# tuple, where `dataclasses.fields(cls)` inside from_env was a graph break (torch 2.13).
+_FIELD_DEFAULTS = tuple((f.name, f.default) for f in fields(Tuning))
