@@ -94,6 +94,32 @@ def test_the_default_call_compiles_as_one_graph(impl, seed, monkeypatch):
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
+def test_held_logits_go_through_saved_tensor_hooks(seed):
+    """The held path's logits are a saved tensor: saved-tensor hooks pack them (so save_on_cpu can
+    offload them), and non-reentrant checkpointing around the loss gives the same values."""
+    e, c, b, t = _inputs(bias=True)
+    packed = []
+
+    def pack(x):
+        packed.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = linear_cross_entropy(e, c, t, b, impl="triton")
+    assert fast_path_of(loss) == "held"
+    assert any(shape[0] == e.shape[0] and shape[1] >= c.shape[0] for shape in packed if len(shape) == 2), packed
+    grads = torch.autograd.grad(loss, (e, c, b))
+
+    def fn(e, c, b):
+        return linear_cross_entropy(e, c, t, b, impl="triton")
+
+    ckpt = torch.utils.checkpoint.checkpoint(fn, e, c, b, use_reentrant=False)
+    ckpt_grads = torch.autograd.grad(ckpt, (e, c, b))
+    assert torch.equal(ckpt.detach(), loss.detach())
+    for g, r in zip(ckpt_grads, grads):
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_second_backward_names_grad_in_forward_false(path, seed):
     e, c, _, t = _inputs()

@@ -415,8 +415,9 @@ class LossWithHeldLogits(torch.autograd.Function):
             out = ce.sum() + (0.0 if zl is None else zl.sum())
         else:
             out = ce if zl is None else ce + zl
-        ctx.save_for_backward(e, c, bias, t_local, lse)
-        ctx.z, ctx.coef = z, torch.stack([q.to(acc_dtype) for q in coef])
+        # Z as a saved tensor: saved-tensor hooks (save_on_cpu, non-reentrant checkpointing) see it
+        ctx.save_for_backward(e, c, bias, t_local, lse, z, torch.stack([q.to(acc_dtype) for q in coef]))
+        ctx.unused = True  # the backward overwrites Z with G: it may run once
         ctx.k = (k_ce, k_z)
         _save_plan(ctx, plan)
         ctx.loss_mask, ctx.dc_into = loss_mask, dc_into
@@ -425,9 +426,8 @@ class LossWithHeldLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_extra):
-        z = _take_once(ctx, "z")
-        coef, ctx.coef = ctx.coef, None
-        e, c, bias, t_local, lse = ctx.saved_tensors
+        _take_once(ctx, "unused")
+        e, c, bias, t_local, lse, z, coef = ctx.saved_tensors
         plan = _saved_plan(ctx)
         backend, v = plan.backend, plan.n_valid
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
