@@ -14,9 +14,7 @@ Multi-rank: test_features_distributed.py; real sizes: test_gpu.py.
 
 from __future__ import annotations
 
-import os
-
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
+import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
 
 import pytest
 import torch
@@ -27,10 +25,7 @@ from reference import reference_argmax, rel_err
 from test_class_weights import _inputs  # the same leaves, targets and class weights
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("on a GPU machine run these with TRITON_INTERPRET=1 in their own pytest process",
-                allow_module_level=True)
-triton_interpreter.patch_bf16_dot()
+triton_interpreter.on_cpu_only()
 
 CHUNKS = Tuning(fast_chunk_tokens=7)  # several token chunks, the last one partial
 FLAGS = dict(return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True)

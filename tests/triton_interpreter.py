@@ -8,6 +8,22 @@ bfloat16 operands to float32 first, which is what the GPU's tensor cores compute
 """
 
 
+def on_cpu_only(patch_dot: bool = True) -> None:
+    """At the top of a test module that runs the kernels under the interpreter: skip the module on
+    a GPU machine unless TRITON_INTERPRET=1 was set for this pytest process (conftest.py turns it
+    on only where there is no GPU), then `patch_bf16_dot()` unless told not to."""
+    import os
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("on a GPU machine run these with TRITON_INTERPRET=1 in their own pytest process",
+                    allow_module_level=True)
+    if patch_dot:
+        patch_bf16_dot()
+
+
 def patch_bf16_dot() -> None:
     import numpy as np
     import triton.language as tl
