@@ -394,14 +394,15 @@ def linear_cross_entropy(
             impl="torch" with grad_in_forward=False differentiates twice).
             False (the memory-first mode): statistics in the forward, logits recomputed tile by
             tile in the backward; the backward's memory stays within ~10% of the gradients.
-            "auto": the fast mode where it is exact and cheap to be in — the triton backend, no
+            "auto" (the default): the fast mode where it is exact and cheap to be in — the triton backend, no
             return_lse, not while torch.compile traces (where the memory-first mode's custom ops
             avoid a graph break); "mean"/"sum" always, "none" and return_z_loss where the logits
             fit one chunk (the held-logits path); with any of the other options (class weights,
             label smoothing, z-loss, the accuracy / predicted-token outputs) — else the
-            memory-first mode. The default is False until a multi-seed training-curve comparison
-            has shown the fast mode's bf16 logits harmless (issue 12). Without autograd (no input
-            requires grad) the memory-first forward runs in every case.
+            memory-first mode. The default since a multi-seed training-curve comparison against
+            the unfused loss showed the fast mode's bf16 logits harmless (benchmarks/RESULTS.md);
+            pass False for CCE's memory. Without autograd (no input requires grad) the
+            memory-first forward runs in every case.
         loss_mask: with reduction="none", the 0/1 mask that will multiply the per-token loss
             (Megatron's `sum(loss · loss_mask) / n`), shaped like targets (sequence parallel: this
             rank's slice). A promise that positions where it is 0 get upstream gradient 0: the
@@ -642,7 +643,7 @@ def _loss_with_grad_in_forward(*args):
     return LossWithGradInForward.apply(*args)
 
 
-@torch.compiler.disable  # eagerly under torch.compile (a graph break): the held logits live in ctx
+@torch.compiler.disable  # eagerly under torch.compile (a graph break), as the token-chunked path
 def _loss_with_held_logits(*args):
     return LossWithHeldLogits.apply(*args)
 

@@ -207,8 +207,7 @@ class LossWithGradInForward(torch.autograd.Function):
         # dE's partial sum in float32 when the group sums it in the backward (rounded once, after)
         de_dtype = torch.float32 if _grad_e_fp32(e, plan, need_de) else e.dtype
         de = torch.empty(e.shape, dtype=de_dtype, device=e.device) if need_de else None
-        z_elt = 2 if e.dtype == torch.bfloat16 and not plan.exact else max(4, e.element_size())
-        chunk = plan.tuning.grad_in_forward_chunk(n, v, z_elt)
+        chunk = plan.tuning.grad_in_forward_chunk(n, v, logits_element_size(e.dtype, plan))
         # One chunk: dC = Gᵀ·E is one product, written once in c's dtype; several: accumulated over
         # the chunks in float32, rounded once at the end.
         dc_dtype = c.dtype if chunk >= n else acc_dtype
@@ -469,8 +468,7 @@ class LossWithHeldLogits(torch.autograd.Function):
             scale = torch.where((top > 0) & torch.isfinite(top), torch.ldexp(torch.ones_like(top), exp),
                                 torch.ones_like(top))
             a_tot, b_tot, u_tot = (q / scale for q in (a_tot, b_tot, u_tot))
-        grad = backend.grad_from_logits(z, bias, t_local, lse, a_tot, b_tot, u_tot, plan, e.dtype)
-        del z
+        grad = backend.grad_from_logits(z, bias, t_local, lse, a_tot, b_tot, u_tot, plan, e.dtype)  # over Z
         de = dc = db = None
         if need_de:
             if _grad_e_fp32(e, plan, need_de):  # float32 partial sum: the group sums it, rounds once
@@ -507,7 +505,6 @@ class LossWithHeldLogits(torch.autograd.Function):
             if scale is not None:
                 db.mul_(scale)
             db = db.to(bias.dtype)
-        del grad
         return _sum_grad_e(de, e.dtype, plan), dc, db, None, None, None, None, None, None
 
 

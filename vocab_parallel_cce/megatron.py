@@ -519,8 +519,8 @@ def patch_gpt_model(
             gradient; a loss mask with other values, or zeros that the forward did not receive,
             then gives NaN gradients (checked on the device; Megatron's NaN check stops the step).
             Not with multi-token-prediction heads (a ValueError). False, the memory-first mode:
-            any loss mask, logits recomputed in the backward; the default until a multi-seed
-            training-curve comparison backs the fast mode's bf16 logits. "auto": the fast mode in
+            any loss mask, logits recomputed in the backward, CCE memory. "auto" (the default,
+            backed by a multi-seed training-curve comparison against Megatron's loss): the fast mode in
             each forward that receives `loss_mask` (Megatron's GPT training step passes it), and
             else (no mask seen, or multi-token-prediction heads) `linear_cross_entropy`'s "auto":
             the fast mode where the logits fit one chunk on the Triton backend, else memory-first.
