@@ -158,3 +158,27 @@ def test_rl_suite_cpu_smoke(tmp_path, runner):
     assert runner.main(["merge", str(out / "rl.json"), str(out / "rl.json"), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "rl_merged.json").read_text())
     assert len(merged["results"]) == 2 * len(doc["results"])
+
+
+def test_race_cpu_smoke(tmp_path):
+    """benchmarks/race.py: every method timed once per round, the ratio the median of the per-round
+    ratios, one table row per (kind, shape)."""
+    import statistics
+
+    race = os.path.join(REPO, "benchmarks", "race.py")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, race, "--device", "cpu", "--shapes", "48x16x90,1x8x33",
+                           "--kinds", "random,zipf", "--methods", "vpcce_torch,torch_eager",
+                           "--rounds", "3", "--block", "1", "--out", str(tmp_path), "--tag", "t"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "race_t.json").read_text())
+    assert len(doc["results"]) == 4
+    for r in doc["results"]:
+        assert set(r["rounds"]) == {"vpcce_torch", "torch_eager"}
+        assert all(len(ts) == 3 and all(x > 0 for x in ts) for ts in r["rounds"].values())
+        a, b = r["rounds"]["vpcce_torch"], r["rounds"]["torch_eager"]
+        assert r["ratios"]["vpcce_torch/torch_eager"] == statistics.median(x / y for x, y in zip(a, b))
+        assert r["ms"]["torch_eager"] == statistics.median(b)
+    rows = table_lines((tmp_path / "race_t.md").read_text(), "| ")
+    assert len(rows) == 1 + 4 and "1×8×33 | zipf" in "".join(rows)  # the header, then a row per case
