@@ -542,7 +542,6 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
     if dc_into is not None and not held:  # c's gradient formed as a tensor: added into dc_into
         c = _accumulate_grad_into(c, dc_into)
     e2, c, bias, t, out_shape, mask = _prepare(plan, e, c, targets, bias, shift, loss_mask)
-    valid = t != plan.ignore_index
 
     with torch.autocast(e.device.type, enabled=False):
         if plan.grad_in_forward:
@@ -572,6 +571,7 @@ def _run(plan: Plan, e, c, targets, bias, shift: int, return_lse: bool, return_z
         out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
                       "none": lambda: _per_token(zl, out_shape, shift)}[plan.reduction]()
     if return_token_accuracy or return_predicted_tokens:
+        valid = t != plan.ignore_index
         predicted = argmax.long()
         hit = (valid & (predicted == t)).float()
         if return_token_accuracy:

@@ -390,36 +390,28 @@ class LossWithHeldLogits(torch.autograd.Function):
         e = _gather_tokens(e, plan)  # kept for dC = Gᵀ·E (no second gather in the backward)
         backend, names = plan.backend, plan.stat_names
         acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
-        t_local = t - plan.vocab_start
-        z, *st = backend.logits_and_stats(e, c, bias, t_local, plan)
-        if plan.need_argmax:
+        # plain cross-entropy over bf16 logits: ce and the coefficients formed inside the kernels
+        fused = loss_mask is None and backend.fuses_plain(e, plan)
+        t_local = t - plan.vocab_start if plan.vocab_start else t
+        with_ce = fused and plan.world == 1  # one rank: the statistics pass writes ce
+        z, *st = backend.logits_and_stats(e, c, bias, t_local, plan, with_ce=with_ce)
+        ce = st.pop() if with_ce else None
+        if plan.need_argmax and plan.vocab_start:
             st[names.index("argmax")] = st[names.index("argmax")] + plan.vocab_start  # global ids
         if plan.world > 1:
             st = list(vp.combine_stats(st, names, plan.group))  # one collective for all of them
         lse = st[0].contiguous()
         argmax = st[names.index("argmax")].clone() if plan.need_argmax else None
-        with torch.enable_grad():
-            leaves = [q.detach().requires_grad_() for q in st[:3]]
-            ce, zl = plan.token_loss_parts(*leaves, t)
-            coef = list(torch.autograd.grad(ce.sum(), leaves, allow_unused=True, materialize_grads=True))
-            if zl is not None:  # ∂zl_i/∂lse_i, on its own: the z-loss output may get a gradient of its own
-                coef += list(torch.autograd.grad(zl.sum(), leaves[:1], allow_unused=True, materialize_grads=True))
-        ce = ce.detach().to(acc_dtype)
-        zl = None if zl is None else zl.detach().to(acc_dtype)
-        k_ce = k_z = None
-        if plan.reduction == "mean":
-            k_ce, k_z = (1.0 / q.to(acc_dtype) for q in dens)
-            out = ce.sum() * k_ce + (0.0 if zl is None else zl.sum() * k_z)
-        elif plan.reduction == "sum":
-            out = ce.sum() + (0.0 if zl is None else zl.sum())
+        if fused:
+            out, zl, coef, k = _plain_loss(ce, lse, st[1], t, plan, dens)
+            ctx.k = (k, k)
         else:
-            out = ce if zl is None else ce + zl
+            out, zl, coef, ctx.k = _general_loss(st[:3], t, plan, dens, acc_dtype)
         # Z as a saved tensor: saved-tensor hooks (save_on_cpu, non-reentrant checkpointing) see it
-        ctx.save_for_backward(e, c, bias, t_local, lse, z, torch.stack([q.to(acc_dtype) for q in coef]))
+        ctx.save_for_backward(e, c, bias, t_local, lse, z, coef)
         ctx.unused = True  # the backward overwrites Z with G: it may run once
-        ctx.k = (k_ce, k_z)
         _save_plan(ctx, plan)
-        ctx.loss_mask, ctx.dc_into = loss_mask, dc_into
+        ctx.loss_mask, ctx.dc_into, ctx.e_dtype = loss_mask, dc_into, e.dtype
         ctx.want_z = want_z and zl is not None
         return _fast_outputs(ctx, out, zl, argmax, acc_dtype)
 
@@ -431,44 +423,14 @@ class LossWithHeldLogits(torch.autograd.Function):
         backend, v = plan.backend, plan.n_valid
         need_de, need_dc, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        acc = coef.dtype
-        a, b, u = coef[0], coef[1], coef[2]
-        a_z = coef[3] if coef.shape[0] > 3 else None
-        g = torch.zeros((), dtype=acc, device=e.device) if g_loss is None else g_loss.to(acc)
-        broken = None
-        # what unscored tokens (ignored: coefficients 0) received is unused, even inf (e.g. a loss divided
-        # by a count of 0): their gradient is 0, as the memory-first mode's
-        scored = (a != 0) | (b != 0) | (u != 0)
-        if a_z is not None:
-            scored = scored | (a_z != 0)
-        if plan.reduction == "none":
-            if ctx.loss_mask is not None:  # the promise: g = 0 where the mask is False
-                broken = (scored & ~ctx.loss_mask & (g != 0)).any()
-                scored = scored & ctx.loss_mask
-            k_ce = k_z = torch.where(scored, g, 0.0)
+        acc = torch.float64 if e.dtype == torch.float64 else torch.float32
+        if coef is None:  # plain cross-entropy: the coefficients k·(1, −1, 0) formed inside the kernel
+            up = torch.zeros((), dtype=acc, device=e.device) if g_loss is None else g_loss.to(acc)
+            grad = backend.grad_from_logits_plain(z, bias, t_local, lse, up, ctx.k[0], plan, e.dtype)  # over Z
+            scale = None
         else:
-            k_ce, k_z = ctx.k
-            k_ce, k_z = (torch.where(scored, g if k is None else g * k, 0.0) for k in (k_ce, k_z))
-        a_tot = k_ce * a
-        if a_z is not None:
-            a_tot = a_tot + k_z * a_z
-            g_z = g_extra[0] if ctx.want_z and g_extra and g_extra[0] is not None else None
-            if g_z is not None:  # the z-loss output's own gradient: ∂zl_i/∂lse_i = a_z
-                zmask = a_z != 0 if ctx.loss_mask is None else (a_z != 0) & ctx.loss_mask
-                a_tot = a_tot + torch.where(zmask, g_z.to(acc), 0.0) * a_z
-        b_tot, u_tot = k_ce * b, k_ce * u
+            grad, scale = _held_grad_general(ctx, plan, z, bias, t_local, lse, coef, g_loss, g_extra, acc)
         n = e.shape[0]
-        a_tot, b_tot, u_tot = (q.expand(n).contiguous() for q in (a_tot, b_tot, u_tot))
-        if broken is not None:
-            a_tot = torch.where(broken, float("nan"), a_tot)
-        scale = None
-        if e.dtype == torch.float16 and n > 0:  # G in float16: bring the coefficients near 1 by 2^k
-            top = torch.stack([a_tot.abs().amax(), b_tot.abs().amax(), u_tot.abs().amax()]).amax()
-            exp = torch.frexp(top.float()).exponent
-            scale = torch.where((top > 0) & torch.isfinite(top), torch.ldexp(torch.ones_like(top), exp),
-                                torch.ones_like(top))
-            a_tot, b_tot, u_tot = (q / scale for q in (a_tot, b_tot, u_tot))
-        grad = backend.grad_from_logits(z, bias, t_local, lse, a_tot, b_tot, u_tot, plan, e.dtype)  # over Z
         de = dc = db = None
         if need_de:
             if _grad_e_fp32(e, plan, need_de):  # float32 partial sum: the group sums it, rounds once
@@ -506,6 +468,90 @@ class LossWithHeldLogits(torch.autograd.Function):
                 db.mul_(scale)
             db = db.to(bias.dtype)
         return _sum_grad_e(de, e.dtype, plan), dc, db, None, None, None, None, None, None
+
+
+def _plain_loss(ce, lse, x, t, plan: Plan, dens):
+    """The held path's loss for plain cross-entropy (`fuses_plain`): (loss, None, None, k) with
+    ce [N] the per-token cross-entropy (None: formed here from the combined lse, x), k = "mean"'s
+    1/count (a device scalar; else None): no z-loss part, no saved coefficients (the backward
+    forms them). The same float32 values as `_general_loss`'s: ce as `Plan.token_loss_parts`,
+    k = 1/count (there 1.0/count, i.e. reciprocal·1), loss = Σ ce · k ("mean"), Σ ce ("sum"), ce
+    ("none"). Its "+ 0.0" is left out: it would change only a sum of −0, and no ce_i is −0
+    (0 where ignored; lse − x = −0 would need lse = −0, and lse = max + log Σ ≥ max + 0 is not)."""
+    if ce is None:
+        ce = plan.backend.plain_ce(lse, x, t, plan)
+    k = None
+    if plan.reduction == "mean":
+        k = torch.reciprocal(dens[0].to(torch.float32))
+        return ce.sum() * k, None, None, k
+    return (ce.sum() if plan.reduction == "sum" else ce), None, None, k
+
+
+def _general_loss(stats, t, plan: Plan, dens, acc_dtype):
+    """The held path's loss for any plan: (loss, z-loss part or None, coefficients [3 or 4, N],
+    (k_ce, k_z)) with the per-token coefficients (a, b, u[, a_z]) by autograd on the [N] vectors
+    (`LossWithHeldLogits`) and "mean"'s divisors as device scalars k = 1/den (else None)."""
+    with torch.enable_grad():
+        leaves = [q.detach().requires_grad_() for q in stats]
+        ce, zl = plan.token_loss_parts(*leaves, t)
+        coef = list(torch.autograd.grad(ce.sum(), leaves, allow_unused=True, materialize_grads=True))
+        if zl is not None:  # ∂zl_i/∂lse_i, on its own: the z-loss output may get a gradient of its own
+            coef += list(torch.autograd.grad(zl.sum(), leaves[:1], allow_unused=True, materialize_grads=True))
+    ce = ce.detach().to(acc_dtype)
+    zl = None if zl is None else zl.detach().to(acc_dtype)
+    k_ce = k_z = None
+    if plan.reduction == "mean":
+        k_ce, k_z = (1.0 / q.to(acc_dtype) for q in dens)
+        out = ce.sum() * k_ce + (0.0 if zl is None else zl.sum() * k_z)
+    elif plan.reduction == "sum":
+        out = ce.sum() + (0.0 if zl is None else zl.sum())
+    else:
+        out = ce if zl is None else ce + zl
+    return out, zl, torch.stack([q.to(acc_dtype) for q in coef]), (k_ce, k_z)
+
+
+def _held_grad_general(ctx, plan: Plan, z, bias, t_local, lse, coef, g_loss, g_extra, acc):
+    """The held path's G over Z for the saved coefficients coef [3 or 4, N] (`_general_loss`) and
+    the upstream gradients: (G, scale) with scale the float16 power of two the products are to be
+    multiplied by (else None)."""
+    backend, e_dtype = plan.backend, ctx.e_dtype
+    a, b, u = coef[0], coef[1], coef[2]
+    a_z = coef[3] if coef.shape[0] > 3 else None
+    g = torch.zeros((), dtype=acc, device=z.device) if g_loss is None else g_loss.to(acc)
+    broken = None
+    # what unscored tokens (ignored: coefficients 0) received is unused, even inf (e.g. a loss divided
+    # by a count of 0): their gradient is 0, as the memory-first mode's
+    scored = (a != 0) | (b != 0) | (u != 0)
+    if a_z is not None:
+        scored = scored | (a_z != 0)
+    if plan.reduction == "none":
+        if ctx.loss_mask is not None:  # the promise: g = 0 where the mask is False
+            broken = (scored & ~ctx.loss_mask & (g != 0)).any()
+            scored = scored & ctx.loss_mask
+        k_ce = k_z = torch.where(scored, g, 0.0)
+    else:
+        k_ce, k_z = ctx.k
+        k_ce, k_z = (torch.where(scored, g if k is None else g * k, 0.0) for k in (k_ce, k_z))
+    a_tot = k_ce * a
+    if a_z is not None:
+        a_tot = a_tot + k_z * a_z
+        g_z = g_extra[0] if ctx.want_z and g_extra and g_extra[0] is not None else None
+        if g_z is not None:  # the z-loss output's own gradient: ∂zl_i/∂lse_i = a_z
+            zmask = a_z != 0 if ctx.loss_mask is None else (a_z != 0) & ctx.loss_mask
+            a_tot = a_tot + torch.where(zmask, g_z.to(acc), 0.0) * a_z
+    b_tot, u_tot = k_ce * b, k_ce * u
+    n = z.shape[0]
+    a_tot, b_tot, u_tot = (q.expand(n).contiguous() for q in (a_tot, b_tot, u_tot))
+    if broken is not None:
+        a_tot = torch.where(broken, float("nan"), a_tot)
+    scale = None
+    if e_dtype == torch.float16 and n > 0:  # G in float16: bring the coefficients near 1 by 2^k
+        top = torch.stack([a_tot.abs().amax(), b_tot.abs().amax(), u_tot.abs().amax()]).amax()
+        exp = torch.frexp(top.float()).exponent
+        scale = torch.where((top > 0) & torch.isfinite(top), torch.ldexp(torch.ones_like(top), exp),
+                            torch.ones_like(top))
+        a_tot, b_tot, u_tot = (q / scale for q in (a_tot, b_tot, u_tot))
+    return backend.grad_from_logits(z, bias, t_local, lse, a_tot, b_tot, u_tot, plan, e_dtype), scale
 
 
 class _AccumulateGradInto(torch.autograd.Function):

@@ -68,7 +68,7 @@ class Backend(Protocol):
     # ---- gradient-in-forward mode (autograd.LossWithGradInForward), per token chunk [n, D]
 
     def logits_and_stats(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor,
-                         plan: Plan) -> tuple[Tensor, ...]:
+                         plan: Plan, with_ce: bool = False) -> tuple[Tensor, ...]:
         """(Z, *stats): Z [n, ≥ n_valid] the chunk's logits in the backend's storage format, read
         only by `grad_from_logits` (float32 raw logits e·c[:n_valid]ᵀ, no bias, for float32 storage
         (float64 on torch); the triton backend's bf16 storage holds the final logits, bias and softcap
@@ -76,7 +76,8 @@ class Backend(Protocol):
         `plan.stat_names` [n] each: (lse, x, s), then (max, argmax) with `plan.need_argmax`
         (bias and softcap applied; s = Σ_j w_j z_j with `plan.sum_weights`; all of the stored
         values where they are the final logits). No entropy's pz (`plan.need_entropy` is never
-        set with this mode)."""
+        set with this mode). with_ce (only where `fuses_plain`, on one rank): the per-token plain
+        cross-entropy [n] float32 (see `plain_ce`) follows as a last output."""
 
     def grad_from_logits(self, z: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                          coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
@@ -84,6 +85,26 @@ class Backend(Protocol):
         """G [n, n_valid] = a·p + b·[j = t] + u·w_j (× the softcap's factor; w_j = 1 without
         `plan.sum_weights`) from `logits_and_stats`' Z (which it may overwrite), in `dtype` (the
         inputs' dtype) or a wider float dtype."""
+
+    # ---- the held-logits path's fused route for plain cross-entropy (`Plan.plain_coefficients`)
+
+    def fuses_plain(self, e: Tensor, plan: Plan) -> bool:
+        """Whether `LossWithHeldLogits` takes the route below (no loss_mask, plain coefficients):
+        its per-token loss from `logits_and_stats(with_ce=True)` (one rank) or `plain_ce`, its G
+        from `grad_from_logits_plain`; no coefficients by autograd, none saved. Every number
+        as the general route's (bit for bit)."""
+
+    def plain_ce(self, lse: Tensor, x: Tensor, t: Tensor, plan: Plan) -> Tensor:
+        """[N] float32: lse − x where 0 ≤ t < vocab_size and t ≠ ignore_index, NaN at the other
+        targets ≠ ignore_index, 0 at ignore_index (t global ids; lse, x combined over the ranks)."""
+
+    def grad_from_logits_plain(self, z: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
+                               up: Tensor, scale: Optional[Tensor], plan: Plan, dtype: torch.dtype) -> Tensor:
+        """`grad_from_logits` with the coefficients (k, −k, k·0), k = where(scored, up·scale, 0)
+        per token (scored as in `plain_ce`; t_local in the shard's numbering): up the upstream
+        gradient (0-d or [n] float32, any stride), scale a 0-d float32 or None. The triton
+        backend forms them inside its kernel (bf16 stored logits, `fuses_plain`); the torch
+        backend with torch ops (its twin, not used by the autograd layer)."""
 
     def product_fp32(self, out: Tensor, a: Tensor, b: Tensor, plan: Plan, accumulate: bool) -> None:
         """out [M, K'] (float32, float64 for torch's float64) (+)= a [M, K] · b [K, K'], computed in

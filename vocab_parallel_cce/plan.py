@@ -116,9 +116,22 @@ class Plan:
     def mean_denominators(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """("mean"'s divisor of the cross-entropy part, of the z-loss part) as device scalars: the
         summed class weights of the non-ignored targets (their count without weights), and their
-        count; each replaced by 1 where it is 0 (all ignored: loss 0, zero gradients)."""
+        count; each replaced by 1 where it is 0 (all ignored: loss 0, zero gradients). Without
+        class weights both are the same tensor, max(count, 1)."""
         valid = t != self.ignore_index
         count = valid.sum()
-        ce = count if self.class_weights is None else torch.where(valid, self.target_weights(t), 0).sum()
-        return (torch.where(ce == 0, torch.ones_like(ce), ce),
-                count.clamp(min=1))
+        den_count = count.clamp(min=1)
+        if self.class_weights is None:
+            return den_count, den_count
+        ce = torch.where(valid, self.target_weights(t), 0).sum()
+        return torch.where(ce == 0, torch.ones_like(ce), ce), den_count
+
+    @property
+    def plain_coefficients(self) -> bool:
+        """Whether the loss is plain cross-entropy (no label smoothing, z-loss, class weights or
+        entropy), whose per-token coefficients of G = a·p + b·[j = t] + u do not depend on the
+        statistics: ce = lse − x gives a = 1, b = −1, u = 0 on scored tokens (0 ≤ t <
+        vocab_size, t ≠ ignore_index) and 0 elsewhere, so the fast mode can form them inside its
+        kernels (autograd.LossWithHeldLogits) instead of by autograd on [N] vectors."""
+        return (self.label_smoothing == 0 and self.z_loss == 0 and self.class_weights is None
+                and not self.need_entropy)

@@ -151,10 +151,18 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
 
 # ---- gradient-in-forward mode (autograd.LossWithGradInForward) ----
 
-def logits_and_stats(e, c, bias, t_local, plan: Plan):
+def fuses_plain(e, plan: Plan) -> bool:
+    """No fused route for plain cross-entropy here (backend.py): the held-logits path forms its
+    coefficients by autograd."""
+    return False
+
+
+def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     """Z: the chunk's raw logits e·c[:n_valid]ᵀ (no bias) in the compute dtype, and its rows'
     statistics `plan.stat_names` (lse, x, s, then max, argmax when asked; s = Σ_j w_j z_j with
-    `plan.sum_weights`), see backend.py."""
+    `plan.sum_weights`), see backend.py. with_ce: not here (`fuses_plain` is False)."""
+    if with_ce:
+        raise NotImplementedError("the torch backend has no fused plain cross-entropy")
     if plan.need_entropy:
         raise NotImplementedError("the gradient-in-forward mode has no entropy statistic")
     cdt = _compute_dtype(e)
@@ -185,6 +193,20 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, 
     zc, dcap = _logits(z[:, :v], None if bias is None else bias[:v].to(z.dtype), plan.softcap)
     w = plan.sum_weights
     return _logit_grad(zc, dcap, lse, coef_p, coef_t, coef_u, t_local, 0, None if w is None else w.to(z.dtype))
+
+
+def plain_ce(lse, x, t, plan: Plan):
+    """The plain per-token cross-entropy (backend.py): `Plan.token_loss_parts`' first part."""
+    return plan.token_loss_parts(lse, x, torch.zeros_like(lse), t)[0]
+
+
+def grad_from_logits_plain(z, bias, t_local, lse, up, scale, plan: Plan, dtype):
+    """`grad_from_logits` with the plain coefficients (k, −k, k·0), k = where(scored, up·scale, 0)
+    (backend.py), formed with torch ops."""
+    g = up if scale is None else up * scale
+    t = t_local + plan.vocab_start
+    k = torch.where((t != plan.ignore_index) & (t >= 0) & (t < plan.vocab_size), g, 0.0)
+    return grad_from_logits(z, bias, t_local, lse, k, -k, k * 0.0, plan, dtype)
 
 
 def product_fp32(out, a, b, plan: Plan, accumulate: bool) -> None:

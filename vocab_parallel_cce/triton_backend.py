@@ -500,10 +500,25 @@ def _stores_logits_16bit(e: torch.Tensor, plan: Plan) -> bool:
     return e.dtype == torch.bfloat16 and not plan.exact
 
 
-def logits_and_stats(e, c, bias, t_local, plan: Plan):
+def fuses_plain(e: torch.Tensor, plan: Plan) -> bool:
+    """Whether the held-logits path may take the plain cross-entropy's fused route (backend.py):
+    plain coefficients over bf16 stored logits (`grad_from_stored_kernel`'s PLAIN mode)."""
+    return plan.plain_coefficients and _stores_logits_16bit(e, plan)
+
+
+def _scored_bounds(plan: Plan, local: bool) -> tuple[int, int, int]:
+    """(ignore_t, lo_t, hi_t) of the plain loss's kernels: t is scored where lo_t ≤ t < hi_t and
+    t ≠ ignore_t, in the shard's local numbering (t − vocab_start) or the global one."""
+    shift = plan.vocab_start if local else 0
+    return plan.ignore_index - shift, -shift, plan.vocab_size - shift
+
+
+def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     """(Z, *stats): Z [n, ≥ n_valid] the chunk's logits, and this shard's float32 statistics
     `plan.stat_names` [n] each (lse, x, s; then max, argmax with `plan.need_argmax`; s is
-    Σ_j w_j z_j with `plan.sum_weights`), see backend.py.
+    Σ_j w_j z_j with `plan.sum_weights`), see backend.py. with_ce (bf16 stored logits of one
+    rank, plain cross-entropy: `fuses_plain` and plan.world == 1): then also the per-token plain
+    cross-entropy, written by the statistics pass.
 
     bf16 (`_stores_logits_16bit`): Z = cuBLAS e·cᵀ in bf16, then one pass computes the statistics
     and, with bias or softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z (the
@@ -524,16 +539,22 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan):
     cap = plan.softcap or 1.0
     sum_w = _sum_weights(plan)
     sumw_arg = out if sum_w is None else sum_w
+    if with_ce and not (sixteen and plan.world == 1 and plan.plain_coefficients):
+        raise ValueError("logits_and_stats: with_ce needs plain cross-entropy over one rank's bf16 logits")
     if sixteen:
         torch.mm(e, c[:v].T, out=z[:, :v])
         rows, cols, warps = (4, 16, 1) if _interpreting() else (STATS_ROWS, STATS_COLS, STATS_WARPS)
+        ce = torch.empty(n, dtype=torch.float32, device=e.device) if with_ce else None
         G.stored_logits_stats_kernel[(triton.cdiv(n, rows),)](
             z, bias_arg, t_local, out, n, v, z.stride(0), cap, sumw_arg,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, NEED_SUM=plan.need_sum,
             WRITE_BACK=bias is not None or plan.softcap is not None, BLOCK_R=rows, BLOCK_C=cols,
             HAS_SUMW=sum_w is not None, NEED_ARGMAX=plan.need_argmax, num_warps=warps,
+            CE=ce, ignore_t=plan.ignore_index, lo_t=0, hi_t=plan.vocab_size, NEED_CE=with_ce,
         )
         counters["fast_bf16_logits"] += 1
+        if with_ce:
+            return (z, *out.unbind(0), ce)
     else:
         _product_fp32(z[:, :v], e, c[:v].T, plan.exact, False, plan.tuning)
         block = 16 if _interpreting() else ROW_BLOCK
@@ -576,6 +597,42 @@ def grad_from_logits(z, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan, 
         BLOCK=block, HAS_SUMW=sum_w is not None, num_warps=ROW_WARPS,
     )
     return g[:, :v]
+
+
+def plain_ce(lse: torch.Tensor, x: torch.Tensor, t: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The plain per-token cross-entropy [N] float32 from the combined statistics (lse, x) and the
+    global targets t (several ranks; one rank's statistics pass writes it itself: with_ce)."""
+    n = t.shape[0]
+    ce = torch.empty(n, dtype=torch.float32, device=t.device)
+    if n > 0:
+        block = 16 if _interpreting() else 1024
+        G.plain_ce_kernel[(triton.cdiv(n, block),)](
+            lse.contiguous(), x.contiguous(), t, ce, n, *_scored_bounds(plan, local=False), BLOCK=block)
+    return ce
+
+
+def grad_from_logits_plain(z: torch.Tensor, bias: torch.Tensor | None, t_local: torch.Tensor, lse: torch.Tensor,
+                           up: torch.Tensor, scale: torch.Tensor | None, plan: Plan, dtype: torch.dtype
+                           ) -> torch.Tensor:
+    """G [n, n_valid] over the bf16 stored logits Z (`fuses_plain`: bias and softcap are in them
+    already), in place, for plain cross-entropy with the upstream gradient `up` (float32, 0-d or
+    [n], any stride) times `scale` (0-d float32, "mean"'s 1/count) or None: `grad_from_logits`
+    with the coefficients k·(1, −1, 0), k = where(scored, up·scale, 0), formed inside the kernel
+    (triton_gemm.py)."""
+    if not _stores_logits_16bit(z, plan):
+        raise ValueError("grad_from_logits_plain: needs the bf16 stored logits (fuses_plain)")
+    n, v = z.shape[0], plan.n_valid
+    if v > 0 and n > 0:
+        rows, cols, warps = (4, 16, 1) if _interpreting() else (GRAD_ROWS, GRAD_COLS, GRAD_WARPS)
+        G.grad_from_stored_kernel[(triton.cdiv(n, rows), triton.cdiv(v, cols))](
+            z, t_local, lse, lse, z, n, v, z.stride(0), 0, 1.0 / (plan.softcap or 1.0), 0.0, lse,
+            HAS_SOFTCAP=plan.softcap is not None, FILTER=False, BLOCK_R=rows, BLOCK_C=cols,
+            UP=up, stride_up=up.stride(0) if up.dim() else 0, SCALE=scale,
+            **dict(zip(("ignore_t", "lo_t", "hi_t"), _scored_bounds(plan, local=True))),
+            PLAIN=True, HAS_SCALE=scale is not None, num_warps=warps,
+        )
+    # as grad_from_logits: a contiguous copy for torch 2.13's CPU bf16 GEMM
+    return z[:, :v].contiguous() if z.device.type == "cpu" else z[:, :v]
 
 
 def scale_in_place(t: torch.Tensor, k: torch.Tensor) -> None:

@@ -8,7 +8,17 @@
   target logit, logit sum and argmax; the lanes are merged once per row at the end
   (lse = M + log Σ_k s_k·exp(m_k − M), M = max_k m_k).
 - `grad_from_stored_kernel`: G = a·p + b·[j = t] + u (u·w_j with class weights) in place
-  (× 1 − (z/cap)² = 1 − tanh² of the raw logit when softcapped), with optional per-tile keep flags.
+  (× 1 − (z/cap)² = 1 − tanh² of the raw logit when softcapped), with optional per-tile keep flags;
+  for plain cross-entropy (PLAIN) the coefficients are formed inside from the upstream gradient.
+- `plain_ce_kernel`: the plain per-token cross-entropy from combined statistics (several ranks;
+  on one rank the statistics kernel writes it itself, NEED_CE).
+
+Plain cross-entropy (`Plan.plain_coefficients`): ce = lse − x on scored tokens (0 ≤ t <
+vocab_size, t ≠ ignore_index), NaN at other non-ignored targets, 0 at ignored ones (what
+`Plan.token_loss_parts` computes), and autograd's coefficients are a = 1, b = −1, u = 0 on scored
+tokens, 0 (b = −0) elsewhere. With the upstream gradient g (× k, "mean"'s 1/count) the scaled
+coefficients the general path forms with torch ops, k_i·(a, b, u) with k_i = where(scored, g·k, 0),
+are exactly (k_i, −k_i, k_i·0): the kernel forms those, bit for bit the same float32 values.
 """
 
 import triton
@@ -18,11 +28,36 @@ from .triton_kernels import _tanh
 
 
 @triton.jit
+def _plain_ce(lse, x, tgt, ignore_t, lo_t, hi_t):
+    """Plain per-token cross-entropy (module docstring): lse − x where lo_t ≤ t < hi_t, NaN at
+    other targets ≠ ignore_t, 0 at ignore_t (t, and the three bounds, in one numbering)."""
+    in_range = (tgt >= lo_t) & (tgt < hi_t)
+    return tl.where(tgt != ignore_t, tl.where(in_range, lse - x, float("nan")), 0.0)
+
+
+@triton.jit
+def _plain_coefficients(UP, stride_up, SCALE, rows, mask_r, tgt, ignore_t, lo_t, hi_t, HAS_SCALE: tl.constexpr):
+    """(a, b, u) = (k, −k, k·0), k = where(scored, g·s, 0) per row (module docstring): g = UP[row ·
+    stride_up] (stride 0: one upstream gradient for all rows), s = SCALE[0] when HAS_SCALE."""
+    up = tl.load(UP + rows * stride_up, mask=mask_r, other=0.0)
+    if HAS_SCALE:
+        up = up * tl.load(SCALE)
+    scored = (tgt != ignore_t) & (tgt >= lo_t) & (tgt < hi_t)
+    k = tl.where(scored, up, 0.0)
+    return k, -k, k * 0.0
+
+
+@triton.jit
 def grad_from_stored_kernel(Z, TGT, LSE, COEF, FLAGS, N, V, stride_z, stride_f, inv_softcap, filter_eps, SUMW,
                             HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SUMW: tl.constexpr = False):
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SUMW: tl.constexpr = False,
+                            UP=None, stride_up=0, SCALE=None, ignore_t=0, lo_t=0, hi_t=0,
+                            PLAIN: tl.constexpr = False, HAS_SCALE: tl.constexpr = False):
     """In place over stored logits Z [N, V] (bias and softcap applied):
-    Z ← (a·exp(z − lse) + b·[j = t] + u) · (1 − (z/cap)²  when softcapped).
+    Z ← (a·exp(z − lse) + b·[j = t] + u) · (1 − (z/cap)²  when softcapped),
+    (a, b, u) per row from COEF [3, N] float32, or with PLAIN formed here for plain cross-entropy
+    (`_plain_coefficients`: upstream gradient UP, "mean"'s SCALE; scored targets lo_t ≤ t < hi_t,
+    t ≠ ignore_t in TGT's local numbering; COEF unused).
     HAS_SUMW: u·w_j instead of u (SUMW [V] float32 class weights: s was Σ_j w_j z_j).
     FILTER: FLAGS[row tile, column tile] = 1 where some a·p ≥ filter_eps or a target lies inside."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -30,10 +65,13 @@ def grad_from_stored_kernel(Z, TGT, LSE, COEF, FLAGS, N, V, stride_z, stride_f, 
     mask_r = rows < N
     mask = mask_r[:, None] & (cols < V)[None, :]
     lse = tl.load(LSE + rows, mask=mask_r, other=0.0)
-    a = tl.load(COEF + rows, mask=mask_r, other=0.0)
-    b = tl.load(COEF + N + rows, mask=mask_r, other=0.0)
-    u = tl.load(COEF + 2 * N + rows, mask=mask_r, other=0.0)
     tgt = tl.load(TGT + rows, mask=mask_r, other=-1)
+    if PLAIN:
+        a, b, u = _plain_coefficients(UP, stride_up, SCALE, rows, mask_r, tgt, ignore_t, lo_t, hi_t, HAS_SCALE)
+    else:
+        a = tl.load(COEF + rows, mask=mask_r, other=0.0)
+        b = tl.load(COEF + N + rows, mask=mask_r, other=0.0)
+        u = tl.load(COEF + 2 * N + rows, mask=mask_r, other=0.0)
     ptrs = Z + rows[:, None].to(tl.int64) * stride_z + cols[None, :]
     z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     p = tl.exp(z - lse[:, None])
@@ -118,7 +156,8 @@ def _lane_stats_block(Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s,
 def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
                                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
                                WRITE_BACK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                               HAS_SUMW: tl.constexpr = False, NEED_ARGMAX: tl.constexpr = False):
+                               HAS_SUMW: tl.constexpr = False, NEED_ARGMAX: tl.constexpr = False,
+                               CE=None, ignore_t=0, lo_t=0, hi_t=0, NEED_CE: tl.constexpr = False):
     """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of rows of stored raw logits Z [N, V]
     (16-bit), bias and softcap applied on the fly; WRITE_BACK stores the capped logits (bias
     included) into Z in place, so that `grad_from_stored_kernel` can follow, and takes the
@@ -139,7 +178,9 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
     (m starts at the lowest float32 rather than −inf, so masked columns, loaded as −inf, and −inf
     logits give d = −inf, e = 0 and change nothing). Once per row, after the loop:
         M = max_k m_k,  lse = M + log Σ_k s_k·exp(m_k − M),  x, Σz: Σ_k,
-        max = M,  argmax = min{arg_k : m_k = M}  (the smallest column reaching the row max)."""
+        max = M,  argmax = min{arg_k : m_k = M}  (the smallest column reaching the row max).
+    NEED_CE (one rank: these are the global statistics): CE[row] = the plain cross-entropy
+    `_plain_ce` of (lse, x) (scored targets lo_t ≤ t < hi_t, t ≠ ignore_t)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     tgt = tl.load(TGT + rows, mask=mask_r, other=-1)
@@ -163,9 +204,24 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
     row_max = tl.max(m, axis=1)
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max[:, None]), axis=1))
     tl.store(OUT + rows, lse, mask=mask_r)
-    tl.store(OUT + N + rows, tl.sum(x, axis=1), mask=mask_r)
+    x_row = tl.sum(x, axis=1)
+    tl.store(OUT + N + rows, x_row, mask=mask_r)
+    if NEED_CE:
+        tl.store(CE + rows, _plain_ce(lse, x_row, tgt, ignore_t, lo_t, hi_t), mask=mask_r)
     tl.store(OUT + 2 * N + rows, tl.sum(zsum, axis=1), mask=mask_r)
     if NEED_ARGMAX:
         row_arg = tl.min(tl.where(m == row_max[:, None], arg, 2147483647), axis=1)
         tl.store(OUT + 3 * N + rows, tl.where(row_max > _LOWEST, row_max, float("-inf")), mask=mask_r)
         tl.store(OUT + 4 * N + rows, row_arg.to(tl.float32), mask=mask_r)
+
+
+@triton.jit
+def plain_ce_kernel(LSE, X, TGT, CE, N, ignore_t, lo_t, hi_t, BLOCK: tl.constexpr):
+    """CE[i] = `_plain_ce`(LSE[i], X[i], TGT[i]) for i < N (the combined statistics of several
+    ranks; global targets)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    lse = tl.load(LSE + offs, mask=mask, other=0.0)
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    tgt = tl.load(TGT + offs, mask=mask, other=0)
+    tl.store(CE + offs, _plain_ce(lse, x, tgt, ignore_t, lo_t, hi_t), mask=mask)
