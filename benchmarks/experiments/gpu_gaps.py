@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from race import block_ms  # noqa: E402
 from vocab_parallel_cce import linear_cross_entropy  # noqa: E402
 
 
@@ -30,14 +32,7 @@ def compiled_loss():
 def wall_ms(fn, reps=10):
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return block_ms(fn, reps, cuda=True)
 
 
 def trace(fn, calls=3):
