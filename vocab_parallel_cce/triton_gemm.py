@@ -128,7 +128,8 @@ def _lane_stats_block(Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s,
         zq = z.to(Z.dtype.element_ty)  # Σ_j p_j = 1 exactly for the p it computes
         tl.store(row_ptr + cols[None, :], zq, mask=mask)
         z = zq.to(tl.float32)
-    x += tl.where(cols[None, :] == tgt[:, None], z, 0.0)
+    if HAS_BIAS or HAS_SOFTCAP or WRITE_BACK:  # else the kernel loads the stored z_t after the loop
+        x += tl.where(cols[None, :] == tgt[:, None], z, 0.0)
     if NEED_SUM:
         if HAS_SUMW:
             if PARTIAL:
@@ -172,8 +173,9 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
 
     Per-lane running statistics, no cross-thread reduction inside the loop: each lane (r, k) of
     the [BLOCK_R, BLOCK_C] block sees the columns j ≡ k (mod BLOCK_C) of row r in increasing
-    order and keeps its own running max m, s = Σ exp(z_j − m), Σ [j = t]·z_j, Σ z_j (or Σ w_j z_j)
-    and the column of its max, updated with one exp per element:
+    order and keeps its own running max m, s = Σ exp(z_j − m), Σ z_j (or Σ w_j z_j), the column of
+    its max, and Σ [j = t]·z_j with bias, softcap or WRITE_BACK (otherwise the stored logit is the
+    final one and z_t is loaded once per row after the loop), updated with one exp per element:
         d = z − m,  e = exp(−|d|),  s ← (d > 0) ? s·e + 1 : s + e,  m ← max(m, z)
     (m starts at the lowest float32 rather than −inf, so masked columns, loaded as −inf, and −inf
     logits give d = −inf, e = 0 and change nothing). Once per row, after the loop:
@@ -204,7 +206,12 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
     row_max = tl.max(m, axis=1)
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max[:, None]), axis=1))
     tl.store(OUT + rows, lse, mask=mask_r)
-    x_row = tl.sum(x, axis=1)
+    if HAS_BIAS or HAS_SOFTCAP or WRITE_BACK:  # the biased / capped z_t was formed in the loop
+        x_row = tl.sum(x, axis=1)
+    else:  # the stored logit itself: one load per row instead of a compare-select-add per element
+        has_t = mask_r & (tgt >= 0) & (tgt < V)
+        x_row = tl.load(Z + rows.to(tl.int64) * stride_z + tl.where(has_t, tgt, 0), mask=has_t,
+                        other=0.0).to(tl.float32)
     tl.store(OUT + N + rows, x_row, mask=mask_r)
     if NEED_CE:
         tl.store(CE + rows, _plain_ce(lse, x_row, tgt, ignore_t, lo_t, hi_t), mask=mask_r)
