@@ -545,12 +545,13 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
         torch.mm(e, c[:v].T, out=z[:, :v])
         rows, cols, warps = (4, 16, 1) if _interpreting() else (STATS_ROWS, STATS_COLS, STATS_WARPS)
         ce = torch.empty(n, dtype=torch.float32, device=e.device) if with_ce else None
+        ignore_t, lo_t, hi_t = _scored_bounds(plan, local=True)
         G.stored_logits_stats_kernel[(triton.cdiv(n, rows),)](
             z, bias_arg, t_local, out, n, v, z.stride(0), cap, sumw_arg,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, NEED_SUM=plan.need_sum,
             WRITE_BACK=bias is not None or plan.softcap is not None, BLOCK_R=rows, BLOCK_C=cols,
             HAS_SUMW=sum_w is not None, NEED_ARGMAX=plan.need_argmax, num_warps=warps,
-            CE=ce, ignore_t=plan.ignore_index, lo_t=0, hi_t=plan.vocab_size, NEED_CE=with_ce,
+            CE=ce, ignore_t=ignore_t, lo_t=lo_t, hi_t=hi_t, NEED_CE=with_ce,
         )
         counters["fast_bf16_logits"] += 1
         if with_ce:
@@ -624,12 +625,12 @@ def grad_from_logits_plain(z: torch.Tensor, bias: torch.Tensor | None, t_local: 
     n, v = z.shape[0], plan.n_valid
     if v > 0 and n > 0:
         rows, cols, warps = (4, 16, 1) if _interpreting() else (GRAD_ROWS, GRAD_COLS, GRAD_WARPS)
+        ignore_t, lo_t, hi_t = _scored_bounds(plan, local=True)
         G.grad_from_stored_kernel[(triton.cdiv(n, rows), triton.cdiv(v, cols))](
             z, t_local, lse, lse, z, n, v, z.stride(0), 0, 1.0 / (plan.softcap or 1.0), 0.0, lse,
             HAS_SOFTCAP=plan.softcap is not None, FILTER=False, BLOCK_R=rows, BLOCK_C=cols,
             UP=up, stride_up=up.stride(0) if up.dim() else 0, SCALE=scale,
-            **dict(zip(("ignore_t", "lo_t", "hi_t"), _scored_bounds(plan, local=True))),
-            PLAIN=True, HAS_SCALE=scale is not None, num_warps=warps,
+            ignore_t=ignore_t, lo_t=lo_t, hi_t=hi_t, PLAIN=True, HAS_SCALE=scale is not None, num_warps=warps,
         )
     # as grad_from_logits: a contiguous copy for torch 2.13's CPU bf16 GEMM
     return z[:, :v].contiguous() if z.device.type == "cpu" else z[:, :v]
