@@ -35,26 +35,14 @@ import torch.distributed as dist
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # the repository root: vocab_parallel_cce
-sys.path.insert(0, _HERE)  # common.py (a plain module: no clash with any installed `benchmarks` package)
+sys.path.insert(0, _HERE)  # inputs.py, timing.py, ... (plain modules: no clash with any installed `benchmarks` package)
 
-from common import (  # noqa: E402
-    jsonable,
-    DTYPES,
-    env_info,
-    fmt,
-    free_memory,
-    fwd_bwd_flops,
-    is_oom,
-    make_inputs,
-    reference_grads,
-    reference_lse,
-    rel_err,
-    short_error,
-    softmax_stats,
-    tflops,
-    time_cuda,
-    tuning_type,
-)
+from inputs import DTYPES, make_inputs, softmax_stats  # noqa: E402
+from machine import machine_info  # noqa: E402
+from methods import tuning_type  # noqa: E402
+from references import fwd_bwd_flops, reference_grads, reference_lse, rel_err, tflops  # noqa: E402
+from tables import fmt, jsonable, short_error  # noqa: E402
+from timing import free_memory, is_oom, time_calls  # noqa: E402
 
 METHODS = ("vpcce", "vpcce_gif", "megatron", "megatron_fused")
 
@@ -230,7 +218,7 @@ def time_collectives(comm, group, device, world, warmup, reps) -> dict:
             def fn():
                 dist.all_reduce(x, group=group)
         dist.barrier(group=group)
-        ms, _ = time_cuda(fn, warmup, reps)
+        ms, _ = time_calls(fn, warmup, reps)
         res[f"{i}:{kind}{list(shape)}:{str(dtype).replace('torch.', '')}"] = ms
         total += ms
     res["total"] = total
@@ -312,7 +300,7 @@ def run_method(name, fn, e, c_shard, t, ref, args, device, group, world) -> dict
 
         def do_fwd():
             dist.barrier(group=group)
-            rec["fwd_ms"], rec["fwd_peak_mb"] = time_cuda(fwd, args.warmup, args.reps)
+            rec["fwd_ms"], rec["fwd_peak_mb"] = time_calls(fwd, args.warmup, args.reps)
 
         phase("fwd", do_fwd)
 
@@ -325,7 +313,7 @@ def run_method(name, fn, e, c_shard, t, ref, args, device, group, world) -> dict
 
     def do_fwd_bwd():
         dist.barrier(group=group)
-        rec["fwd_bwd_ms"], rec["fwd_bwd_peak_mb"] = time_cuda(fwd_bwd, args.warmup, args.reps)
+        rec["fwd_bwd_ms"], rec["fwd_bwd_peak_mb"] = time_calls(fwd_bwd, args.warmup, args.reps)
 
     phase("fwd_bwd", do_fwd_bwd)
 
@@ -411,7 +399,7 @@ def main(argv=None):
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"tp={world} device={device} group: {group_note}")
     results, inputs = [], []
-    meta = dict(args=vars(args), env=env_info() if rank == 0 else {}, n=n, d=d, v=v, tp=world, dtype=args.dtype,
+    meta = dict(args=vars(args), env=machine_info() if rank == 0 else {}, n=n, d=d, v=v, tp=world, dtype=args.dtype,
                 device=str(device), reps=args.reps, warmup=args.warmup, group=group_note, v_padded=v_pad)
 
     def save():

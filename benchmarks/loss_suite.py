@@ -1,48 +1,54 @@
 """The runner's `loss` suite (one GPU): every method per shape, one process per input kind.
 
-For each input kind a child process (`run.py _child CONFIG.json`) builds the inputs of each shape
-and times every method on them, so our adaptive tile-skipping policy, which learns from earlier
-calls, never sees two kinds. Per method and shape:
+For each input kind a child process builds the inputs of each shape and times every method on
+them, so our adaptive tile-skipping policy (`filter_eps="auto"`), which learns from earlier calls,
+never sees two kinds. Per method and shape:
   fwd ms       forward without autograd (inputs detached, torch.no_grad); --no-fwd skips it
   fwd+bwd ms   loss, then torch.autograd.grad(loss, (e, c)); gradients are part of the peak
   peak MiB     max allocated during the timed calls − allocated before (inputs excluded)
   errors       vs float64: loss over all tokens, dE on --check-rows tokens, dC with --check-dc
   TFLOP/s      6·N·D·V / fwd+bwd time, and % of a measured 8192³ bf16 matmul
   × compile    fwd+bwd time / torch.compile's, same process; × 4×cuBLAS: / the cublas_4x row
-The reference rows cublas_3x / cublas_4x are the measured bf16 products E·Cᵀ [N,V] + G·C [N,D]
-+ Gᵀ·E [V,D] (G random), and that plus one more E·Cᵀ (what a recomputing kernel must do).
+The reference rows cublas_3x / cublas_4x are the measured products E·Cᵀ [N,V] + G·C [N,D] + Gᵀ·E
+[V,D] on the same e, c (G random), and that plus one more E·Cᵀ (what a recomputing kernel does).
+Methods are timed one after another: for close races use the `race` suite (interleaved rounds).
 A method that is missing, fails or runs out of memory is recorded and the run goes on; past the
 time budget the remaining cases are recorded as not run.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-import common as C
-import report as R
+import charts
+import methods as M
+import tables as R
+from children import run_child
+from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes, softmax_stats
+from references import Reference, fraction_of_peak, fwd_bwd_flops, tflops
+from tables import fmt, short_error, shape_label
+from timing import CublasProducts, free_memory, is_oom, measure_matmul_peak, setup_device, sync, time_calls
 
 # Shapes (N×D×V): Llama-3 8B, Gemma-2 2B, Qwen-2 7B heads, fewer tokens, one rank of tp=4 / tp=8.
 ALL_SHAPES = ["8192x4096x128256", "8192x2304x256000", "8192x4096x151936", "4096x4096x128256",
               "16384x4096x32064", "16384x4096x16032"]
 DEFAULT_SHAPES = ["8192x4096x128256", "8192x2304x256000", "16384x4096x32064"]
 DEFAULT_KINDS = ["random", "zipf", "zipf_shuffled"]
-HARD_GRACE_S = 40.0  # a process still running this long past the budget is killed (its saved rows kept)
+DEFAULT_METHODS = ["vpcce_triton", "vpcce_triton_memory", "torch_compile", "torch_eager", "liger", "apple_cce",
+                   "megatron_fused", "torch_linear_ce", "cublas_3x", "cublas_4x"]
+BUDGET_SKIP = "not run: time budget (--budget-s)"
 
 
 def add_args(p):
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                    help=f"comma list of NxDxV, or 'all' ({','.join(ALL_SHAPES)})")
-    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma list of {C.KINDS}")
-    p.add_argument("--methods", default=",".join(C.DEFAULT_METHODS),
-                   help=f"comma list of {sorted(C.METHOD_FACTORIES) + list(C.REFERENCE_ROWS)}")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma list of {KINDS}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {M.known_names()}")
     p.add_argument("--tuning", action="append", default=[], metavar="'FIELD=VALUE ...'",
                    help="also run each selected vpcce method under this vocab_parallel_cce.Tuning (repeatable), "
                         "e.g. --tuning 'group_v=8' --tuning 'grad_block=128,256,64,8,3 use_tma=0'")
-    p.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
@@ -64,29 +70,15 @@ def add_args(p):
 
 
 def shapes_of(args) -> list[tuple[int, int, int]]:
-    spec = ",".join(ALL_SHAPES) if args.shapes == "all" else args.shapes
-    return [C.parse_shape(s) for s in spec.split(",") if s]
-
-
-def method_specs(args) -> list[tuple[str, str | None]]:
-    """(registry name, tuning spec or None) for every row to run, in order."""
-    names = [m for m in args.methods.split(",") if m]
-    out = [(n, None) for n in names]
-    for spec in args.tuning:
-        out += [(n, spec) for n in names if n in C.TUNABLE]
-    return out
+    try:
+        return parse_shapes(args.shapes, ALL_SHAPES)
+    except ValueError as err:
+        raise SystemExit(f"--shapes: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # measuring (child process)
 # ----------------------------------------------------------------------------------------------
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def skip_policy_state(v: int, d: int, tuning=None) -> dict:
     """What the adaptive skip policy (triton_backend.skip_policy) measured for this classifier
     shape, read only; a library whose policy moved reads as unavailable."""
@@ -100,16 +92,20 @@ def skip_policy_state(v: int, d: int, tuning=None) -> dict:
                 if frac is None and st.get("pinned") is not None:
                     frac = float(st["pinned"])
                 if tuning is None:
-                    cls, _ = C.tuning_type()
+                    cls, _ = M.tuning_type()
                     tuning = cls.from_env() if cls is not None else None
                 thr = getattr(tuning, "skip_keep_threshold", None)
                 return {"kept_fraction": frac, "skips": None if frac is None or thr is None else frac < thr}
         return {"unavailable": "no policy state for this shape"}
     except Exception as err:  # noqa: BLE001
-        return {"unavailable": f"library internals moved ({C.short_error(err, 120)})"}
+        return {"unavailable": f"library internals moved ({short_error(err, 120)})"}
 
 
-def run_method(m, e, c, t, ref, args, device) -> dict:
+def error_text(err: BaseException) -> str:
+    return ("OOM: " if is_oom(err) else "") + short_error(err)
+
+
+def run_method(m, e, c, t, ref: Reference | None, args, device) -> dict:
     import torch
 
     n, d = e.shape
@@ -123,7 +119,7 @@ def run_method(m, e, c, t, ref, args, device) -> dict:
         return rec
 
     def record_error(phase, err):
-        rec["errors"][phase] = ("OOM: " if C.is_oom(err) else "") + C.short_error(err)
+        rec["errors"][phase] = error_text(err)
         print(f"    {m.name} {phase}: {rec['errors'][phase]}", flush=True)
 
     if not args.no_fwd:
@@ -134,200 +130,149 @@ def run_method(m, e, c, t, ref, args, device) -> dict:
                 return m(e_d, c_d, t)
 
         try:
-            ms, mb = C.time_cuda(fwd, args.warmup, args.reps, args.max_seconds)
+            ms, mb = time_calls(fwd, args.warmup, args.reps, args.max_seconds)
             rec.update(fwd_ms=ms, fwd_peak_mb=mb)
         except Exception as err:  # noqa: BLE001
             record_error("fwd", err)
-        C.free_memory()
+        free_memory()
 
     e_g = e.detach().requires_grad_(True)
     c_g = c.detach().requires_grad_(True)
 
     def fwd_bwd():
-        loss = m(e_g, c_g, t)
-        return torch.autograd.grad(loss, (e_g, c_g))
+        return torch.autograd.grad(m(e_g, c_g, t), (e_g, c_g))
 
     try:
-        ms, mb = C.time_cuda(fwd_bwd, args.warmup, args.reps, args.max_seconds)
-        flops = C.fwd_bwd_flops(n, d, v)
-        rec.update(fwd_bwd_ms=ms, fwd_bwd_peak_mb=mb, fwd_bwd_tflops=C.tflops(flops, ms),
-                   frac_peak=C.fraction_of_peak(flops, ms, args.peak_tflops))
+        ms, mb = time_calls(fwd_bwd, args.warmup, args.reps, args.max_seconds)
+        flops = fwd_bwd_flops(n, d, v)
+        rec.update(fwd_bwd_ms=ms, fwd_bwd_peak_mb=mb, fwd_bwd_tflops=tflops(flops, ms),
+                   frac_peak=fraction_of_peak(flops, ms, args.peak_tflops))
     except Exception as err:  # noqa: BLE001
         record_error("fwd_bwd", err)
-    C.free_memory()
+    free_memory()
     if m.extra.get("adaptive") and device.type == "cuda":
         rec["skip_policy"] = skip_policy_state(v, d, m.extra.get("tuning"))
-
     if ref is not None:
         try:
-            loss = m(e_g, c_g, t)
-            de, dc = torch.autograd.grad(loss, (e_g, c_g))
-            _sync(device)
-            rec["loss"] = float(loss.detach())
-            rec["loss_rel_err"] = abs(rec["loss"] - ref["loss"]) / abs(ref["loss"])
-            if ref.get("de") is not None:
-                rec["de_rel_err"] = C.rel_err(de[ref["rows"]], ref["de"])
-            if ref.get("dc") is not None:
-                rec["dc_rel_err"] = C.rel_err(dc, ref["dc"])
-            del loss, de, dc
+            rec.update(ref.check(m, e, c, t))
         except Exception as err:  # noqa: BLE001
             record_error("check", err)
-    del e_g, c_g
-    C.free_memory()
+        free_memory()
     return rec
 
 
-def build_reference(e, c, t, args, device) -> dict | None:
-    import torch
-
-    if args.no_check:
-        return None
-    t0 = time.perf_counter()
-    lse, x = C.reference_lse(e, c, t)
-    ref = {"loss": float((lse - x).mean())}
-    if args.check_rows > 0 or args.check_dc:
-        g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-        k = min(args.check_rows, e.shape[0]) if args.check_rows > 0 else e.shape[0]
-        rows = torch.randperm(e.shape[0], generator=g)[:k].sort().values.to(device)
-        de, dc = C.reference_grads(e, c, t, lse, rows=rows, need_dc=args.check_dc)
-        ref.update(rows=rows, de=de, dc=dc)
-    _sync(device)
-    ref["seconds"] = time.perf_counter() - t0
-    return ref
-
-
-def setup_device(args):
-    import torch
-
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda but no GPU is visible (use --device cpu for a smoke test)")
-        torch.cuda.set_device(device.index or 0)
-        torch.cuda.init()
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return device
-
-
 def measure_peak(args, device) -> str:
+    """Fills args.peak_tflops (measured unless given); returns where it came from."""
     if args.peak_tflops is not None:
         return "given"
     if device.type != "cuda":
         return "none on CPU"
-    args.peak_tflops = C.measure_matmul_peak(device)
-    C.free_memory()
+    args.peak_tflops = measure_matmul_peak(device)
+    free_memory()
     return "measured 8192³ bf16 matmul, median of 10"
 
 
-def reference_rows(n, d, v, args, device, specs) -> list[dict]:
-    """The cublas_3x / cublas_4x rows selected, from one timing of the three products."""
-    wanted = [name for name, spec in specs if spec is None and name in C.REFERENCE_ROWS]
+def reference_rows(e, c, args, specs) -> list[dict]:
+    """The cublas_3x / cublas_4x rows selected, from one timing of each product on e, c."""
+    wanted = [name for name, spec in specs if spec is None and name in M.REFERENCE_ROWS]
     if not wanted:
         return []
+    n, d, v = e.shape[0], e.shape[1], c.shape[0]
     try:
-        prod = C.time_products(n, d, v, C.DTYPES[args.dtype], device, args.warmup, args.reps, args.max_seconds)
+        each = CublasProducts(e, c, args.seed).each_ms(args.warmup, args.reps, args.max_seconds)
     except Exception as err:  # noqa: BLE001
-        return [{"method": w, "errors": {"products": C.short_error(err)}} for w in wanted]
+        return [{"method": w, "errors": {"products": error_text(err)}} for w in wanted]
     finally:
-        C.free_memory()
+        free_memory()
     out = []
     for w in wanted:
-        ms = prod[w]
-        out.append({"method": w, "errors": {}, "fwd_bwd_ms": ms, "products_ms": prod["products_ms"],
-                    "fwd_bwd_tflops": C.tflops(C.fwd_bwd_flops(n, d, v), ms),
-                    "frac_peak": C.fraction_of_peak(C.fwd_bwd_flops(n, d, v), ms, args.peak_tflops),
+        ms = sum(each.values()) + (each["E@C.T [N,V]"] if w == "cublas_4x" else 0.0)
+        flops = fwd_bwd_flops(n, d, v)
+        out.append({"method": w, "errors": {}, "fwd_bwd_ms": ms, "products_ms": each,
+                    "fwd_bwd_tflops": tflops(flops, ms), "frac_peak": fraction_of_peak(flops, ms, args.peak_tflops),
                     "note": "E·Cᵀ + G·C + Gᵀ·E" + (" + E·Cᵀ" if w == "cublas_4x" else "") + f" ({args.dtype})"})
     return out
 
 
-def run_kinds(args, kinds: list[str], deadline: float, save_part) -> None:
-    """Measure every shape × method for `kinds` in this process; `save_part(part)` after each row."""
-    device = setup_device(args)
-    dtype = C.DTYPES[args.dtype]
-    specs = method_specs(args)
+def measure(args, kinds: list[str], deadline: float, save_part) -> None:
+    """Every shape × method for `kinds`, in this process; `save_part(part)` after each row."""
+    device = setup_device(args.device)
+    dtype = DTYPES[args.dtype]
+    specs = M.method_specs(args.methods, args.tuning)
     peak_source = measure_peak(args, device)
-    print(f"bf16 matmul peak: {C.fmt(args.peak_tflops, '.0f')} TFLOP/s ({peak_source})", flush=True)
+    print(f"bf16 matmul peak: {fmt(args.peak_tflops, '.0f')} TFLOP/s ({peak_source})", flush=True)
     methods = {}
     for name, spec in specs:
-        if name in C.REFERENCE_ROWS:
+        if name in M.REFERENCE_ROWS:
             continue
-        m = C.build_method(name, spec)
+        m = M.build_method(name, spec)
         methods[m.name] = m
         if m.fn is None:
             print(f"  {m.name}: unavailable ({m.skip_reason})", flush=True)
-    part = {"meta": {"env": C.env_info(), "device": str(device), "peak_tflops": args.peak_tflops,
+    from machine import machine_info
+
+    part = {"meta": {"env": machine_info(), "device": str(device), "peak_tflops": args.peak_tflops,
                      "peak_source": peak_source, "kinds": kinds, "pid": os.getpid()},
             "inputs": [], "results": []}
+    ref_names = [name for name, spec in specs if spec is None and name in M.REFERENCE_ROWS]
     t_start = time.perf_counter()
     for kind in kinds:
         for n, d, v in shapes_of(args):
-            label = f"{n}x{d}x{v} {kind}"
-            print(f"== {label}  ({time.perf_counter() - t_start:.0f}s)", flush=True)
+            print(f"== {n}x{d}x{v} {kind}  ({time.perf_counter() - t_start:.0f}s)", flush=True)
             base = {"shape": [n, d, v], "kind": kind}
             if time.time() > deadline:
-                for row in [name for name, _ in specs if name in C.REFERENCE_ROWS] + list(methods):
-                    part["results"].append({**base, "method": row, "skipped": "not run: time budget (--budget-s)"})
+                part["results"] += [{**base, "method": row, "skipped": BUDGET_SKIP} for row in ref_names + list(methods)]
                 save_part(part)
                 continue
             entry = dict(base)
-            rows = reference_rows(n, d, v, args, device, specs)
             try:
-                e, c, t = C.make_inputs(n, d, v, dtype, kind, device, args.seed)
+                e, c, t = make_inputs(n, d, v, dtype, kind, device, args.seed)
             except Exception as err:  # noqa: BLE001
-                entry["error"] = C.short_error(err)
+                entry["error"] = error_text(err)
                 part["inputs"].append(entry)
-                part["results"] += [{**base, **r} for r in rows]
-                part["results"] += [{**base, "method": name, "errors": {"inputs": entry["error"]}} for name in methods]
+                part["results"] += [{**base, "method": name, "errors": {"inputs": entry["error"]}}
+                                    for name in ref_names + list(methods)]
                 save_part(part)
-                C.free_memory()
+                free_memory()
                 continue
+            rows = reference_rows(e, c, args, specs)
             if args.stats_tokens > 0:
                 try:
-                    entry["stats"] = C.softmax_stats(e, c, t, n_sub=args.stats_tokens)
+                    entry["stats"] = softmax_stats(e, c, t, n_sub=args.stats_tokens)
                 except Exception as err:  # noqa: BLE001
-                    entry["stats_error"] = C.short_error(err)
-                C.free_memory()
+                    entry["stats_error"] = short_error(err)
+                free_memory()
             ref = None
-            try:
-                ref = build_reference(e, c, t, args, device)
-                if ref is not None:
-                    entry["ref_loss"], entry["ref_seconds"] = ref["loss"], ref["seconds"]
-            except Exception as err:  # noqa: BLE001
-                entry["ref_error"] = C.short_error(err)
-            C.free_memory()
+            if not args.no_check:
+                try:
+                    ref = Reference.build(e, c, t, args.check_rows, args.check_dc, args.seed)
+                    entry["ref_loss"], entry["ref_seconds"] = ref.loss, ref.seconds
+                except Exception as err:  # noqa: BLE001
+                    entry["ref_error"] = error_text(err)
+                free_memory()
             part["inputs"].append(entry)
             part["results"] += [{**base, **r} for r in rows]
             for r in rows:
-                print(f"  {r['method']:20s} {C.fmt(r.get('fwd_bwd_ms'), '.2f')} ms", flush=True)
+                print(f"  {r['method']:20s} {fmt(r.get('fwd_bwd_ms'), '.2f')} ms", flush=True)
             for name, m in methods.items():
                 t0 = time.perf_counter()
                 if time.time() > deadline:
-                    rec = {"method": name, "skipped": "not run: time budget (--budget-s)"}
+                    rec = {"method": name, "skipped": BUDGET_SKIP}
                 else:
                     rec = run_method(m, e, c, t, ref, args, device)
                 rec.update(base, seconds=time.perf_counter() - t0)
                 part["results"].append(rec)
                 print(f"  {name:20s} " + (R.status(rec) or
-                      f"fwd {C.fmt(rec.get('fwd_ms'), '.2f')} ms  fwd+bwd {C.fmt(rec.get('fwd_bwd_ms'), '.2f')} ms  "
-                      f"peak {C.fmt(rec.get('fwd_bwd_peak_mb'), '.0f')} MiB  loss err {C.fmt(rec.get('loss_rel_err'), '.1e')}  "
-                      f"dE err {C.fmt(rec.get('de_rel_err'), '.1e')}  dC err {C.fmt(rec.get('dc_rel_err'), '.1e')}")
+                      f"fwd {fmt(rec.get('fwd_ms'), '.2f')} ms  fwd+bwd {fmt(rec.get('fwd_bwd_ms'), '.2f')} ms  "
+                      f"peak {fmt(rec.get('fwd_bwd_peak_mb'), '.0f')} MiB  loss err {fmt(rec.get('loss_rel_err'), '.1e')}  "
+                      f"dE err {fmt(rec.get('de_rel_err'), '.1e')}  dC err {fmt(rec.get('dc_rel_err'), '.1e')}")
                       + f"  ({rec['seconds']:.1f}s)", flush=True)
                 save_part(part)
             del e, c, t, ref
-            C.free_memory()
+            free_memory()
+    sync()
     part["meta"]["seconds"] = time.perf_counter() - t_start
     save_part(part)
-
-
-def child_main(cfg_path: str) -> int:
-    """Entry of a per-kind child: CONFIG.json holds the suite, parsed arguments, kinds, deadline."""
-    import argparse
-
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    MEASURE[cfg["suite"]](argparse.Namespace(**cfg["args"]), cfg["kinds"], cfg["deadline"],
-                          lambda part: _save_json(part, cfg["part"]))
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,13 +292,44 @@ def add_ratios(results: list[dict]) -> None:
         R.add_ratio(results, "fwd_bwd_ms", key, base, lambda r: (tuple(r["shape"]), r["kind"]))
 
 
+def run_per_kind(suite: str, measure_fn):
+    """The suite's `run(args, out)`: one child process per kind (or all in this one with
+    --in-process), each given its share of the time budget; the parts merged."""
+
+    def run_suite(args, out) -> dict:
+        kinds = check_kinds(args.kinds)
+        shapes_of(args)  # argument errors now, not in a child
+        M.method_specs(args.methods, args.tuning)
+        t0 = time.time()
+        deadline = t0 + args.budget_s
+        parts, failures = [], []
+        groups = [kinds] if args.in_process else [[k] for k in kinds]
+        for i, group in enumerate(groups):
+            name = "_".join(group)
+            if args.in_process:
+                holder = {}
+                measure_fn(args, group, deadline, lambda part: holder.update(part=part))
+                parts.append(holder["part"])
+                continue
+            share = (deadline - time.time()) / (len(groups) - i)  # with what earlier kinds left
+            part, failure = run_child(suite, args, group, time.time() + share, out.raw(f"part_{name}.json"),
+                                      out.raw(f"{name}.log"), out.raw(f"config_{name}.json"))
+            if part is not None:
+                parts.append(part)
+            if failure is not None:
+                failures.append(failure)
+        doc = merge_parts(parts)
+        doc["failures"] = failures
+        doc["seconds"] = time.time() - t0
+        doc["exit_status"] = 1 if failures else 0
+        return doc
+
+    return run_suite
+
+
 # ----------------------------------------------------------------------------------------------
 # table and chart
 # ----------------------------------------------------------------------------------------------
-def shape_label(shape) -> str:
-    return "×".join(str(x) for x in shape)
-
-
 COLUMNS = ["shape", "kind", "method", "fwd ms", "fwd+bwd ms", "× torch.compile", "× 4×cuBLAS", "peak MiB",
            "TFLOP/s (6NDV)", "% peak", "loss err", "dE err", "dC err", "notes"]
 
@@ -374,28 +350,28 @@ def table_rows(results: list[dict]) -> list[list[str]]:
             notes.append(", ".join(f"{k} {v:.2f}" for k, v in r["products_ms"].items()))
         if st:
             notes.append(st)
-        frac = R._num(r.get("frac_peak"))
+        frac = R.num(r.get("frac_peak"))
         rows.append(head + [
-            R.fmt(R._num(r.get("fwd_ms")), ".2f"), R.fmt(R._num(r.get("fwd_bwd_ms")), ".2f"),
+            R.fmt(R.num(r.get("fwd_ms")), ".2f"), R.fmt(R.num(r.get("fwd_bwd_ms")), ".2f"),
             R.fmt(r.get("ratio_torch_compile"), ".2f"), R.fmt(r.get("ratio_cublas_4x"), ".2f"),
-            R.fmt(R._num(r.get("fwd_bwd_peak_mb")), ".0f"), R.fmt(R._num(r.get("fwd_bwd_tflops")), ".0f"),
+            R.fmt(R.num(r.get("fwd_bwd_peak_mb")), ".0f"), R.fmt(R.num(r.get("fwd_bwd_tflops")), ".0f"),
             R.fmt(None if frac is None else 100 * frac, ".1f"),
-            R.fmt(R._num(r.get("loss_rel_err")), ".1e"), R.fmt(R._num(r.get("de_rel_err")), ".1e"),
-            R.fmt(R._num(r.get("dc_rel_err")), ".1e"), "; ".join(notes)])
+            R.fmt(R.num(r.get("loss_rel_err")), ".1e"), R.fmt(R.num(r.get("de_rel_err")), ".1e"),
+            R.fmt(R.num(r.get("dc_rel_err")), ".1e"), "; ".join(notes)])
     return rows
 
 
 def markdown(doc: dict) -> str:
-    env = (doc.get("processes") or [{}])[0].get("env", {}) if doc.get("processes") else {}
+    from machine import header
+
     a = doc.get("args", {})
-    peaks = [p.get("peak_tflops") for p in doc.get("processes", []) if R._num(p.get("peak_tflops"))]
-    lines = [f"# loss suite: {env.get('device_name', a.get('device', '?'))}, {doc.get('date', '')}", "",
-             f"{a.get('dtype')}, median of {a.get('reps')} after {a.get('warmup')} warm-up (CUDA events); one process "
-             f"per input kind; torch {env.get('torch')}, triton {env.get('triton')}, driver {env.get('driver')}, "
-             f"host {env.get('host')}. bf16 matmul peak (8192³, per process): "
-             + (", ".join(f"{p:.0f}" for p in peaks) if peaks else "–") + " TFLOP/s. TFLOP/s counts 6·N·D·V; "
-             "× columns: fwd+bwd time over torch.compile's / over 4× cuBLAS's, same process and inputs. "
-             "Peak MiB: forward+backward, inputs excluded, gradients included.", ""]
+    peaks = [p.get("peak_tflops") for p in doc.get("processes", []) if R.num(p.get("peak_tflops"))]
+    lines = header(doc, "loss suite", (
+        f"{a.get('dtype')}, median of {a.get('reps')} after {a.get('warmup')} warm-up (CUDA events); one process "
+        "per input kind, methods one after another. bf16 matmul peak (8192³, per process): "
+        + (", ".join(f"{p:.0f}" for p in peaks) if peaks else "–") + " TFLOP/s. TFLOP/s counts 6·N·D·V; "
+        "× columns: fwd+bwd time over torch.compile's / over 4× cuBLAS's, same process and inputs. "
+        "Peak MiB: forward+backward, inputs excluded, gradients included."))
     lines += R.md_table(COLUMNS, table_rows(doc.get("results", [])))
     inputs = doc.get("inputs", [])
     if inputs:
@@ -424,10 +400,10 @@ def chart_rows(doc: dict) -> list[dict]:
 
 
 def chart(doc: dict, path: str) -> str:
-    env = (doc.get("processes") or [{}])[0].get("env", {})
-    return R.bar_chart(chart_rows(doc), path, value_label="forward+backward ms", mem_label="peak MiB added",
-                       ratio_label="time / torch.compile's", refs=C.REFERENCE_ROWS,
-                       title=f"Fused linear cross-entropy, {env.get('device_name', '')} {doc.get('date', '')}".strip())
+    gpu = (doc.get("machine") or {}).get("device_name", "")
+    return charts.bar_chart(chart_rows(doc), path, value_label="forward+backward ms", mem_label="peak MiB added",
+                            ratio_label="time / torch.compile's", refs=M.REFERENCE_ROWS,
+                            title=f"Fused linear cross-entropy (loss suite), {gpu} {doc.get('date', '')}".strip())
 
 
 def merge(docs: list[dict]) -> dict:
@@ -449,12 +425,12 @@ class Components:
     @staticmethod
     def add_args(p):
         p.add_argument("--shapes", default="8192x4096x128256,8192x2304x256000", help="comma list of NxDxV or 'all'")
-        p.add_argument("--kinds", default="zipf", help=f"comma list of {C.KINDS}")
+        p.add_argument("--kinds", default="zipf", help=f"comma list of {KINDS}")
         p.add_argument("--methods", default=Components.DEFAULT_METHODS,
                        help="comma list of methods (any of the loss suite's, references excluded)")
         p.add_argument("--tuning", action="append", default=[], metavar="'FIELD=VALUE ...'",
                        help="also profile each selected vpcce method under this Tuning (repeatable)")
-        p.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
+        p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--reps", type=int, default=5, help="timed and profiled iterations")
@@ -473,7 +449,7 @@ class Components:
         with profile(activities=acts) as prof:
             for _ in range(reps):
                 fn()
-            _sync(device)
+            sync()
         rows = []
         for ev in prof.key_averages():
             if cuda:  # kernels only: an operator's device time is its kernels' again
@@ -490,32 +466,34 @@ class Components:
         return rows, sum(r["ms"] for r in rows)
 
     @staticmethod
-    def run_kinds(args, kinds, deadline, save_part):
+    def measure(args, kinds, deadline, save_part):
         import torch
 
-        device = setup_device(args)
-        dtype = C.DTYPES[args.dtype]
-        specs = [(n, s) for n, s in method_specs(args) if n not in C.REFERENCE_ROWS]
-        methods = [C.build_method(n, s) for n, s in specs]
-        part = {"meta": {"env": C.env_info(), "device": str(device), "kinds": kinds}, "results": []}
+        from machine import machine_info
+
+        device = setup_device(args.device)
+        dtype = DTYPES[args.dtype]
+        specs = [(n, s) for n, s in M.method_specs(args.methods, args.tuning) if n not in M.REFERENCE_ROWS]
+        methods = [M.build_method(n, s) for n, s in specs]
+        part = {"meta": {"env": machine_info(), "device": str(device), "kinds": kinds}, "results": []}
         for kind in kinds:
             for n, d, v in shapes_of(args):
                 base = {"shape": [n, d, v], "kind": kind}
                 print(f"== {n}x{d}x{v} {kind}", flush=True)
+                e, c, t = make_inputs(n, d, v, dtype, kind, device, args.seed)
                 try:
-                    prod = C.time_products(n, d, v, dtype, device, args.warmup, args.reps)
-                    part["results"].append({**base, "method": "cublas products", "products_ms": prod["products_ms"],
-                                            "wall_ms": prod["cublas_3x"]})
+                    each = CublasProducts(e, c, args.seed).each_ms(args.warmup, args.reps)
+                    part["results"].append({**base, "method": "cublas products", "products_ms": each,
+                                            "wall_ms": sum(each.values())})
                 except Exception as err:  # noqa: BLE001
-                    part["results"].append({**base, "method": "cublas products", "errors": {"run": C.short_error(err)}})
-                C.free_memory()
-                e, c, t = C.make_inputs(n, d, v, dtype, kind, device, args.seed)
+                    part["results"].append({**base, "method": "cublas products", "errors": {"run": error_text(err)}})
+                free_memory()
                 e, c = e.requires_grad_(True), c.requires_grad_(True)
                 for m in methods:
                     rec = {**base, "method": m.name, "note": m.note, "errors": {}}
                     ok, why = m.usable(device, n, v)
                     if time.time() > deadline:
-                        ok, why = False, "not run: time budget (--budget-s)"
+                        ok, why = False, BUDGET_SKIP
                     if not ok:
                         rec["skipped"] = why
                     else:
@@ -523,27 +501,27 @@ class Components:
                             return torch.autograd.grad(_m(e, c, t), (e, c))
 
                         try:
-                            rec["wall_ms"], rec["peak_mb"] = C.time_cuda(fwd_bwd, args.warmup, args.reps)
+                            rec["wall_ms"], rec["peak_mb"] = time_calls(fwd_bwd, args.warmup, args.reps)
                             kernels, total = Components.profile(fwd_bwd, args.reps, device)
                             rec.update(kernels=kernels[:args.top], kernel_ms_total=total,
                                        other_ms=total - sum(k["ms"] for k in kernels[:args.top]))
                         except Exception as err:  # noqa: BLE001
-                            rec["errors"]["run"] = ("OOM: " if C.is_oom(err) else "") + C.short_error(err)
+                            rec["errors"]["run"] = error_text(err)
                     part["results"].append(rec)
                     print(f"  {m.name:24s} " + (R.status(rec) or f"{rec['wall_ms']:.2f} ms, kernels "
                                                  f"{rec['kernel_ms_total']:.2f} ms"), flush=True)
                     save_part(part)
-                    C.free_memory()
+                    free_memory()
                 del e, c, t
-                C.free_memory()
+                free_memory()
         save_part(part)
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        env = (doc.get("processes") or [{}])[0].get("env", {})
-        lines = [f"# components: {env.get('device_name', '?')}, {doc.get('date', '')}", "",
-                 "GPU time per kernel of one forward+backward (torch.profiler, self time, mean over the profiled "
-                 "iterations); wall = CUDA-event median of the same call.", ""]
+        from machine import header
+
+        lines = header(doc, "components", "GPU time per kernel of one forward+backward (torch.profiler, self time, "
+                       "mean over the profiled iterations); wall = CUDA-event median of the same call.")
         summary = []
         for r in doc.get("results", []):
             head = [shape_label(r["shape"]), r["kind"], R.label(r["method"])]
@@ -552,7 +530,7 @@ class Components:
                     f"{k} {v:.2f}" for k, v in r["products_ms"].items())])
             else:
                 top = ", ".join(f"{k['name'][:40]} {k['ms']:.2f}" for k in (r.get("kernels") or [])[:4])
-                summary.append(head + [R.fmt(R._num(r.get("wall_ms")), ".2f"), R.fmt(R._num(r.get("kernel_ms_total")), ".2f"),
+                summary.append(head + [R.fmt(R.num(r.get("wall_ms")), ".2f"), R.fmt(R.num(r.get("kernel_ms_total")), ".2f"),
                                        R.status(r) or top])
         lines += R.md_table(["shape", "kind", "method", "wall ms", "kernel ms", "largest kernels (ms) / products"], summary)
         for r in doc.get("results", []):
@@ -570,66 +548,6 @@ class Components:
     merge = staticmethod(merge)
 
 
-def run_per_kind(suite: str, measure):
-    """The suite's `run(args, out)`: one child process per kind (or all in this one with
-    --in-process), each given its share of the time budget; the parts merged."""
 
-    def run_suite(args, out) -> dict:
-        kinds = [k for k in args.kinds.split(",") if k]
-        for k in kinds:
-            if k not in C.KINDS:
-                raise SystemExit(f"--kinds: unknown kind {k!r}; known: {C.KINDS}")
-        shapes_of(args)  # parse errors now, not in a child
-        for name, _ in method_specs(args):
-            if name not in C.METHOD_FACTORIES and name not in C.REFERENCE_ROWS:
-                raise SystemExit(f"--methods: unknown method {name!r}; known: "
-                                 f"{sorted(C.METHOD_FACTORIES) + list(C.REFERENCE_ROWS)}")
-        for spec in args.tuning:
-            try:
-                C.parse_tuning(spec)
-            except (ValueError, TypeError) as err:
-                raise SystemExit(str(err)) from None
-        t0 = time.time()
-        deadline = t0 + args.budget_s
-        parts, failures = [], []
-        groups = [kinds] if args.in_process else [[k] for k in kinds]
-        for i, group in enumerate(groups):
-            name = "_".join(group)
-            part_path = out.raw(f"part_{name}.json")
-            if args.in_process:
-                measure(args, group, deadline, lambda part, _p=part_path: _save_json(part, _p))
-            else:
-                share = (deadline - time.time()) / (len(groups) - i)  # with what earlier kinds left
-                cfg = {"suite": suite, "args": vars(args), "kinds": group, "deadline": time.time() + share,
-                       "part": part_path}
-                cfg_path = out.raw(f"config_{name}.json")
-                _save_json(cfg, cfg_path)
-                rc, tail = C.run_logged([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                      "run.py"), "_child", cfg_path],
-                                        out.raw(f"{name}.log"), timeout=max(30.0, deadline + HARD_GRACE_S - time.time()))
-                if rc != 0:
-                    failures.append({"kinds": group, "returncode": rc, "log_tail": tail})
-            if os.path.exists(part_path):
-                with open(part_path) as f:
-                    parts.append(json.load(f))
-            else:
-                failures.append({"kinds": group, "error": "the process wrote no results"})
-        doc = merge_parts(parts)
-        doc["failures"] = failures
-        doc["seconds"] = time.time() - t0
-        doc["exit_status"] = 1 if failures else 0
-        return doc
-
-    return run_suite
-
-
-def _save_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(C.jsonable(obj), f, indent=1)
-    os.replace(tmp, path)
-
-
-MEASURE = {"loss": run_kinds, "components": Components.run_kinds}
-run = run_per_kind("loss", run_kinds)
-Components.run = staticmethod(run_per_kind("components", Components.run_kinds))
+run = run_per_kind("loss", measure)
+Components.run = staticmethod(run_per_kind("components", Components.measure))

@@ -26,13 +26,15 @@ to torch_compile.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 
-import common as C
-import report as R
+import charts
+import tables as R
+from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes
+from references import fraction_of_peak, rel_err, tflops
+from tables import fmt, short_error
+from timing import free_memory, is_oom, setup_device, sync, time_calls
 
 DEFAULT_SHAPES = ["8192x4096x128256", "8192x2304x256000", "16384x4096x32064"]
 METHODS = ["vpcce_log_probs", "vpcce_loss_memory", "verl", "torch_compile", "eager"]
@@ -44,10 +46,10 @@ EAGER_BYTES_PER_LOGIT = 40  # conservative estimate of the unfused computation's
 
 def add_args(p):
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma list of NxDxV")
-    p.add_argument("--kinds", default="random", help=f"comma list of {C.KINDS} (all in this process)")
+    p.add_argument("--kinds", default="random", help=f"comma list of {KINDS} (all in this process)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--temperature", type=float, default=1.0, help="the policy's temperature T (e.g. 0.7)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--impl", default=None,
                    help="impl= of our two methods (default: triton on CUDA, torch on CPU; triton on CPU needs "
                         "TRITON_INTERPRET=1)")
@@ -68,7 +70,10 @@ def add_args(p):
 
 
 def shapes_of(args) -> list[tuple[int, int, int]]:
-    return [C.parse_shape(s) for s in args.shapes.split(",") if s]
+    try:
+        return parse_shapes(args.shapes, DEFAULT_SHAPES)
+    except ValueError as err:
+        raise SystemExit(f"--shapes: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,13 +143,13 @@ def build_references(e, c, t, w1, w2, args, device, need_rl: bool = True, need_l
     rl = loss = None
     if need_rl:
         rl = reference(e, c, t, w1, w2, args.temperature)
-        C.free_memory()
+        free_memory()
     if need_loss:
         loss_w = torch.full((n,), -1.0 / n, device=device)
         lo = reference(e, c, t, loss_w, torch.zeros_like(loss_w), 1.0)
         loss = {"loss": float(-lo["lp"].mean()), "de": lo["de"], "dc": lo["dc"]}
         del lo
-        C.free_memory()
+        free_memory()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"rl": rl, "loss": loss, "seconds": time.perf_counter() - t0}
@@ -182,7 +187,7 @@ def _ours(temperature: float, impl: str) -> Method:
     try:
         from vocab_parallel_cce import linear_log_probs
     except Exception as err:  # noqa: BLE001
-        return Method("vpcce_log_probs", None, skip_reason=C.short_error(err))
+        return Method("vpcce_log_probs", None, skip_reason=short_error(err))
 
     def fn(e, c, t):
         return linear_log_probs(e, c, t, temperature=temperature, impl=impl)
@@ -194,7 +199,7 @@ def _loss_memory(impl: str) -> Method:
     try:
         from vocab_parallel_cce import linear_cross_entropy
     except Exception as err:  # noqa: BLE001
-        return Method("vpcce_loss_memory", None, output="loss", skip_reason=C.short_error(err))
+        return Method("vpcce_loss_memory", None, output="loss", skip_reason=short_error(err))
 
     def fn(e, c, t):
         return linear_cross_entropy(e, c, t, reduction="mean", grad_in_forward=False, impl=impl)
@@ -227,7 +232,7 @@ def _verl(temperature: float) -> Method:
 
         source = _verl_source()
     except Exception as err:  # noqa: BLE001
-        return Method("verl", None, skip_reason=f"not available ({C.short_error(err, 200)})")
+        return Method("verl", None, skip_reason=f"not available ({short_error(err, 200)})")
 
     def fn(e, c, t):
         return verl_lce(e, c, t, float(temperature), "none")
@@ -264,7 +269,7 @@ def _torch_compile(temperature: float) -> Method:
                 setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
         fn = torch.compile(unfused(temperature), dynamic=False)
     except Exception as err:  # noqa: BLE001
-        return Method("torch_compile", None, flops_factor=6, skip_reason=C.short_error(err))
+        return Method("torch_compile", None, flops_factor=6, skip_reason=short_error(err))
     return Method("torch_compile", fn, flops_factor=6,
                   note="torch.compile(dynamic=False) of eager; its compilation is the first call")
 
@@ -285,13 +290,6 @@ def build_methods(names: list[str], temperature: float, impl: str) -> list[Metho
 # ----------------------------------------------------------------------------------------------
 # measuring
 # ----------------------------------------------------------------------------------------------
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_method(m: Method, e, c, t, w1, w2, ref, args, device) -> dict:
     import torch
 
@@ -318,49 +316,45 @@ def run_method(m: Method, e, c, t, w1, w2, ref, args, device) -> dict:
         return torch.autograd.grad(objective, (e_g, c_g))
 
     def record_error(phase, err):
-        rec["errors"][phase] = ("OOM: " if C.is_oom(err) else "") + C.short_error(err)
+        rec["errors"][phase] = ("OOM: " if is_oom(err) else "") + short_error(err)
         print(f"    {m.name} {phase}: {rec['errors'][phase]}", flush=True)
 
     try:
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync()
         rec["first_call_s"] = time.perf_counter() - t0
-        ms, mb = C.time_cuda(step, max(1, args.warmup - 1), args.reps, args.max_seconds)
+        ms, mb = time_calls(step, max(1, args.warmup - 1), args.reps, args.max_seconds)
         flops = m.flops_factor * n * d * v
-        rec.update(fwd_bwd_ms=ms, fwd_bwd_peak_mb=mb, tflops=C.tflops(flops, ms),
-                   frac_peak=C.fraction_of_peak(flops, ms, args.peak_tflops))
+        rec.update(fwd_bwd_ms=ms, fwd_bwd_peak_mb=mb, tflops=tflops(flops, ms),
+                   frac_peak=fraction_of_peak(flops, ms, args.peak_tflops))
     except Exception as err:  # noqa: BLE001
         record_error("fwd_bwd", err)
-    C.free_memory()
+    free_memory()
     if ref is not None and not rec["errors"]:
         try:
             outs, objective = outputs()
             de, dc = torch.autograd.grad(objective, (e_g, c_g))
-            _sync(device)
+            sync()
             if m.output == "rl":
                 r = ref["rl"]
                 lp, ent = (x.detach() for x in outs)
-                err_pos, err_neg = C.rel_err(lp, r["lp"]), C.rel_err(-lp, r["lp"])
+                err_pos, err_neg = rel_err(lp, r["lp"]), rel_err(-lp, r["lp"])
                 # verl's documentation does not say which sign it returns: check it against the reference
                 rec["lp_sign"] = "log p" if err_pos <= err_neg else "−log p"
                 rec["lp_rel_err"] = min(err_pos, err_neg)
-                rec["ent_rel_err"] = C.rel_err(ent, r["ent"])
+                rec["ent_rel_err"] = rel_err(ent, r["ent"])
             else:
                 r = ref["loss"]
                 rec["loss"] = float(outs[0].detach())
                 rec["loss_rel_err"] = abs(rec["loss"] - r["loss"]) / abs(r["loss"])
-            rec["de_rel_err"] = C.rel_err(de, r["de"])
-            rec["dc_rel_err"] = C.rel_err(dc, r["dc"])
+            rec["de_rel_err"] = rel_err(de, r["de"])
+            rec["dc_rel_err"] = rel_err(dc, r["dc"])
             del outs, objective, de, dc
         except Exception as err:  # noqa: BLE001
             record_error("check", err)
-    if m.name == "vpcce_loss_memory" and device.type == "cuda":
-        import loss_suite
-
-        rec["skip_policy"] = loss_suite.skip_policy_state(v, d)
     del e_g, c_g
-    C.free_memory()
+    free_memory()
     return rec
 
 
@@ -377,37 +371,33 @@ def run(args, out) -> dict:
 
     import loss_suite
 
+    from machine import machine_info
+
     names = [m for m in args.methods.split(",") if m]
     for name in names:
         if name not in METHODS:
             raise SystemExit(f"--methods: unknown method {name!r}; known: {METHODS}")
-    kinds = [k for k in args.kinds.split(",") if k]
-    for k in kinds:
-        if k not in C.KINDS:
-            raise SystemExit(f"--kinds: unknown kind {k!r}; known: {C.KINDS}")
+    kinds = check_kinds(args.kinds)
     if not args.temperature > 0:
         raise SystemExit("--temperature: expected a number > 0")
     shapes = shapes_of(args)
     t_start = time.time()
     deadline = t_start + args.budget_s
-    device = loss_suite.setup_device(args)
+    device = setup_device(args.device)
     impl = args.impl or ("triton" if device.type == "cuda" else "torch")
-    dtype = C.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     peak_source = loss_suite.measure_peak(args, device)
-    print(f"bf16 matmul peak: {C.fmt(args.peak_tflops, '.0f')} TFLOP/s ({peak_source})", flush=True)
+    print(f"bf16 matmul peak: {fmt(args.peak_tflops, '.0f')} TFLOP/s ({peak_source})", flush=True)
     methods = build_methods(names, args.temperature, impl)
     for m in methods:
         if m.fn is None:
             print(f"  {m.name}: unavailable ({m.skip_reason})", flush=True)
-    doc = {"machine": C.env_info(), "device": str(device), "impl": impl, "peak_tflops": args.peak_tflops,
+    doc = {"machine": machine_info(), "device": str(device), "impl": impl, "peak_tflops": args.peak_tflops,
            "peak_source": peak_source, "inputs": [], "results": []}
     partial = out.raw("partial.json")
 
     def save():  # after every row: a crash of the process keeps what was measured
-        tmp = partial + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(C.jsonable({**doc, "suite": "rl", "args": vars(args)}), f, indent=1)
-        os.replace(tmp, partial)
+        R.save_json({**doc, "suite": "rl", "args": vars(args)}, partial)
 
     for kind in kinds:
         for n, d, v in shapes:
@@ -420,16 +410,16 @@ def run(args, out) -> dict:
                 continue
             entry = dict(base)
             try:
-                e, c, t = C.make_inputs(n, d, v, dtype, kind, device, args.seed)
+                e, c, t = make_inputs(n, d, v, dtype, kind, device, args.seed)
                 g = torch.Generator(device=device).manual_seed(args.seed + 7)
                 w1 = torch.randn(n, device=device, generator=g)
                 w2 = torch.randn(n, device=device, generator=g)
             except Exception as err:  # noqa: BLE001
-                entry["error"] = C.short_error(err)
+                entry["error"] = short_error(err)
                 doc["inputs"].append(entry)
                 doc["results"] += [{**base, "method": m.name, "errors": {"inputs": entry["error"]}} for m in methods]
                 save()
-                C.free_memory()
+                free_memory()
                 continue
             ref = None
             if not args.no_check:
@@ -443,14 +433,14 @@ def run(args, out) -> dict:
                         entry.update(ref_mean_log_prob=float(ref["rl"]["lp"].mean()),
                                      ref_mean_entropy=float(ref["rl"]["ent"].mean()))
                     print(f"  float64 reference: {ref['seconds']:.1f}s, mean log-prob "
-                          f"{C.fmt(entry.get('ref_mean_log_prob'), '.3f')}, mean entropy "
-                          f"{C.fmt(entry.get('ref_mean_entropy'), '.3f')}, loss (T = 1) "
-                          f"{C.fmt(entry.get('ref_loss'), '.3f')}", flush=True)
+                          f"{fmt(entry.get('ref_mean_log_prob'), '.3f')}, mean entropy "
+                          f"{fmt(entry.get('ref_mean_entropy'), '.3f')}, loss (T = 1) "
+                          f"{fmt(entry.get('ref_loss'), '.3f')}", flush=True)
                 except Exception as err:  # noqa: BLE001
-                    entry["ref_error"] = C.short_error(err)
+                    entry["ref_error"] = short_error(err)
                     print(f"  float64 reference failed: {entry['ref_error']}", flush=True)
                     ref = None
-                C.free_memory()
+                free_memory()
             doc["inputs"].append(entry)
             for m in methods:
                 t0 = time.perf_counter()
@@ -461,19 +451,19 @@ def run(args, out) -> dict:
                 rec.update(base, seconds=time.perf_counter() - t0)
                 doc["results"].append(rec)
                 print(f"  {m.name:18s} " + (R.status(rec) or
-                      f"{C.fmt(rec.get('fwd_bwd_ms'), '.2f')} ms  peak {C.fmt(rec.get('fwd_bwd_peak_mb'), '.0f')} MiB  "
-                      f"first call {C.fmt(rec.get('first_call_s'), '.1f')}s  lp err {C.fmt(rec.get('lp_rel_err'), '.1e')}  "
-                      f"ent err {C.fmt(rec.get('ent_rel_err'), '.1e')}  loss err {C.fmt(rec.get('loss_rel_err'), '.1e')}  "
-                      f"dE err {C.fmt(rec.get('de_rel_err'), '.1e')}  dC err {C.fmt(rec.get('dc_rel_err'), '.1e')}")
+                      f"{fmt(rec.get('fwd_bwd_ms'), '.2f')} ms  peak {fmt(rec.get('fwd_bwd_peak_mb'), '.0f')} MiB  "
+                      f"first call {fmt(rec.get('first_call_s'), '.1f')}s  lp err {fmt(rec.get('lp_rel_err'), '.1e')}  "
+                      f"ent err {fmt(rec.get('ent_rel_err'), '.1e')}  loss err {fmt(rec.get('loss_rel_err'), '.1e')}  "
+                      f"dE err {fmt(rec.get('de_rel_err'), '.1e')}  dC err {fmt(rec.get('dc_rel_err'), '.1e')}")
                       + f"  ({rec['seconds']:.1f}s)", flush=True)
                 add_ratios(doc["results"])
                 save()
             del e, c, t, w1, w2, ref
-            C.free_memory()
+            free_memory()
     add_ratios(doc["results"])
     doc["seconds"] = time.time() - t_start
     # Errors of single methods are recorded rows (as in the loss suite); a run that timed nothing fails.
-    doc["exit_status"] = 0 if any(R._num(r.get("fwd_bwd_ms")) for r in doc["results"]) else 1
+    doc["exit_status"] = 0 if any(R.num(r.get("fwd_bwd_ms")) for r in doc["results"]) else 1
     return doc
 
 
@@ -508,20 +498,20 @@ def table_rows(results: list[dict]) -> list[list[str]]:
             notes.append(f"{100 * pol['kept_fraction']:.0f}% dC tiles kept: {'skips' if pol.get('skips') else 'dense'}")
         if st:
             notes.append(st)
-        frac = R._num(r.get("frac_peak"))
-        lp_err = R.fmt(R._num(r.get("lp_rel_err")), ".1e")
+        frac = R.num(r.get("frac_peak"))
+        lp_err = R.fmt(R.num(r.get("lp_rel_err")), ".1e")
         if r.get("output") == "loss":
-            lp_err = "loss " + R.fmt(R._num(r.get("loss_rel_err")), ".1e")
-        tflops = R._num(r.get("tflops"))
+            lp_err = "loss " + R.fmt(R.num(r.get("loss_rel_err")), ".1e")
+        tflops = R.num(r.get("tflops"))
         tf = R.fmt(tflops, ".0f" if tflops is None or tflops >= 10 else ".2g")
         rows.append(head + [
-            R.fmt(R._num(r.get("fwd_bwd_ms")), ".2f"), R.fmt(r.get("ratio_loss_memory"), ".3f"),
+            R.fmt(R.num(r.get("fwd_bwd_ms")), ".2f"), R.fmt(r.get("ratio_loss_memory"), ".3f"),
             R.fmt(r.get("ratio_verl"), ".2f"), R.fmt(r.get("ratio_torch_compile"), ".2f"),
-            R.fmt(R._num(r.get("fwd_bwd_peak_mb")), ".0f"),
+            R.fmt(R.num(r.get("fwd_bwd_peak_mb")), ".0f"),
             tf + (f" ({r['flops_count']})" if tf != "–" and r.get("flops_count") else ""),
-            R.fmt(None if frac is None else 100 * frac, ".1f"), R.fmt(R._num(r.get("first_call_s")), ".1f"),
-            lp_err, R.fmt(R._num(r.get("ent_rel_err")), ".1e"), R.fmt(R._num(r.get("de_rel_err")), ".1e"),
-            R.fmt(R._num(r.get("dc_rel_err")), ".1e"), "; ".join(notes)])
+            R.fmt(None if frac is None else 100 * frac, ".1f"), R.fmt(R.num(r.get("first_call_s")), ".1f"),
+            lp_err, R.fmt(R.num(r.get("ent_rel_err")), ".1e"), R.fmt(R.num(r.get("de_rel_err")), ".1e"),
+            R.fmt(R.num(r.get("dc_rel_err")), ".1e"), "; ".join(notes)])
     return rows
 
 
@@ -533,11 +523,11 @@ def summary_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for (shape, kind, temp), ms in by.items():
         ours = ms.get("vpcce_log_probs", {})
-        ratio = R._num(ours.get("ratio_loss_memory"))
+        ratio = R.num(ours.get("ratio_loss_memory"))
         verdict = "–" if ratio is None else ("met" if ratio <= BAR else "NOT met")
 
         def t(name):
-            return R.fmt(R._num(ms.get(name, {}).get("fwd_bwd_ms")), ".1f")
+            return R.fmt(R.num(ms.get(name, {}).get("fwd_bwd_ms")), ".1f")
 
         rows.append([shape_label(shape), kind, R.fmt(temp, "g"), t("vpcce_log_probs"), t("vpcce_loss_memory"),
                      R.fmt(ratio, ".3f"), verdict, t("verl"), R.fmt(ours.get("ratio_verl"), ".2f"), t("torch_compile"),
@@ -546,7 +536,7 @@ def summary_rows(results: list[dict]) -> list[list[str]]:
 
 
 def markdown(doc: dict) -> str:
-    import train_suites
+    from machine import header
 
     a = doc.get("args", {})
     intro = (f"Forward+backward of per-token log-probs and entropy with the upstream gradient of "
@@ -557,9 +547,9 @@ def markdown(doc: dict) -> str:
              f"the loss. × columns: fwd+bwd time over that row's, same shape and inputs. Peak MiB: added during the "
              f"timed calls, inputs excluded, gradients included. TFLOP/s counts 8·N·D·V for the methods that "
              f"recompute the logits in the backward (ours, verl) and 6·N·D·V for the unfused ones; % peak is of an "
-             f"8192³ bf16 matmul ({C.fmt(R._num(doc.get('peak_tflops')), '.0f')} TFLOP/s, {doc.get('peak_source')}). "
+             f"8192³ bf16 matmul ({fmt(R.num(doc.get('peak_tflops')), '.0f')} TFLOP/s, {doc.get('peak_source')}). "
              f"Errors ‖x − ref‖/‖ref‖ against float64 over all tokens (the loss row: loss, dE, dC of the mean loss).")
-    lines = train_suites.machine_header(doc, "rl suite", intro)
+    lines = header(doc, "rl suite", intro)
     lines += R.md_table(COLUMNS, table_rows(doc.get("results", [])))
     inputs = doc.get("inputs", [])
     if inputs:
@@ -567,9 +557,9 @@ def markdown(doc: dict) -> str:
         lines += R.md_table(["shape", "kind", "T", "mean log-prob", "mean entropy", "loss (T = 1)", "reference s",
                              "error"],
                             [[shape_label(i["shape"]), i["kind"], R.fmt(i.get("temperature"), "g"),
-                              R.fmt(R._num(i.get("ref_mean_log_prob")), ".4f"),
-                              R.fmt(R._num(i.get("ref_mean_entropy")), ".4f"), R.fmt(R._num(i.get("ref_loss")), ".4f"),
-                              R.fmt(R._num(i.get("ref_seconds")), ".1f"), i.get("error") or i.get("ref_error") or ""]
+                              R.fmt(R.num(i.get("ref_mean_log_prob")), ".4f"),
+                              R.fmt(R.num(i.get("ref_mean_entropy")), ".4f"), R.fmt(R.num(i.get("ref_loss")), ".4f"),
+                              R.fmt(R.num(i.get("ref_seconds")), ".1f"), i.get("error") or i.get("ref_error") or ""]
                              for i in inputs])
     notes = sorted({f"{label(r['method'])}: {r['note']}" for r in doc.get("results", []) if r.get("note")})
     if notes:
@@ -589,7 +579,7 @@ def chart(doc: dict, path: str):
              "method": r["method"], "value": r.get("fwd_bwd_ms"), "mem": r.get("fwd_bwd_peak_mb"),
              "ratio": r.get("ratio_loss_memory"), "status": R.status(r)} for r in doc.get("results", [])]
     m = doc.get("machine", {})
-    return R.bar_chart(rows, path, value_label="forward+backward ms", mem_label="peak MiB added",
+    return charts.bar_chart(rows, path, value_label="forward+backward ms", mem_label="peak MiB added",
                        ratio_label="time / our loss (memory-first)", labels=LABELS,
                        title=f"Log-probs + entropy, {m.get('device_name', 'CPU')} {doc.get('date', '')}".strip())
 

@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
-"""The benchmark runner: named suites, results as JSON + markdown table + PNG chart.
+"""The benchmark runner: named suites, each writing its results as JSON, a markdown table and a chart.
 
-    python3 benchmarks/run.py SUITE [options]          (from the repository root)
-    python3 benchmarks/run.py SUITE --help
+    python benchmarks/run.py SUITE [options]          (from the repository root)
+    python benchmarks/run.py SUITE --help
 
 Suites:
-  loss            one GPU: every loss implementation per shape and input kind (one process per kind)
+  race            one GPU, the product's table: ours vs torch.compile, Megatron, Liger, Apple CCE and the
+                  cuBLAS products, interleaved rounds, errors against float64
+  loss            one GPU: every loss implementation per shape and input kind, methods one after another
   components      one GPU: GPU time per kernel of our forward+backward (torch.profiler) + cuBLAS products
+  rl              one GPU: fwd+bwd of per-token log-probs and entropy (linear_log_probs) vs our loss, verl,
+                  torch.compile, eager
   vocab_parallel  torchrun, tp = 1, 2, 4...: ours vs Megatron on materialised logits (bench_vocab_parallel.py)
   gpt             Megatron GPT training steps, our loss vs Megatron's fused CE (launch/train_gpt.py)
   fidelity        training curves, each fused mode vs native over seeds and corpora (launch/train_gpt.py)
   hf              Hugging Face Llama-shaped training step (bench_transformers.py)
-  rl              one GPU: fwd+bwd of per-token log-probs and entropy (linear_log_probs) vs our loss, verl,
-                  torch.compile, eager
   tests           pytest tests/test_gpu.py, output saved
   chart FILE.json...   redraw the chart of saved results (several files of one suite: merged)
   merge FILE.json...   merge saved results of one suite (e.g. the loss suite run kind by kind)
 
-Every suite writes OUT/SUITE[_TAG].json (every number, the machine, the arguments), .md (the
-table) and, where it has one, .png (the chart); raw outputs (logs, per-process parts, training
-runs) go under OUT/SUITE[_TAG]_raw/. OUT defaults to benchmarks/results/<YYYY-MM-DD>/.
+Output: OUT/SUITE[_TAG].json (every number, the machine, the arguments, the command), .md (the
+table), .png (the chart, where the suite has one), and OUT/SUITE[_TAG]_raw/ (logs, per-process
+parts, training runs; not kept in git). OUT defaults to benchmarks/results/<machine>/, the machine
+being the GPU model ("h100", "h200", "h100x8" with several GPUs, "cpu"): one file per suite and
+machine, the latest run; `benchmarks/report.py` builds benchmarks/RESULTS.md from them.
 """
 
 from __future__ import annotations
@@ -34,23 +38,30 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # vocab_parallel_cce from the checkout
-sys.path.insert(0, HERE)  # common, report, the suites (plain modules)
+sys.path.insert(0, HERE)  # the benchmarks' plain modules
 
-import common as C  # noqa: E402
 import loss_suite  # noqa: E402
+import race_suite  # noqa: E402
 import rl_suite  # noqa: E402
 import train_suites  # noqa: E402
+from children import child_main  # noqa: E402
+from machine import machine_info, machine_key  # noqa: E402
+from tables import save_json  # noqa: E402
 
 SUITES = {
+    "race": race_suite,
     "loss": loss_suite,
     "components": loss_suite.Components,
+    "rl": rl_suite,
     "vocab_parallel": train_suites.VocabParallel,
     "gpt": train_suites.Gpt,
     "fidelity": train_suites.Fidelity,
     "hf": train_suites.HF,
-    "rl": rl_suite,
     "tests": train_suites.Tests,
 }
+MEASURE = {"race": race_suite.measure, "loss": loss_suite.measure, "components": loss_suite.Components.measure}
+RESULTS = os.path.join(HERE, "results")
+DIGITS = 7  # significant digits of the floats in saved results
 
 
 class Output:
@@ -70,15 +81,14 @@ class Output:
         return os.path.join(d, name) if name else d
 
 
-def today() -> str:
-    return datetime.date.today().isoformat()
+def default_out(device: str, machine: dict) -> str:
+    return os.path.join(RESULTS, "cpu" if device == "cpu" else machine_key(machine))
 
 
 def write_outputs(suite: str, doc: dict, out: Output) -> list[str]:
     """JSON, markdown and chart of `doc`; returns the paths written."""
     mod = SUITES[suite]
-    with open(out.path("json"), "w") as f:
-        json.dump(C.jsonable(doc), f, indent=1)
+    save_json(doc, out.path("json"), DIGITS)
     with open(out.path("md"), "w") as f:
         f.write(mod.markdown(doc))
     written = [out.path("json"), out.path("md")]
@@ -87,7 +97,7 @@ def write_outputs(suite: str, doc: dict, out: Output) -> list[str]:
             if mod.chart(doc, out.path("png")):
                 written.append(out.path("png"))
         except Exception as err:  # noqa: BLE001  (a chart failure must not lose the numbers)
-            print(f"chart failed: {C.short_error(err)}", flush=True)
+            print(f"chart failed: {type(err).__name__}: {err}", flush=True)
     return written
 
 
@@ -111,12 +121,9 @@ def merged(suite: str, docs: list[dict]) -> dict:
     return mod.merge(docs)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_child"]:  # a per-kind process of the loss / components suites
-        return loss_suite.child_main(argv[1])
+def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>/)")
+    common.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<machine>/)")
     common.add_argument("--tag", default=None, help="suffix of the output names: SUITE_TAG.json")
     common.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the code path")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +138,14 @@ def main(argv=None) -> int:
         sp.add_argument("--out", default=None, help="chart: the PNG path; merge: the output folder")
         if name == "merge":
             sp.add_argument("--tag", default="merged")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_child"]:  # a measuring process of the race / loss / components suites
+        return child_main(argv[1], MEASURE.__getitem__)
+    args = parser().parse_args(argv)
 
     if args.suite == "chart":
         suite, docs = load_docs(args.files)
@@ -146,18 +160,24 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         return 0
 
-    out = Output(args.out or os.path.join(HERE, "results", today()), args.suite, args.tag)
+    machine = machine_info()
+    out = Output(args.out or default_out(args.device, machine), args.suite, args.tag)
     started = datetime.datetime.now()
-    doc = SUITES[args.suite].run(args, out)
+    mod = SUITES[args.suite]
+    doc = mod.run(args, out)
     doc.update(suite=args.suite, date=started.date().isoformat(), started=started.isoformat(timespec="seconds"),
-               args=vars(args), command="python3 benchmarks/run.py " + shlex.join(argv))
-    doc.setdefault("machine", C.env_info())
+               args=vars(args), command="python benchmarks/run.py " + shlex.join(argv))
+    doc.setdefault("machine", machine)
     paths = write_outputs(args.suite, doc, out)
     print()
-    with open(out.path("md")) as f:
-        print(f.read())
     for path in paths:
         print(f"wrote {path}")
+    print()
+    if getattr(mod, "summary", None) is not None:
+        print(mod.summary(doc))
+    else:
+        with open(out.path("md")) as f:
+            print(f.read())
     return int(doc.get("exit_status", 0))
 
 

@@ -16,8 +16,10 @@ import statistics
 import sys
 import time
 
-import common as C
-import report as R
+import charts
+import tables as R
+from children import run_logged
+from machine import header
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -61,15 +63,6 @@ class Budget:
 def outcome(failures: list[dict], **doc) -> dict:
     """A suite's document: its fields, the failures, and the runner's exit status (1 if any)."""
     return {**doc, "failures": failures, "exit_status": 1 if failures else 0}
-
-
-def machine_header(doc: dict, what: str, intro: str) -> list[str]:
-    """Title (suite, GPU, date), machine and command, then `intro` (what the table measures)."""
-    m = doc.get("machine", {})
-    where = f"{m['device_name']} × {m.get('device_count', 1)}" if m.get("device_name") else "CPU"
-    return [f"# {what}: {where}, {doc.get('date', '')}", "",
-            f"host {m.get('host')}, torch {m.get('torch')}, triton {m.get('triton')}, driver {m.get('driver')}, "
-            f"megatron-core {m.get('megatron-core')}. Command: `{doc.get('command', '')}`", "", intro, ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +110,7 @@ class VocabParallel:
             cmd += [f for f, on in (("--no-fwd", args.no_fwd), ("--no-check", args.no_check),
                                     ("--check-dc", args.check_dc)) if on]
             cmd += shlex.split(args.extra)
-            rc, tail = C.run_logged(cmd, out.raw(f"tp{tp}.log"), timeout=min(args.timeout_s, budget.left() + 40),
+            rc, tail = run_logged(cmd, out.raw(f"tp{tp}.log"), timeout=min(args.timeout_s, budget.left() + 40),
                                     env=child_env(), cwd=REPO)
             budget.done(time.time() - t0)
             path = os.path.join(raw, f"bench_vp_tp{tp}.json")
@@ -133,15 +126,15 @@ class VocabParallel:
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "vocab_parallel suite", VocabParallel.INTRO)
+        lines = header(doc, "vocab_parallel suite", VocabParallel.INTRO)
         rows = []
         for r in doc.get("results", []):
             rows.append([str(r["tp"]), "×".join(map(str, r.get("shape", []))), r["kind"],
                          r["method"] + (f" ({r['note']})" if r.get("note") else ""),
-                         R.fmt(R._num(r.get("fwd_ms")), ".2f"), R.fmt(R._num(r.get("fwd_bwd_ms")), ".2f"),
-                         R.fmt(r.get("ratio_megatron_fused"), ".2f"), R.fmt(R._num(r.get("fwd_bwd_peak_mb")), ".0f"),
-                         R.fmt(R._num(r.get("comm_ms")), ".2f"), R.fmt(R._num(r.get("loss_rel_err")), ".1e"),
-                         R.fmt(R._num(r.get("de_rel_err")), ".1e"), R.fmt(R._num(r.get("dc_rel_err")), ".1e"),
+                         R.fmt(R.num(r.get("fwd_ms")), ".2f"), R.fmt(R.num(r.get("fwd_bwd_ms")), ".2f"),
+                         R.fmt(r.get("ratio_megatron_fused"), ".2f"), R.fmt(R.num(r.get("fwd_bwd_peak_mb")), ".0f"),
+                         R.fmt(R.num(r.get("comm_ms")), ".2f"), R.fmt(R.num(r.get("loss_rel_err")), ".1e"),
+                         R.fmt(R.num(r.get("de_rel_err")), ".1e"), R.fmt(R.num(r.get("dc_rel_err")), ".1e"),
                          R.status(r)])
         lines += R.md_table(["tp", "N×D×V", "kind", "method", "fwd ms", "fwd+bwd ms", "× Megatron fused", "peak MiB",
                              "comm ms", "loss err", "dE err", "dC err", "status"], rows)
@@ -159,7 +152,7 @@ class VocabParallel:
                 for r in doc.get("results", [])]
         if not rows:
             return None
-        return R.bar_chart(rows, path, value_label="forward+backward ms per rank", mem_label="peak MiB per rank",
+        return charts.bar_chart(rows, path, value_label="forward+backward ms per rank", mem_label="peak MiB per rank",
                            ratio_label="time / Megatron fused's", title="Vocabulary-parallel loss, "
                            f"{doc.get('machine', {}).get('device_name', '')} {doc.get('date', '')}")
 
@@ -252,7 +245,7 @@ class Gpt:
                     if args.device == "cpu":
                         cmd += ["--device", "cpu"]
                     t0 = time.time()
-                    rc, tail = C.run_logged(cmd, out.raw(f"{name}.log"), timeout=min(args.run_timeout, budget.left() + 40),
+                    rc, tail = run_logged(cmd, out.raw(f"{name}.log"), timeout=min(args.run_timeout, budget.left() + 40),
                                             env=child_env(), cwd=REPO)
                     budget.done(time.time() - t0)
                     log = read_log(os.path.join(rundir, "log.json"))
@@ -289,7 +282,7 @@ class Gpt:
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "gpt suite", Gpt.INTRO)
+        lines = header(doc, "gpt suite", Gpt.INTRO)
         rows = [[str(r["tp"]), r["config"], Gpt.label(r["method"]), f"{r['tokens_per_s']:,.0f}",
                  R.fmt(r.get("ratio_native"), ".3f"), f"{r['peak_mb']:,.0f}", f"{r['fwd_bwd_peak_mb']:,.0f}",
                  f"{r['first_loss']:.3f} → {r['final_loss']:.3f} ({r['steps']})",
@@ -313,7 +306,7 @@ class Gpt:
                 for r in doc.get("results", [])]
         if not rows:
             return None
-        return R.bar_chart(rows, path, value_label="tokens/s (median)", mem_label="peak MiB per rank (whole step)",
+        return charts.bar_chart(rows, path, value_label="tokens/s (median)", mem_label="peak MiB per rank (whole step)",
                            ratio_label="tokens/s / native's, same run", higher_is_better=True,
                            labels={r["method"]: Gpt.label(r["method"]) for r in rows},
                            title=f"Megatron GPT step, {doc.get('machine', {}).get('device_name', '')} "
@@ -447,7 +440,7 @@ class Fidelity:
             cmd += (["--preset", args.preset] if args.preset else []) + (["--corpus", run["path"]] if run["path"] else [])
             cmd += (["--device", "cpu"] if args.device == "cpu" else []) + shlex.split(args.extra)
             t0 = time.time()
-            rc, tail = C.run_logged(cmd, os.path.join(runs_dir, f"{run['name']}.log"),
+            rc, tail = run_logged(cmd, os.path.join(runs_dir, f"{run['name']}.log"),
                                     timeout=min(args.run_timeout, budget.left() + 40), env=child_env(), cwd=REPO,
                                     echo=args.parallel == 1)
             budget.done(time.time() - t0)
@@ -545,7 +538,7 @@ class Fidelity:
 
     @staticmethod
     def markdown(doc: dict) -> str:
-        lines = machine_header(doc, "fidelity suite", Fidelity.INTRO)
+        lines = header(doc, "fidelity suite", Fidelity.INTRO)
         if doc.get("trained_on"):
             lines += ["", "Runs trained on: " + "; ".join(doc["trained_on"]) + " (the header above names the "
                       "machine that tabulated them).", ""]
@@ -644,7 +637,7 @@ class HF:
         raw = out.raw()
         cmd = [sys.executable, os.path.join(HERE, "bench_transformers.py"), "--out", raw, "--layers", str(args.layers),
                "--seq", str(args.seq), "--reps", str(args.reps)]
-        rc, tail = C.run_logged(cmd, out.raw("bench_transformers.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
+        rc, tail = run_logged(cmd, out.raw("bench_transformers.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
         part = read_log(os.path.join(raw, "bench_transformers.json")) or {}
         rows = part.get("rows", [])
         R.add_ratio(rows, "step_ms", "ratio_unpatched", "unpatched", lambda r: 0)
@@ -654,7 +647,7 @@ class HF:
     @staticmethod
     def markdown(doc: dict) -> str:
         a = doc.get("bench_args") or {}
-        lines = machine_header(doc, "hf suite", (
+        lines = header(doc, "hf suite", (
             f"Llama-3-8B-shaped, {a.get('layers')} layers, random weights, bf16, batch {a.get('batch')} × seq "
             f"{a.get('seq')}; step = forward with labels + backward; median of {a.get('reps')}."))
         rows = [[r["method"], R.fmt(r.get("step_ms"), ".1f"), R.fmt(r.get("ratio_unpatched"), ".3f"),
@@ -671,7 +664,7 @@ class HF:
                 for r in doc.get("results", [])]
         if not rows:
             return None
-        return R.bar_chart(rows, path, value_label="training step ms", ratio_label="time / unpatched",
+        return charts.bar_chart(rows, path, value_label="training step ms", ratio_label="time / unpatched",
                            title=f"Hugging Face step, {doc.get('machine', {}).get('device_name', '')}")
 
 
@@ -692,7 +685,7 @@ class Tests:
         cmd = [sys.executable, "-m", "pytest", *shlex.split(args.pytest_args), f"--junitxml={junit}",
                "-p", "no:cacheprovider"]
         t0 = time.time()
-        rc, tail = C.run_logged(cmd, out.raw("pytest.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
+        rc, tail = run_logged(cmd, out.raw("pytest.log"), timeout=args.timeout_s, env=child_env(), cwd=REPO)
         counts, failed = {}, []
         try:
             root = ET.parse(junit).getroot()
@@ -715,7 +708,7 @@ class Tests:
     @staticmethod
     def markdown(doc: dict) -> str:
         c = doc.get("counts", {})
-        lines = machine_header(doc, "tests suite", (
+        lines = header(doc, "tests suite", (
             f"`pytest {doc.get('args', {}).get('pytest_args')}`: **{c.get('passed')} passed**, "
             f"{c.get('failures')} failed, {c.get('errors')} errors, {c.get('skipped')} skipped "
             f"(return code {doc.get('returncode')}, {doc.get('seconds', 0):.0f} s)."))

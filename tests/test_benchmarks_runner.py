@@ -1,7 +1,8 @@
-"""The benchmark runner's code path on CPU (benchmarks/run.py): a tiny loss-suite run through its
-per-kind child processes, a tiny rl-suite run (and its float64 reference against autograd), and
-the table / chart / merge of saved results. GPU timing itself can
-only be checked on a GPU; this keeps the runner from rotting between device calls."""
+"""The benchmarks' code paths on CPU: tiny runs of the race, loss and rl suites through their child
+processes (our torch path, torch eager, the cuBLAS-product rows as CPU products; CUDA-only peers
+recorded as skipped), the race's interleaved rounds and paired ratios, the float64 references,
+the Tuning parser, the table / chart / merge of saved results. GPU timing itself is only
+measured on a GPU; these keep the harness working."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def fake_loss_doc(kinds=("random", "zipf")) -> dict:
                                 "fwd_bwd_peak_mb": mb, "errors": {}})
             results.append({"shape": shape, "kind": kind, "method": "liger", "skipped": "not installed"})
     return {"suite": "loss", "date": "2026-12-01", "args": {"dtype": "bf16", "reps": 10, "warmup": 3},
+            "machine": {"device_name": "NVIDIA H200", "device_count": 1},
             "processes": [{"env": {"device_name": "NVIDIA H200"}, "peak_tflops": 790.0}],
             "inputs": [], "results": results}
 
@@ -91,15 +93,28 @@ def test_chart_and_merge_of_saved_results(tmp_path, runner):
 
 
 def test_tuning_spec_parsing(runner):
-    import common as C
+    import methods as M
 
-    cls, why = C.tuning_type()
+    cls, why = M.tuning_type()
     if cls is None:
         pytest.skip(f"no Tuning in this vocab_parallel_cce ({why})")
-    t = C.parse_tuning("group_v=8;use_tma=0 grad_block=128,256,64,8,3 chunk_bytes=none")
+    t = M.parse_tuning("group_v=8;use_tma=0 grad_block=128,256,64,8,3 chunk_bytes=none")
     assert (t.group_v, t.use_tma, t.grad_block, t.chunk_bytes) == (8, False, (128, 256, 64, 8, 3), None)
-    with pytest.raises(ValueError, match="FIELD=VALUE"):
-        C.parse_tuning("no_such_field=1")
+    for bad in ("no_such_field=1", "use_tma", "use_tma=maybe", ""):
+        with pytest.raises(ValueError, match="--tuning"):
+            M.parse_tuning(bad)
+
+
+def test_tuning_values_follow_the_field_type(runner):
+    """A field is parsed by its annotation, so a new one (e.g. an optional bool) needs no code."""
+    import methods as M
+
+    assert [M._tuning_value("use_gluon", "bool | None", None, x) for x in ("1", "false", "none")] == [True, False, None]
+    assert M._tuning_value("forward_splits", "int | None", None, "3") == 3
+    assert M._tuning_value("workspace_fraction", "float", 0.09, "0.2") == 0.2
+    assert M._tuning_value("grad_block", "BlockConfig | None", None, "64,128,32,4,3") == (64, 128, 32, 4, 3)
+    with pytest.raises(ValueError, match="0/1/true/false"):
+        M._tuning_value("use_gluon", "bool | None", None, "2")
 
 
 def test_rl_reference_matches_autograd(runner):
@@ -160,25 +175,81 @@ def test_rl_suite_cpu_smoke(tmp_path, runner):
     assert len(merged["results"]) == 2 * len(doc["results"])
 
 
-def test_race_cpu_smoke(tmp_path):
-    """benchmarks/race.py: every method timed once per round, the ratio the median of the per-round
-    ratios, one table row per (kind, shape)."""
+def test_interleaved_rounds_rotate_and_drop_a_failing_method(runner):
+    import timing
+
+    order, errors = [], []
+
+    def make(name, fail_at=None):
+        def fn():
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError("boom")
+        return fn
+
+    out = timing.interleaved_rounds({"a": make("a"), "b": make("b", fail_at=2), "c": make("c")}, rounds=3, block=1,
+                                    on_error=lambda name, err: errors.append((name, str(err))))
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a"]  # round r starts at method r; b failed in round 2
+    assert errors == [("b", "boom")]
+    assert [x is None for x in out["b"]["round_ms"]] == [False, True, True]
+    assert all(x > 0 for x in out["a"]["round_ms"] + out["c"]["round_ms"])
+    assert timing.paired_ratio([2.0, None, 6.0], [1.0, 1.0, 2.0]) == 2.5  # rounds both ran: 2 and 3
+    assert timing.paired_ratio([None], [1.0]) is None
+
+
+def test_race_suite_cpu_smoke(tmp_path):
+    """The race through its child process: every method and product row timed in every round,
+    ratios = medians of within-round ratios, errors against float64 for every method, a missing
+    peer recorded, a --tuning row, the outputs, and the short table at the end of stdout."""
     import statistics
 
-    race = os.path.join(REPO, "benchmarks", "race.py")
+    out = tmp_path / "res"
     env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, race, "--device", "cpu", "--shapes", "48x16x90,1x8x33",
-                           "--kinds", "random,zipf", "--methods", "vpcce_torch,torch_eager",
-                           "--rounds", "3", "--block", "1", "--out", str(tmp_path), "--tag", "t"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    methods = ("vpcce_torch", "vpcce_torch_memory", "torch_eager", "liger", "cublas_3x", "cublas_4x")
+    proc = subprocess.run([sys.executable, RUN, "race", "--device", "cpu", "--shapes", "48x16x90", "--kinds",
+                           "random,zipf_shuffled", "--methods", ",".join(methods), "--tuning", "group_v=8", "--rounds",
+                           "3", "--block", "1", "--warmup", "1", "--dtype", "fp32", "--stats-tokens", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "race_t.json").read_text())
-    assert len(doc["results"]) == 4
-    for r in doc["results"]:
-        assert set(r["rounds"]) == {"vpcce_torch", "torch_eager"}
-        assert all(len(ts) == 3 and all(x > 0 for x in ts) for ts in r["rounds"].values())
-        a, b = r["rounds"]["vpcce_torch"], r["rounds"]["torch_eager"]
-        assert r["ratios"]["vpcce_torch/torch_eager"] == statistics.median(x / y for x, y in zip(a, b))
-        assert r["ms"]["torch_eager"] == statistics.median(b)
-    rows = table_lines((tmp_path / "race_t.md").read_text(), "| ")
-    assert len(rows) == 1 + 4 and "1×8×33 | zipf" in "".join(rows)  # the header, then a row per case
+    for ext in ("json", "md", "png"):
+        assert (out / f"race.{ext}").stat().st_size > 0
+    assert (out / "race_raw" / "race_0.log").exists()
+    doc = json.loads((out / "race.json").read_text())
+    assert doc["suite"] == "race" and doc["failures"] == [] and doc["command"].startswith("python benchmarks/run.py race")
+    rows = {(tuple(r["shape"]), r["kind"], r["method"]): r for r in doc["results"]}
+    timed = [m for m in methods if m != "liger"] + ["vpcce_torch[group_v=8]", "vpcce_torch_memory[group_v=8]"]
+    cases = [((48, 16, 90), k) for k in ("random", "zipf_shuffled")]
+    assert set(rows) == {(s, k, m) for s, k in cases for m in timed + ["liger"]}
+    for s, k in cases:
+        assert rows[(s, k, "liger")]["skipped"]
+        for m in timed:
+            r = rows[(s, k, m)]
+            assert len(r["round_ms"]) == 3 and all(x > 0 for x in r["round_ms"]), r
+            assert r["fwd_bwd_ms"] == statistics.median(r["round_ms"])
+            base = rows[(s, k, "cublas_3x")]["round_ms"]
+            assert r["ratio_cublas_3x"] == pytest.approx(statistics.median(a / b for a, b in zip(r["round_ms"], base)))
+            if not m.startswith("cublas"):  # fp32 against the float64 reference
+                assert r["loss_rel_err"] < 1e-5 and r["de_rel_err"] < 1e-4 and r["dc_rel_err"] < 1e-4, r
+    md = (out / "race.md").read_text()
+    # the summary's row, every method's (liger's too), the inputs' row
+    assert len(table_lines(md, "| 48×16×90 | random | ")) == 1 + len(timed) + 1 + 1
+    tail = proc.stdout.strip().splitlines()  # the short table comes last
+    assert tail[-1].startswith("| 48×16×90 | zipf_shuffled |") and "| 3 cuBLAS products |" in tail[-4]
+
+
+def test_race_arguments_are_checked_before_any_work(runner):
+    for bad, message in ((["--shapes", "8x8"], "--shapes"), (["--kinds", "zipff"], "--kinds"),
+                         (["--methods", "nope"], "--methods"), (["--tuning", "nope=1"], "--tuning"),
+                         (["--rounds", "0"], "--rounds")):
+        with pytest.raises(SystemExit, match=message):
+            runner.main(["race", "--device", "cpu", "--out", "/nonexistent/never-written", *bad])
+
+
+def test_machine_keys(runner):
+    from machine import machine_key, reproducible
+
+    assert machine_key({"device_name": "NVIDIA H100 80GB HBM3", "device_count": 1}) == "h100"
+    assert machine_key({"device_name": "NVIDIA H200", "device_count": 8}) == "h200x8"
+    assert machine_key({}) == "cpu"
+    assert runner.default_out("cuda", {"device_name": "NVIDIA H200"}).endswith(os.path.join("results", "h200"))
+    assert reproducible("python benchmarks/run.py race --out /x/y --rounds 3") == "python benchmarks/run.py race --rounds 3"

@@ -1,92 +1,14 @@
-"""Tables and charts of the runner's results (benchmarks/run.py): markdown and PNG from the JSON.
+"""Charts of the suites' results: grouped bars of a time-like value and, below, of peak memory.
 
 `bar_chart` draws, per panel (an input kind, or one panel), grouped bars (one group per shape or
-configuration, one bar per method) of a time-like value and, below, of peak memory; reference
-rows (e.g. 4× cuBLAS) are horizontal lines across their group; each bar is labelled with its ratio
-to the baseline of the same run. Every function takes plain dicts, as stored in the JSON.
+configuration, one bar per method); reference rows (e.g. the cuBLAS products) are horizontal lines
+across their group; each bar is labelled with its ratio to the run's baseline. Rows are plain dicts,
+as stored in the JSON.
 """
 
 from __future__ import annotations
 
-import math
-
-# Display names (methods without an entry keep their registry name).
-LABELS = {
-    "vpcce_triton": "ours (default)",
-    "vpcce_triton_gif": "ours grad_in_forward",
-    "vpcce_triton_memory": "ours memory-first",
-    "vpcce_triton_exact": "ours triton_exact",
-    "vpcce_triton_dense": "ours dense dC",
-    "vpcce_triton_filter": "ours skip 2^-12",
-    "vpcce_triton_filter14": "ours skip 2^-14",
-    "vpcce_torch": "ours (torch path)",
-    "vpcce_torch_gif": "ours (torch path) grad_in_forward",
-    "torch_compile": "torch.compile",
-    "torch_eager": "torch eager",
-    "torch_linear_ce": "torch F.linear_cross_entropy",
-    "liger": "Liger FLCE",
-    "apple_cce": "Apple CCE",
-    "apple_cce_exact": "Apple CCE exact",
-    "megatron_fused": "Megatron fused CE",
-    "cublas_3x": "3× cuBLAS (no-recompute floor)",
-    "cublas_4x": "4× cuBLAS (recompute floor)",
-}
-
-
-def label(method: str) -> str:
-    base, _, rest = method.partition("[")
-    return LABELS.get(base, base) + (f" [{rest}" if rest else "")
-
-
-def fmt(x, spec: str = ".1f") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)) or x == "nan":
-        return "–"
-    if isinstance(x, str):
-        return x
-    return format(x, spec)
-
-
-def md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    def cell(x) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-    return out
-
-
-def _num(x):
-    """A finite float, or None (JSON keeps NaN as the string 'nan')."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
-        return float(x)
-    return None
-
-
-def add_ratio(rows: list[dict], value_key: str, out_key: str, base_method: str, group) -> None:
-    """rows[i][out_key] = its value / the value of the `base_method` row of the same group(row)
-    (None where either is missing): the same-run ratios of the tables."""
-    base = {group(r): _num(r.get(value_key)) for r in rows if r.get("method") == base_method}
-    for r in rows:
-        v, b = _num(r.get(value_key)), base.get(group(r))
-        r[out_key] = v / b if v is not None and b else None
-
-
-def concat_docs(docs: list[dict], keys: tuple[str, ...]) -> dict:
-    """Several result documents of one suite as one: the first's fields, the lists `keys` joined."""
-    out = dict(docs[0])
-    for key in keys:
-        out[key] = [x for d in docs for x in d.get(key, [])]
-    out["merged_from"] = [d.get("command", "") for d in docs]
-    out["seconds"] = sum(d.get("seconds", 0) or 0 for d in docs)
-    return out
-
-
-def status(rec: dict) -> str:
-    """'' for a measured row, else 'skipped: …' / 'ERROR …' (what a table shows instead)."""
-    if "skipped" in rec:
-        return f"skipped: {rec['skipped']}"
-    errs = rec.get("errors") or {}
-    return "ERROR " + "; ".join(f"{k}: {v}" for k, v in errs.items()) if errs else ""
+from tables import label, num
 
 
 def bar_chart(rows: list[dict], path: str, *, value_label: str, mem_label: str | None = "peak MiB added",
@@ -109,7 +31,7 @@ def bar_chart(rows: list[dict], path: str, *, value_label: str, mem_label: str |
     def name(m):
         return (labels or {}).get(m) or label(m)
 
-    if mem_label and not any(_num(r.get("mem")) is not None for r in rows):
+    if mem_label and not any(num(r.get("mem")) is not None for r in rows):
         mem_label = None  # e.g. CPU runs: no memory measured
     n_axes = len(panels) * (2 if mem_label else 1)
     width = max(9.0, 1.2 + 0.26 * len(groups) * (len(methods) + 1))
@@ -127,7 +49,7 @@ def bar_chart(rows: list[dict], path: str, *, value_label: str, mem_label: str |
             for mi, m in enumerate(methods):
                 r = by.get((panel, g, m))
                 x = gi + (mi - (len(methods) - 1) / 2) * bar_w
-                y = None if r is None else _num(r.get(key))
+                y = None if r is None else num(r.get(key))
                 if y is None:
                     if r is not None and r.get("status"):
                         ax.text(x, 0.0, "skip" if r["status"].startswith("skipped") else "err", rotation=90,
@@ -136,14 +58,14 @@ def bar_chart(rows: list[dict], path: str, *, value_label: str, mem_label: str |
                 vals.append(y)
                 ax.bar(x, y, bar_w * 0.92, color=colors[m], label=None if m in seen else name(m))
                 seen.add(m)
-                ratio = _num(r.get("ratio")) if with_ratio else None
+                ratio = num(r.get("ratio")) if with_ratio else None
                 if ratio is not None:
                     ax.annotate(f"{ratio:.2f}", (x, y), xytext=(0, 2), textcoords="offset points", rotation=90,
                                 ha="center", va="bottom", fontsize=6)
             if with_refs:
                 for ri, ref in enumerate(refs):
                     r = by.get((panel, g, ref))
-                    y = None if r is None else _num(r.get(key))
+                    y = None if r is None else num(r.get(key))
                     if y is not None:
                         vals.append(y)
                         ax.hlines(y, gi - 0.45, gi + 0.45, label=None if ref in seen else name(ref),
