@@ -60,7 +60,8 @@ def describe(info: dict) -> str:
     gpu = f"{info['device_name']}" + (f" × {info['device_count']}" if (info.get("device_count") or 1) > 1 else "") \
         if info.get("device_name") else "CPU"
     parts = [gpu, f"driver {info.get('driver')}" if info.get("driver") else None,
-             f"torch {info.get('torch')}", f"triton {info.get('triton')}" if info.get("triton") else None,
+             f"torch {info.get('torch')}" if info.get("torch") else None,
+             f"triton {info.get('triton')}" if info.get("triton") else None,
              f"python {info.get('python')}" if info.get("python") else None,
              f"host {info.get('host')}" if info.get("host") else None]
     return ", ".join(p for p in parts if p)

@@ -1,8 +1,8 @@
 """The benchmarks' code paths on CPU: tiny runs of the race, loss and rl suites through their child
 processes (our torch path, torch eager, the cuBLAS-product rows as CPU products; CUDA-only peers
 recorded as skipped), the race's interleaved rounds and paired ratios, the float64 references,
-the Tuning parser, the table / chart / merge of saved results. GPU timing itself is only
-measured on a GPU; these keep the harness working."""
+the Tuning parser, the table / chart / merge of saved results, and report.py's RESULTS.md from
+stored results. GPU timing itself is only measured on a GPU; these keep the harness working."""
 
 from __future__ import annotations
 
@@ -253,3 +253,59 @@ def test_machine_keys(runner):
     assert machine_key({}) == "cpu"
     assert runner.default_out("cuda", {"device_name": "NVIDIA H200"}).endswith(os.path.join("results", "h200"))
     assert reproducible("python benchmarks/run.py race --out /x/y --rounds 3") == "python benchmarks/run.py race --rounds 3"
+
+
+def fake_race_doc() -> dict:
+    results = []
+    for shape in ([8192, 4096, 128256], [16384, 4096, 16032]):
+        for method, rounds in (("vpcce_triton", [38.0, 39.0, 38.5]), ("torch_compile", [40.0, 39.5, 40.5]),
+                               ("cublas_3x", [36.0, 36.5, 36.2])):
+            results.append({"shape": shape, "kind": "random", "method": method, "errors": {}, "round_ms": rounds,
+                            "fwd_bwd_ms": sorted(rounds)[1], "loss_rel_err": 1e-6})
+        results.append({"shape": shape, "kind": "random", "method": "apple_cce", "skipped": "No module named 'x'"})
+    return {"suite": "race", "date": "2026-12-07", "args": {"rounds": 3, "block": 3, "check_rows": 256},
+            "machine": {"device_name": "NVIDIA H100 80GB HBM3", "device_count": 1, "torch": "2.11.0", "driver": "580"},
+            "command": "python benchmarks/run.py race --out /tmp/somewhere --rounds 3",
+            "inputs": [], "results": results, "failures": []}
+
+
+def test_report_builds_results_md_from_stored_results(tmp_path, runner):
+    import report
+
+    (tmp_path / "h100").mkdir()
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h100" / "race.json").write_text(json.dumps(fake_race_doc()))
+    (tmp_path / "h200" / "loss.json").write_text(json.dumps(fake_loss_doc()))
+    (tmp_path / "h200" / "notes.json").write_text(json.dumps({"not": "a result"}))  # ignored
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads == ["## h100: NVIDIA H100 80GB HBM3", "## h200: NVIDIA H200"]
+    assert "### race — NVIDIA H100 80GB HBM3, 2026-12-07" in md
+    assert "Reproduce: `python benchmarks/run.py race --rounds 3`" in md  # the --out folder left out
+    summary = table_lines(md, "| 8192×4096×128256 | random | 38.50 | 40.00 | 36.20 | skip |")
+    assert len(summary) == 1
+    ratio_compile = statistics_median([38.0 / 40.0, 39.0 / 39.5, 38.5 / 40.5])
+    assert summary[0].rstrip(" |").endswith(f"{ratio_compile:.3f} | {statistics_median([38 / 36, 39 / 36.5, 38.5 / 36.2]):.3f}")
+    assert "| 16384×4096×16032 (tp=8 rank) | random |" in md and "### loss — NVIDIA H200, 2026-12-01" in md
+
+
+def statistics_median(xs):
+    import statistics
+
+    return statistics.median(xs)
+
+
+def test_stored_results_tabulate(tmp_path, runner):
+    """Every result kept in benchmarks/results/ still makes its table with today's code."""
+    import report
+
+    results = os.path.join(REPO, "benchmarks", "results")
+    stored = report.collect(results)
+    assert stored, "no stored results"
+    md = report.build(results, str(tmp_path / "RESULTS.md"))
+    assert "could not be tabulated" not in md
+    for machine, docs in stored.items():
+        for path, doc in docs:
+            assert f"### {os.path.splitext(os.path.basename(path))[0]} — " in md
