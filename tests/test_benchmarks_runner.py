@@ -309,3 +309,23 @@ def test_stored_results_tabulate(tmp_path, runner):
     for machine, docs in stored.items():
         for path, doc in docs:
             assert f"### {os.path.splitext(os.path.basename(path))[0]} — " in md
+
+
+def test_snapshot_tool_finds_a_changed_bit(tmp_path, runner):
+    """benchmarks/snapshot.py (the bit-for-bit check of refactorings): a snapshot equals itself,
+    and one flipped bit in one output is reported with exit status 1."""
+    import snapshot
+    import torch
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "snapshot.py"), "save", str(a),
+                           "--only", "torch/float32/one/"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and " cases → " in proc.stdout, proc.stdout + proc.stderr
+    assert snapshot.main(["compare", str(a), str(a)]) == 0
+    cases = torch.load(a)
+    key = next(iter(cases))
+    de = cases[key]["de"]
+    de.view(torch.int32).view(-1)[0] ^= 1  # the last bit of one element of one case's dE
+    torch.save(cases, b)
+    assert snapshot.main(["compare", str(a), str(b)]) == 1

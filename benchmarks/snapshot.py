@@ -1,13 +1,15 @@
-"""Experiment (CPU): the fast mode's results over many options, saved, to compare two versions
-of the library bit for bit (a refactoring that must not change any number).
+"""Bit-for-bit snapshots of the library's results (CPU): proof that a refactoring changes no number.
 
-    TRITON_INTERPRET=1 python benchmarks/experiments/snapshot_results.py save A.pt      # version 1
-    TRITON_INTERPRET=1 python benchmarks/experiments/snapshot_results.py save B.pt      # version 2
-    python benchmarks/experiments/snapshot_results.py compare A.pt B.pt
+    python benchmarks/snapshot.py save before.pt          # on the old version
+    python benchmarks/snapshot.py save after.pt           # on the new one
+    python benchmarks/snapshot.py compare before.pt after.pt    # exit status 1 if any value differs
 
-Each case: loss, dE, dC (and dbias, the dc_accumulate_into target) of `linear_cross_entropy`
-(impl="triton" in the interpreter, and impl="torch"), for every reduction with a non-trivial
-upstream gradient. `compare` checks the bits (NaNs compared as NaNs, -0.0 against 0.0 reported).
+About 600 cases: loss, dE, dC (and dbias, the dc_accumulate_into target) of `linear_cross_entropy`
+with impl="triton" (the Triton kernels in the interpreter, TRITON_INTERPRET=1, set here) and
+impl="torch", bf16 / float32 (/ float16), three shapes, every reduction with a non-trivial upstream
+gradient, over the options below. `compare` checks the bits: NaNs compare as NaNs, a -0.0 against
+0.0 is reported but not counted. `--only SUBSTRING` keeps the cases whose key contains it (keys are
+impl/dtype/shape/reduction/option/upstream, e.g. 'torch/float32/one/mean/plain/x3.7').
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import sys
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # triton_interpreter: the interpreter's bf16 products
 
 import torch  # noqa: E402
 
@@ -102,7 +105,8 @@ def _case(impl, dtype, shape, reduction, opt, upstream):
     return res
 
 
-def save(path):
+def save(path: str, only: str = "") -> int:
+    """Runs every case (whose key contains `only`) and saves {key: {name: tensor}} to `path`."""
     import triton_interpreter
 
     triton_interpreter.patch_bf16_dot()
@@ -111,11 +115,16 @@ def save(path):
                                                             OPTIONS, (3.7,)):
         for dtype in DTYPES[impl]:
             key = f"{impl}/{str(dtype)[6:]}/{shape}/{reduction}/{opt}/x{up}"
+            if only not in key:
+                continue
             r = _case(impl, dtype, SHAPES[shape], reduction, opt, up)
             if r is not None:
                 results[key] = r
+    if not results:
+        raise SystemExit(f"--only {only!r}: no case key contains it")
     torch.save(results, path)
     print(f"{len(results)} cases → {path}")
+    return len(results)
 
 
 def _bits(x):
@@ -125,9 +134,11 @@ def _bits(x):
     return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
 
 
-def compare(a_path, b_path):
+def compare(a_path: str, b_path: str) -> int:
+    """The number of (case, output) pairs whose values differ (signed zeros and NaN payloads aside)."""
     a, b = torch.load(a_path), torch.load(b_path)
-    assert a.keys() == b.keys(), set(a) ^ set(b)
+    if a.keys() != b.keys():
+        raise SystemExit(f"the snapshots hold different cases: {sorted(set(a) ^ set(b))[:10]}")
     bad = 0
     for key in a:
         for name in a[key]:
@@ -151,8 +162,23 @@ def compare(a_path, b_path):
     return bad
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("save", help="run the cases, save their results")
+    s.add_argument("path")
+    s.add_argument("--only", default="", help="keep the cases whose key contains this")
+    c = sub.add_parser("compare", help="compare two saved snapshots bit for bit")
+    c.add_argument("a")
+    c.add_argument("b")
+    args = p.parse_args(argv)
+    if args.command == "save":
+        save(args.path, args.only)
+        return 0
+    return 1 if compare(args.a, args.b) else 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "save":
-        save(sys.argv[2])
-    else:
-        sys.exit(1 if compare(sys.argv[2], sys.argv[3]) else 0)
+    sys.exit(main())
