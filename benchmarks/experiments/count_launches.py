@@ -1,4 +1,5 @@
-"""Launch count (CPU; tests/test_fewer_launches.py bounds it): how many small aten ops the default call launches, forward + backward.
+"""Launch count (CPU; tests/test_fewer_launches.py bounds it): how many small aten ops the default
+call launches, forward + backward.
 
 On a GPU every aten op that computes something is one kernel launch; on [N]-sized vectors those
 launches cost more than their arithmetic. This counts them on CPU with torch.profiler (CPU
