@@ -152,7 +152,7 @@ class CublasProducts:
         n, v = e.shape[0], c.shape[0]
         self.e, self.c = e.detach(), c.detach()
         g = generator(e.device, seed)
-        self.g = (torch.randn(n, v, device=e.device, generator=g) * 1e-3).to(e.dtype)
+        self.g = torch.randn(n, v, device=e.device, dtype=e.dtype, generator=g).mul_(1e-3)  # no float32 copy
         self.z = torch.empty(n, v, device=e.device, dtype=e.dtype)
         self.de = torch.empty_like(self.e)
         self.dc = torch.empty_like(self.c)

@@ -237,6 +237,33 @@ def test_race_suite_cpu_smoke(tmp_path):
     assert tail[-1].startswith("| 48×16×90 | zipf_shuffled |") and "| 3 cuBLAS products |" in tail[-4]
 
 
+def test_race_restarts_a_dead_process_for_the_cases_left(tmp_path, runner, monkeypatch):
+    """A measuring process that dies: the case it was in is recorded as failed, a new process
+    races the cases after it, and what the first one had saved is kept."""
+    import race_suite
+
+    calls = []
+
+    def fake_child(suite, args, group, deadline, part_path, log_path, config_path):
+        calls.append([list(x) for x in group])
+        rows = [{"shape": x[:3], "kind": x[3], "method": "torch_eager", "errors": {}, "round_ms": [1.0, 2.0, 3.0],
+                 "fwd_bwd_ms": 2.0} for x in group[:1]]
+        if len(calls) == 1:  # dies in its second case
+            return {"meta": {}, "results": rows, "current": group[1]}, {"returncode": -11, "log_tail": "Segfault"}
+        return {"meta": {}, "results": rows, "current": None}, None
+
+    monkeypatch.setattr(race_suite, "run_child", fake_child)
+    args = runner.parser().parse_args(["race", "--device", "cpu", "--shapes", "8x8x10", "--kinds",
+                                       "random,zipf,zipf_shuffled", "--methods", "torch_eager"])
+    doc = race_suite.run(args, runner.Output(str(tmp_path), "race", None))
+    assert calls == [[[8, 8, 10, "random"], [8, 8, 10, "zipf"], [8, 8, 10, "zipf_shuffled"]],
+                     [[8, 8, 10, "zipf_shuffled"]]]
+    by_kind = {r["kind"]: r for r in doc["results"]}
+    assert by_kind["random"]["fwd_bwd_ms"] == 2.0 and by_kind["zipf_shuffled"]["fwd_bwd_ms"] == 2.0
+    assert by_kind["zipf"]["method"] == "(process)" and "Segfault" in by_kind["zipf"]["errors"]["process"]
+    assert doc["exit_status"] == 1 and len(doc["failures"]) == 1
+
+
 def test_race_arguments_are_checked_before_any_work(runner):
     for bad, message in ((["--shapes", "8x8"], "--shapes"), (["--kinds", "zipff"], "--kinds"),
                          (["--methods", "nope"], "--methods"), (["--tuning", "nope=1"], "--tuning"),
