@@ -423,7 +423,11 @@ def summary(doc: dict) -> str:
 
 
 def chart(doc: dict, path: str):
-    rows = [{"group": shape_name(r["shape"]), "panel": r["kind"], "method": r["method"], "value": r.get("fwd_bwd_ms"),
+    def group(shape):
+        note = SHAPE_NOTES.get(tuple(shape))
+        return shape_label(shape) + (f"\n{note}" if note else "")
+
+    rows = [{"group": group(r["shape"]), "panel": r["kind"], "method": r["method"], "value": r.get("fwd_bwd_ms"),
              "mem": r.get("fwd_bwd_peak_mb"), "ratio": r.get("ratio_torch_compile"), "status": status(r)}
             for r in doc.get("results", []) if r["method"] != "(process)"]
     if not rows:
