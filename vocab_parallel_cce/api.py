@@ -11,9 +11,9 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as vp
-from . import torch_backend
+from .backends import torch_backend
 from .autograd import LossWithGradInForward, LossWithHeldLogits, ShardStats, _AccumulateGradInto, holds_logits
-from .backend import Backend
+from .backends.protocol import Backend
 from .distributed import clear_layout_cache  # noqa: F401  (documented as vocab_parallel_cce.api.clear_layout_cache)
 from . import stats
 from .plan import Plan
@@ -132,7 +132,7 @@ def _backend(impl: str, e: torch.Tensor) -> tuple[Backend, bool]:
         return torch_backend, False
     if e.dtype == torch.float64:
         raise TypeError(f"impl={impl!r} supports float32/float16/bfloat16 inputs; use impl='torch' for float64")
-    from . import triton_backend
+    from .backends import triton as triton_backend
 
     return triton_backend, name == "triton_exact"
 

@@ -7,15 +7,12 @@ call's settings reach the kernels by one route. Frozen: nothing downstream chang
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import stats
 from .tuning import Tuning
-
-if TYPE_CHECKING:
-    from .backend import Backend
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ class Plan:
     # e by the autograd Functions, which reduce-scatter dE
     sequence_parallel: bool
     # the mode
-    backend: Backend  # torch_backend or triton_backend (the module)
+    backend: Any  # a backends.protocol.Backend: backends.torch_backend or backends.triton (the module)
     exact: bool  # triton: no tile skipping, IEEE float32 dots
     filter_eps: float | None  # triton default path: skip dC tiles whose softmax stays below it
     adaptive_filter: bool  # ... only while the measured kept-tile fraction is low
