@@ -30,7 +30,7 @@ def _plan(backend) -> Plan:
     return Plan(reduction="sum", ignore_index=-100, vocab_size=N_VALID, label_smoothing=0.1, z_loss=0.0,
                 softcap=CAP, vocab_start=0, n_valid=N_VALID, group=None, world=1, reduce_grad_e=True,
                 sequence_parallel=False, backend=backend, exact=True, filter_eps=None, adaptive_filter=False,
-                grad_in_forward=False, tuning=Tuning())
+                path="recompute", tuning=Tuning())
 
 
 def _inputs():
@@ -96,7 +96,7 @@ def test_backend_follows_the_contract(name, seed):
 def _fast_plan(backend, weights, exact) -> Plan:
     """The fast mode's plan with the optional statistics: class-weighted s, max / argmax."""
     plan = _plan(backend)
-    return Plan(**{**plan.__dict__, "grad_in_forward": True, "class_weights": weights, "need_argmax": True,
+    return Plan(**{**plan.__dict__, "path": "held", "class_weights": weights, "need_argmax": True,
                    "exact": exact})
 
 

@@ -237,7 +237,7 @@ def test_torch_twin_matches_the_general_coefficients():
     n, d, v = 12, 8, 20
     plan = Plan(reduction="mean", ignore_index=-100, vocab_size=v, label_smoothing=0.0, z_loss=0.0, softcap=None,
                 vocab_start=0, n_valid=v, group=None, world=1, reduce_grad_e=True, sequence_parallel=False,
-                backend=torch_backend, exact=False, filter_eps=None, adaptive_filter=False, grad_in_forward=True,
+                backend=torch_backend, exact=False, filter_eps=None, adaptive_filter=False, path="held",
                 tuning=Tuning())
     e, c, _, t = _inputs(n, d, v, torch.float32)
     t[::3], t[1] = -100, v + 2
@@ -318,7 +318,7 @@ def test_plain_ce_kernel_bits():
 
     plan = Plan(reduction="mean", ignore_index=-100, vocab_size=v, label_smoothing=0.0, z_loss=0.0, softcap=None,
                 vocab_start=0, n_valid=v, group=None, world=1, reduce_grad_e=True, sequence_parallel=False,
-                backend=tb, exact=False, filter_eps=None, adaptive_filter=False, grad_in_forward=True,
+                backend=tb, exact=False, filter_eps=None, adaptive_filter=False, path="held",
                 tuning=Tuning())
     z, lse, x, s, ce = tb.logits_and_stats(e.detach(), c.detach(), None, t, plan, with_ce=True)
     want = plan.token_loss_parts(lse, x, s, t)[0]

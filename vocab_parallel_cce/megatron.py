@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from torch._C import DisableTorchFunctionSubclass
 
-from .api import check_loss_options, linear_cross_entropy
+from .api import linear_cross_entropy
+from .planning import check_loss_options
 
 SUPPORTED_MIN = (0, 16)  # inclusive
 SUPPORTED_MAX = (0, 20)  # exclusive: 0.16.x .. 0.19.x
