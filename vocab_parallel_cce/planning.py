@@ -12,6 +12,7 @@ serves `linear_cross_entropy` (and, through it, the adapters), `plan_log_probs` 
 from __future__ import annotations
 
 import enum
+import operator
 import os
 import warnings
 from typing import Any, NamedTuple
@@ -92,21 +93,20 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def check_inputs(e, c, targets, bias, impl: str) -> None:
+def check_inputs(e, c, targets, bias) -> None:
     """TypeError/ValueError naming the first of e [..., D], c [V, D], targets e.shape[:-1] and
-    bias [V] that is not what the loss takes, on a device `impl` runs on (Triton: cpu, cuda; the
-    torch backend: any device)."""
+    bias [V] that is not what the loss takes (their device: `check_device`)."""
     check_float("e", e)
     check_float("c", c)
-    if isinstance(impl, str) and IMPL_ALIASES.get(impl, impl) in ("triton", "triton_exact") \
-            and e.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"impl={impl!r} does not support device type '{e.device.type}'")
     if e.dim() < 1:
         raise ValueError("e: expected shape [..., D], got a 0-d tensor")
     if c.dim() != 2:
         raise ValueError(f"c: expected a 2-D classifier [V, D], got shape {tuple(c.shape)}")
     if c.shape[1] != e.shape[-1]:
         raise ValueError(f"c: hidden size D={c.shape[1]} does not match e's last dimension {e.shape[-1]}")
+    if e.shape[-1] == 0:
+        raise ValueError(f"e/c: the hidden size D must be > 0, got e of shape {tuple(e.shape)} and c of shape "
+                         f"{tuple(c.shape)}")
     if c.shape[0] == 0:
         raise ValueError("c: the classifier has no rows (V = 0)")
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int32, torch.int64):
@@ -129,6 +129,28 @@ def check_inputs(e, c, targets, bias, impl: str) -> None:
                 f"c/bias: dtype must match e's ({e.dtype}), got c {c.dtype}"
                 + ("" if bias is None else f", bias {bias.dtype}")
             )
+
+
+def check_device(e, impl: str) -> None:
+    """ValueError unless e (and so every tensor of the call) is on a device `impl` runs on: Triton
+    on cpu and cuda, the torch backend on any device with data (not meta). Checked last, once
+    the layout and the vocabulary checks, which need no data, have run."""
+    if IMPL_ALIASES.get(impl, impl) in ("triton", "triton_exact") and e.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"impl={impl!r} does not support device type '{e.device.type}'")
+    if e.device.type == "meta":
+        raise ValueError("e: is on the meta device, which holds no values; expected a tensor on a device "
+                         "with data (cpu or cuda; impl='torch' also runs on others)")
+
+
+def check_ignore_index(ignore_index) -> int:
+    """ignore_index as an int: an int or an integer-like (a numpy integer, a 0-d integer tensor);
+    a TypeError for anything else (a bool, a float)."""
+    if not isinstance(ignore_index, bool):
+        try:
+            return operator.index(ignore_index)
+        except TypeError:
+            pass
+    raise TypeError(f"ignore_index: expected an int (the target id of tokens to skip), got {ignore_index!r}")
 
 
 def check_shift(shift, targets) -> int:
@@ -311,8 +333,10 @@ def _no_triton_reason(device: torch.device) -> str | None:
 
 
 def choose_backend(impl: str, e: torch.Tensor) -> tuple[Backend, bool]:
-    """(backend module, exact) for `impl` and e's device and dtype. Triton asked for where it cannot
-    run falls back to the exact torch path with a UserWarning naming the value given."""
+    """(backend module, exact) for `impl` and e's device and dtype (`check_device` first). Triton
+    asked for where it cannot run falls back to the exact torch path with a UserWarning naming the
+    value given."""
+    check_device(e, impl)
     name = IMPL_ALIASES.get(impl, impl)
     if name == "auto":
         usable = e.device.type == "cuda" and e.dtype != torch.float64 and _no_triton_reason(e.device) is None
@@ -382,7 +406,8 @@ def plan_cross_entropy(
     impl = impl_name(impl)
     e, c, targets, bias, group, vocab_start = from_dtensors(e, c, targets, bias, group, vocab_start,
                                                             vocab_parallel_options)
-    check_inputs(e, c, targets, bias, impl)
+    check_inputs(e, c, targets, bias)
+    ignore_index = check_ignore_index(ignore_index)
     check_outputs(reduction, grad_in_forward, return_lse, return_z_loss, return_token_accuracy,
                   return_predicted_tokens)
     check_loss_options(softcap, label_smoothing, z_loss, filter_eps, impl)
@@ -401,7 +426,7 @@ def plan_cross_entropy(
     # the logits' dtype (autocast's where it is on); the tokens the loss Function sees (sequence
     # parallel: all ranks')
     dtype = torch.get_autocast_dtype(e.device.type) if autocast_enabled(e.device.type) else e.dtype
-    n_tokens = (e.numel() // max(1, e.shape[-1])) * (layout["world"] if layout["sequence_parallel"] else 1)
+    n_tokens = (e.numel() // e.shape[-1]) * (layout["world"] if layout["sequence_parallel"] else 1)
     path, chunk = choose_path(grad_in_forward, backend, exact, dtype, n_tokens, layout["n_valid"], tuning, needs_grad,
                               reduction in ("mean", "sum") and not return_z_loss, return_lse)
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
@@ -425,7 +450,8 @@ def plan_log_probs(e, c, targets, *, temperature=1.0, bias=None, softcap=None, i
     token. No dC tile skipping: the entropy's term q·p·(z − pz) is not bounded by p alone."""
     impl = impl_name(impl)
     e, c, targets, bias, group, vocab_start = from_dtensors(e, c, targets, bias, group, vocab_start, None)
-    check_inputs(e, c, targets, bias, impl)
+    check_inputs(e, c, targets, bias)
+    ignore_index = check_ignore_index(ignore_index)
     check_loss_options(softcap, 0.0, 0.0, None, impl)
     shift = check_shift(shift, targets)
     temperature = check_temperature(temperature)
