@@ -1,5 +1,5 @@
 """Both backends implement backend.Backend, with the same meaning: each function against the
-formulas of backend.py in float64 (the triton backend under TRITON_INTERPRET=1 on CPU)."""
+formulas of backends/protocol.py in float64 (the triton backend under TRITON_INTERPRET=1 on CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from reference import rel_err
 from vocab_parallel_cce import Tuning, torch_backend
-from vocab_parallel_cce.backend import Backend
+from vocab_parallel_cce.backends.protocol import Backend
 from vocab_parallel_cce.plan import Plan
 
 triton_interpreter.on_cpu_only(patch_dot=False)
@@ -44,7 +44,7 @@ def _inputs():
 
 
 def _expected(e, c, b, t, coef):
-    """float64 (raw logits, lse, x, s, G) from backend.py's formulas."""
+    """float64 (raw logits, lse, x, s, G) from protocol.py's formulas."""
     e, c, b = e.double(), c[:N_VALID].double(), b[:N_VALID].double()
     raw = e @ c.T
     th = torch.tanh((raw + b) / CAP)

@@ -8,7 +8,7 @@ options take the general route; and the call launches few small ops (the profile
 benchmarks/experiments/count_launches.py), no host sync.
 
 impl="triton" under TRITON_INTERPRET=1 on CPU (the interpreter computes in IEEE float32 without
-fused multiply-adds: see the module docstring of triton_gemm.py for why the GPU gives the same).
+fused multiply-adds: see the module docstring of backends/triton/logits_bf16.py for why the GPU gives the same).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def test_plain_kernel_mode_float32_bits(reduction, softcap):
     negative value, inf and NaN for "none" (per row, strided)."""
     import triton
 
-    import vocab_parallel_cce.triton_gemm as G
+    import vocab_parallel_cce.backends.triton.logits_bf16 as G
 
     n, v, vocab_start, vocab_size, ii = 29, 37, 5, 40, 7
     gen = torch.Generator().manual_seed(4)

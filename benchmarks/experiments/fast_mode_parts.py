@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from vocab_parallel_cce import triton_gemm as TG  # noqa: E402
+from vocab_parallel_cce.backends.triton import logits_bf16 as TG  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 RES: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

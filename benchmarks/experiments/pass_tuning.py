@@ -16,7 +16,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from vocab_parallel_cce import triton_gemm as G  # noqa: E402
+from vocab_parallel_cce.backends.triton import logits_bf16 as G  # noqa: E402
 
 STATS_CONFIGS = [(1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (1, 8192, 16), (2, 2048, 8), (2, 4096, 16),
                  (1, 1024, 4), (4, 1024, 8)]

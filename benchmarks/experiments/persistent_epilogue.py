@@ -20,9 +20,9 @@ from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from vocab_parallel_cce import triton_gemm as TG  # noqa: E402
-from vocab_parallel_cce import triton_kernels as K  # noqa: E402
-from vocab_parallel_cce.triton_kernels import _grouped_tile, _tanh  # noqa: E402
+from vocab_parallel_cce.backends.triton import logits_bf16 as TG  # noqa: E402
+from vocab_parallel_cce.backends.triton import logits_fp32 as K  # noqa: E402
+from vocab_parallel_cce.backends.triton.common import grouped_tile as _grouped_tile, tanh as _tanh  # noqa: E402
 
 
 @triton.jit
