@@ -2,8 +2,8 @@
 (`VocabParallelOptions`, `LinearCrossEntropyImpl`) and their richer output (`CrossEntropyOutput`).
 
 A call is planned (planning.py: arguments checked, the shard layout, the backend and the path
-decided into a `Plan`), then run (run.py: the path's autograd Function, paths/), then its outputs
-are assembled here.
+decided into a `Plan`), then run (run.py: the path's autograd Function, paths/, and the outputs
+asked for).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import torch
 
 from . import distributed as vp
 from .distributed import clear_layout_cache  # noqa: F401  (documented as vocab_parallel_cce.api.clear_layout_cache)
-from .plan import Plan
-from .planning import Call, LinearCrossEntropyImpl, default_group, plan_cross_entropy
-from .run import Result, per_token, run_loss
+from .planning import LinearCrossEntropyImpl, default_group, plan_cross_entropy
+from .run import CrossEntropyOutput, run_cross_entropy
 from .tuning import Tuning
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "VocabParallelOptions", "CrossEntropyOutput",
@@ -50,20 +49,6 @@ class VocabParallelOptions:
         base, extra = divmod(vocab_size, world)
         start = rank * base + min(rank, extra)
         return cls(start, start + base + (rank < extra), group, reduce_e_grad)
-
-
-@dataclass
-class CrossEntropyOutput:
-    """What `linear_cross_entropy` returns when asked for more than the loss (as Liger-Kernel's
-    fused linear cross-entropy does): each field None unless asked for. Per-token fields are
-    shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
-
-    loss: torch.Tensor
-    # the z-loss part of `loss`, reduced the same way (grad_in_forward=True: no gradient of its own)
-    z_loss: torch.Tensor | None = None
-    token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
-    predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
-    lse: torch.Tensor | None = None  # return_lse
 
 
 def linear_cross_entropy(
@@ -226,31 +211,7 @@ def linear_cross_entropy(
         sequence_parallel=sequence_parallel, vocab_parallel_options=vocab_parallel_options,
         grad_in_forward=grad_in_forward, loss_mask=loss_mask, tuning=tuning, dc_accumulate_into=dc_accumulate_into,
     )
-    result = run_loss(plan, call)
-    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
-        return (result.loss, per_token(result.lse, result.out_shape, call.shift)) if return_lse else result.loss
-    return _output(plan, call, result, return_lse, return_token_accuracy, return_predicted_tokens)
-
-
-def _output(plan: Plan, call: Call, result: Result, return_lse: bool, return_token_accuracy: bool,
-            return_predicted_tokens: bool) -> CrossEntropyOutput:
-    """The CrossEntropyOutput of a call that asked for more than the loss (and lse)."""
-    loss, t, out_shape, shift = result.loss, result.t, result.out_shape, call.shift
-    out = CrossEntropyOutput(loss, lse=per_token(result.lse, out_shape, shift) if return_lse else None)
-    if call.want_z:
-        zl = torch.zeros(t.shape, dtype=loss.dtype, device=t.device) if result.z_part is None else result.z_part
-        out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
-                      "none": lambda: per_token(zl, out_shape, shift)}[plan.reduction]()
-    if return_token_accuracy or return_predicted_tokens:
-        valid = t != plan.ignore_index
-        predicted = result.argmax.long()
-        hit = (valid & (predicted == t)).float()
-        if return_token_accuracy:
-            out.token_accuracy = (per_token(hit, out_shape, shift) if plan.reduction == "none"
-                                  else hit.sum() / valid.sum().clamp(min=1))
-        if return_predicted_tokens:
-            out.predicted_tokens = per_token(torch.where(valid, predicted, -1), out_shape, shift)
-    return out
+    return run_cross_entropy(plan, call)
 
 
 # LinearCrossEntropy's positional parameters: Apple CCE's module, in its order.

@@ -63,7 +63,8 @@ def impl_name(impl: str | LinearCrossEntropyImpl) -> str:
 
 
 class Call(NamedTuple):
-    """A planned call's inputs as its path takes them: DTensors unwrapped, shift an int."""
+    """A planned call's inputs as its path takes them (DTensors unwrapped, shift an int) and the
+    outputs it asked for besides the loss (run.run_cross_entropy)."""
 
     e: torch.Tensor  # [..., D]
     c: torch.Tensor  # [V_local, D]
@@ -72,7 +73,10 @@ class Call(NamedTuple):
     shift: int
     loss_mask: torch.Tensor | None = None  # targets' shape
     dc_into: torch.Tensor | None = None  # c's gradient is added into it (only where it is needed)
-    want_z: bool = False  # return_z_loss: the fast paths hand their z-loss part out
+    return_lse: bool = False
+    return_z_loss: bool = False  # also: the fast paths hand their z-loss part out
+    return_token_accuracy: bool = False
+    return_predicted_tokens: bool = False
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -395,7 +399,7 @@ def choose_filter(filter_eps, backend: Backend, exact: bool, dtype: torch.dtype,
 
 
 def plan_cross_entropy(
-    e, c, targets, bias=None, *, ignore_index=-100, softcap=None, reduction="mean", shift=0, return_lse=False,
+    e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=0, return_lse=False,
     filter_eps=None, filter_c_grad=True, impl="auto", label_smoothing=0.0, z_loss=0.0, class_weights=None,
     return_z_loss=False, return_token_accuracy=False, return_predicted_tokens=False, group=None,
     vocab_start=None, vocab_size=None, reduce_grad_e=True, sequence_parallel=False,
@@ -439,10 +443,11 @@ def plan_cross_entropy(
         tuning=tuning, class_weights=weights, need_argmax=need_argmax, chunk_tokens=chunk,
     )
     dc_into = dc_accumulate_into if needs_grad and c.requires_grad else None
-    return plan, Call(e, c, targets, bias, shift, loss_mask, dc_into, return_z_loss)
+    return plan, Call(e, c, targets, bias, shift, loss_mask, dc_into, return_lse, return_z_loss,
+                      return_token_accuracy, return_predicted_tokens)
 
 
-def plan_log_probs(e, c, targets, *, temperature=1.0, bias=None, softcap=None, ignore_index=-100, shift=0,
+def plan_log_probs(e, c, targets, temperature=1.0, bias=None, softcap=None, ignore_index=-100, shift=0,
                    impl="auto", group=None, vocab_start=None, vocab_size=None, reduce_grad_e=True,
                    sequence_parallel=False, tuning=None) -> tuple[Plan, Call]:
     """(the Plan, the Call) of `linear_log_probs`' arguments (see there), checked as

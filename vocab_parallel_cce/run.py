@@ -1,9 +1,10 @@
 """Running a planned call (planning.py): its inputs prepared, the plan's path (paths/), the loss
-reduced. `run_loss` serves `linear_cross_entropy`; `prepare` and `per_token` also
-`linear_log_probs`."""
+reduced, the outputs it asked for assembled. `run_cross_entropy` serves `linear_cross_entropy`;
+`prepare` and `per_token` also `linear_log_probs`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,20 @@ from .paths.recompute import ShardStats
 from .paths.shared import accumulate_grad_into
 from .plan import Plan
 from .planning import Call, autocast_enabled
+
+
+@dataclass
+class CrossEntropyOutput:
+    """What `linear_cross_entropy` returns when asked for more than the loss (as Liger-Kernel's
+    fused linear cross-entropy does): each field None unless asked for. Per-token fields are
+    shaped like the loss with reduction="none" (`targets[..., shift:]`)."""
+
+    loss: torch.Tensor
+    # the z-loss part of `loss`, reduced the same way (grad_in_forward=True: no gradient of its own)
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None  # float32: mean over non-ignored tokens, or per token
+    predicted_tokens: torch.Tensor | None = None  # int64 argmax over the global vocabulary, −1 where ignored
+    lse: torch.Tensor | None = None  # return_lse
 
 
 class Prepared(NamedTuple):
@@ -72,6 +87,35 @@ def per_token(q: torch.Tensor, out_shape, shift: int) -> torch.Tensor:
     return q[..., : out_shape[-1] - shift] if shift else q
 
 
+def run_cross_entropy(plan: Plan, call: Call):
+    """`linear_cross_entropy`'s return value (see there) for a planned call: the loss; with
+    call.return_lse (loss, lse); with any of the other outputs a CrossEntropyOutput."""
+    result = run_loss(plan, call)
+    if not (call.return_z_loss or call.return_token_accuracy or call.return_predicted_tokens):
+        return (result.loss, per_token(result.lse, result.out_shape, call.shift)) if call.return_lse else result.loss
+    return _output(plan, call, result)
+
+
+def _output(plan: Plan, call: Call, result: Result) -> CrossEntropyOutput:
+    """The CrossEntropyOutput of a call that asked for more than the loss (and lse)."""
+    loss, t, out_shape, shift = result.loss, result.t, result.out_shape, call.shift
+    out = CrossEntropyOutput(loss, lse=per_token(result.lse, out_shape, shift) if call.return_lse else None)
+    if call.return_z_loss:
+        zl = torch.zeros(t.shape, dtype=loss.dtype, device=t.device) if result.z_part is None else result.z_part
+        out.z_loss = {"mean": lambda: zl.sum() / plan.mean_denominators(t)[1], "sum": zl.sum,
+                      "none": lambda: per_token(zl, out_shape, shift)}[plan.reduction]()
+    if call.return_token_accuracy or call.return_predicted_tokens:
+        valid = t != plan.ignore_index
+        predicted = result.argmax.long()
+        hit = (valid & (predicted == t)).float()
+        if call.return_token_accuracy:
+            out.token_accuracy = (per_token(hit, out_shape, shift) if plan.reduction == "none"
+                                  else hit.sum() / valid.sum().clamp(min=1))
+        if call.return_predicted_tokens:
+            out.predicted_tokens = per_token(torch.where(valid, predicted, -1), out_shape, shift)
+    return out
+
+
 def run_loss(plan: Plan, call: Call) -> Result:
     """The loss of a planned call on its path: the memory-first statistics and their reduction
     ("recompute"), or one of the fast mode's Functions, which reduce themselves ("held",
@@ -86,7 +130,7 @@ def run_loss(plan: Plan, call: Call) -> Result:
         # the Function reduces (both of "mean"'s divisors known here, as device scalars) and hands
         # back the z-loss part and the argmax when asked for
         dens = plan.mean_denominators(p.t) if plan.reduction == "mean" else None
-        want_z = call.want_z and plan.z_loss > 0
+        want_z = call.return_z_loss and plan.z_loss > 0
         if plan.path == "held":  # one chunk: the logits are held to the backward, any upstream gradient
             outs = held.loss_with_held_logits(p.e, p.c, p.bias, p.t, plan, dens, p.mask, want_z, call.dc_into)
         else:  # token chunks: the gradients formed in the forward, a uniform upstream gradient

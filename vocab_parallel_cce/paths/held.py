@@ -8,17 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..plan import Plan
-from .shared import (
-    fast_outputs,
-    gather_tokens,
-    global_stats,
-    grad_e_fp32,
-    grad_e_product,
-    save_plan,
-    saved_plan,
-    sum_grad_e,
-    take_once,
-)
+from .shared import fast_outputs, gather_tokens, global_stats, grad_e_fp32, grad_e_product
+from .shared import save_plan, saved_plan, sum_grad_e, take_once
 
 
 class LossWithHeldLogits(torch.autograd.Function):
