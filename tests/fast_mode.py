@@ -1,10 +1,11 @@
-"""Test helper: which of the fast mode's two Functions ran (api resolves them at call time)."""
+"""Test helper: which of the fast mode's two Functions ran (their path modules resolve them at call time)."""
 
 from __future__ import annotations
 
-import vocab_parallel_cce.api as api
+from vocab_parallel_cce.paths import chunked, held
 
 PATHS = {"LossWithGradInForward": "chunked", "LossWithHeldLogits": "held"}
+MODULES = {"LossWithGradInForward": chunked, "LossWithHeldLogits": held}
 
 
 class CountFast:
@@ -15,13 +16,14 @@ class CountFast:
     def __init__(self, monkeypatch):
         self.paths: list[str] = []
         for name, tag in PATHS.items():
-            real = getattr(api, name)
+            real = getattr(MODULES[name], name)
 
             def forward(ctx, *args, _real=real, _tag=tag):
                 self.paths.append(_tag)
                 return _real.forward(ctx, *args)
 
-            monkeypatch.setattr(api, name, type("Counted" + name, (real,), {"forward": staticmethod(forward)}))
+            counted = type("Counted" + name, (real,), {"forward": staticmethod(forward)})
+            monkeypatch.setattr(MODULES[name], name, counted)
 
     @property
     def calls(self) -> int:

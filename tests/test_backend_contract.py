@@ -1,5 +1,5 @@
 """Both backends implement backend.Backend, with the same meaning: each function against the
-formulas of backend.py in float64 (the triton backend under TRITON_INTERPRET=1 on CPU)."""
+formulas of backends/protocol.py in float64 (the triton backend under TRITON_INTERPRET=1 on CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from reference import rel_err
 from vocab_parallel_cce import Tuning, torch_backend
-from vocab_parallel_cce.backend import Backend
+from vocab_parallel_cce.backends.protocol import Backend
 from vocab_parallel_cce.plan import Plan
 
 triton_interpreter.on_cpu_only(patch_dot=False)
@@ -30,7 +30,7 @@ def _plan(backend) -> Plan:
     return Plan(reduction="sum", ignore_index=-100, vocab_size=N_VALID, label_smoothing=0.1, z_loss=0.0,
                 softcap=CAP, vocab_start=0, n_valid=N_VALID, group=None, world=1, reduce_grad_e=True,
                 sequence_parallel=False, backend=backend, exact=True, filter_eps=None, adaptive_filter=False,
-                grad_in_forward=False, tuning=Tuning())
+                path="recompute", tuning=Tuning())
 
 
 def _inputs():
@@ -44,7 +44,7 @@ def _inputs():
 
 
 def _expected(e, c, b, t, coef):
-    """float64 (raw logits, lse, x, s, G) from backend.py's formulas."""
+    """float64 (raw logits, lse, x, s, G) from protocol.py's formulas."""
     e, c, b = e.double(), c[:N_VALID].double(), b[:N_VALID].double()
     raw = e @ c.T
     th = torch.tanh((raw + b) / CAP)
@@ -96,7 +96,7 @@ def test_backend_follows_the_contract(name, seed):
 def _fast_plan(backend, weights, exact) -> Plan:
     """The fast mode's plan with the optional statistics: class-weighted s, max / argmax."""
     plan = _plan(backend)
-    return Plan(**{**plan.__dict__, "grad_in_forward": True, "class_weights": weights, "need_argmax": True,
+    return Plan(**{**plan.__dict__, "path": "held", "class_weights": weights, "need_argmax": True,
                    "exact": exact})
 
 

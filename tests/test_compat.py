@@ -165,7 +165,7 @@ def test_from_vocab_single_process():
 
 def test_check_loss_options_takes_the_enum():
     """The adapters validate impl with check_loss_options: an enum member passes, a bad name names impl."""
-    from vocab_parallel_cce.api import check_loss_options
+    from vocab_parallel_cce.planning import check_loss_options
 
     check_loss_options(None, 0.0, 0.0, "auto", LinearCrossEntropyImpl.CCE_KAHAN_FULL)
     with pytest.raises(ValueError, match="^impl: "):

@@ -13,7 +13,7 @@ import triton_interpreter  # first: conftest has turned the interpreter on befor
 import pytest
 import torch
 
-import vocab_parallel_cce.compat as compat
+import vocab_parallel_cce.integrations.compat as compat
 from fast_mode import CountFast, fast_path_of
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 

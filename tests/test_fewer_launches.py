@@ -8,7 +8,7 @@ options take the general route; and the call launches few small ops (the profile
 benchmarks/experiments/count_launches.py), no host sync.
 
 impl="triton" under TRITON_INTERPRET=1 on CPU (the interpreter computes in IEEE float32 without
-fused multiply-adds: see the module docstring of triton_gemm.py for why the GPU gives the same).
+fused multiply-adds: see the module docstring of backends/triton/logits_bf16.py for why the GPU gives the same).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def test_torch_twin_matches_the_general_coefficients():
     n, d, v = 12, 8, 20
     plan = Plan(reduction="mean", ignore_index=-100, vocab_size=v, label_smoothing=0.0, z_loss=0.0, softcap=None,
                 vocab_start=0, n_valid=v, group=None, world=1, reduce_grad_e=True, sequence_parallel=False,
-                backend=torch_backend, exact=False, filter_eps=None, adaptive_filter=False, grad_in_forward=True,
+                backend=torch_backend, exact=False, filter_eps=None, adaptive_filter=False, path="held",
                 tuning=Tuning())
     e, c, _, t = _inputs(n, d, v, torch.float32)
     t[::3], t[1] = -100, v + 2
@@ -264,7 +264,7 @@ def test_plain_kernel_mode_float32_bits(reduction, softcap):
     negative value, inf and NaN for "none" (per row, strided)."""
     import triton
 
-    import vocab_parallel_cce.triton_gemm as G
+    import vocab_parallel_cce.backends.triton.logits_bf16 as G
 
     n, v, vocab_start, vocab_size, ii = 29, 37, 5, 40, 7
     gen = torch.Generator().manual_seed(4)
@@ -318,7 +318,7 @@ def test_plain_ce_kernel_bits():
 
     plan = Plan(reduction="mean", ignore_index=-100, vocab_size=v, label_smoothing=0.0, z_loss=0.0, softcap=None,
                 vocab_start=0, n_valid=v, group=None, world=1, reduce_grad_e=True, sequence_parallel=False,
-                backend=tb, exact=False, filter_eps=None, adaptive_filter=False, grad_in_forward=True,
+                backend=tb, exact=False, filter_eps=None, adaptive_filter=False, path="held",
                 tuning=Tuning())
     z, lse, x, s, ce = tb.logits_and_stats(e.detach(), c.detach(), None, t, plan, with_ce=True)
     want = plan.token_loss_parts(lse, x, s, t)[0]

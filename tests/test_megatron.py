@@ -26,7 +26,7 @@ from megatron_fixtures import (  # noqa: E402
     padded_vocab,
     spawn,
 )
-from vocab_parallel_cce import megatron as vm  # noqa: E402
+from vocab_parallel_cce.integrations import megatron as vm  # noqa: E402
 
 MCORE = mcore_version()
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402

@@ -27,7 +27,7 @@ triton_interpreter.on_cpu_only()
 
 import triton  # noqa: E402
 
-from vocab_parallel_cce import triton_gemm as G  # noqa: E402
+from vocab_parallel_cce.backends.triton import logits_bf16 as G  # noqa: E402
 
 BLOCK_C = 16
 CAP = 10.0

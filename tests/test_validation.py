@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy
+from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy, linear_log_probs
 
 N, D, V = 6, 8, 11
 
@@ -135,3 +135,45 @@ def test_dtype_mismatch_allowed_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = linear_cross_entropy(e, c.to(torch.bfloat16), t, impl="torch")
     assert torch.isfinite(loss)
+
+
+def test_zero_hidden_size_names_e_and_c():
+    """D = 0 (e [N, 0], c [V, 0]): one ValueError naming e/c before any work, from the loss and
+    from linear_log_probs (they share the checks), not a reshape error from inside."""
+    e, c, t = torch.randn(N, 0), torch.randn(V, 0), torch.randint(0, V, (N,))
+    with pytest.raises(ValueError, match=r"^e/c: the hidden size D must be > 0, got e of shape \(6, 0\)"):
+        linear_cross_entropy(e, c, t, impl="torch")
+    with pytest.raises(ValueError, match=r"^e/c: the hidden size D must be > 0"):
+        linear_log_probs(e, c, t, impl="torch")
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_meta_tensors_name_e(impl):
+    """Tensors on the meta device hold no values: one ValueError naming e (not autocast's
+    "unsupported scalarType" from inside), for the loss and linear_log_probs."""
+    e, c, t = (x.to("meta") for x in inputs())
+    with pytest.raises(ValueError, match=r"^e: is on the meta device"):
+        linear_cross_entropy(e, c, t, impl=impl)
+    with pytest.raises(ValueError, match=r"^e: is on the meta device"):
+        linear_log_probs(e, c, t, impl=impl)
+
+
+@pytest.mark.parametrize("value", [1.5, True, None, "-100", torch.tensor(-100.0)], ids=repr)
+def test_ignore_index_must_be_an_int(value):
+    """A non-integer ignore_index (a float, a bool, None, a string, a float tensor) is a TypeError
+    naming it, for the loss and linear_log_probs; before, a float was taken silently."""
+    with pytest.raises(TypeError, match=r"^ignore_index: expected an int"):
+        call(ignore_index=value)
+    e, c, t = inputs()
+    with pytest.raises(TypeError, match=r"^ignore_index: expected an int"):
+        linear_log_probs(e, c, t, ignore_index=value, impl="torch")
+
+
+def test_ignore_index_takes_integer_likes():
+    """Integer-likes (a numpy integer, a 0-d integer tensor) stand for their int."""
+    np = pytest.importorskip("numpy")
+    e, c, t = inputs()
+    t[::2] = 3
+    want = linear_cross_entropy(e, c, t, ignore_index=3, impl="torch")
+    for value in (np.int64(3), np.int32(3), torch.tensor(3)):
+        assert torch.equal(linear_cross_entropy(e, c, t, ignore_index=value, impl="torch"), want), repr(value)

@@ -7,7 +7,7 @@ from .api import (
     VocabParallelOptions,
     linear_cross_entropy,
 )
-from .compat import torch_linear_cross_entropy
+from .integrations.compat import torch_linear_cross_entropy
 from .rl import linear_log_probs
 from .tuning import Tuning
 

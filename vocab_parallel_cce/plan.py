@@ -1,22 +1,24 @@
 """`Plan`: everything one call of `linear_cross_entropy` decided, after validation.
 
-Made once by `api` and passed whole to the autograd Functions and the backends, so that a
-call's settings reach the kernels by one route. Frozen: nothing downstream changes it.
+Made once by planning.py and passed whole to the path that runs (paths/) and the backend, so
+that a call's settings reach the kernels by one route. Frozen: nothing downstream changes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
 
 from . import stats
 from .tuning import Tuning
 
-if TYPE_CHECKING:
-    from .backend import Backend
-
+# The paths a call can take (paths/): "recompute" the memory-first mode (statistics forward,
+# logits recomputed in the backward), "held" the fast mode with all logits held to the backward,
+# "chunked" the fast mode in token chunks with the gradients formed in the forward.
+Path = Literal["recompute", "held", "chunked"]
+PATHS = ("recompute", "held", "chunked")
 
 @dataclass(frozen=True)
 class Plan:
@@ -33,15 +35,15 @@ class Plan:
     group: Any  # torch.distributed group over which c is split (None: one rank)
     world: int  # ranks in `group` (1 without one)
     reduce_grad_e: bool  # all-reduce dE over the group (False: partial sums, or sequence parallel)
-    # e and targets are this rank's slices along dim 0: the targets are gathered by api._prepare,
-    # e by the autograd Functions, which reduce-scatter dE
+    # e and targets are this rank's slices along dim 0: the targets are gathered by run.prepare,
+    # e by the paths' autograd Functions, which reduce-scatter dE
     sequence_parallel: bool
     # the mode
-    backend: Backend  # torch_backend or triton_backend (the module)
+    backend: Any  # a backends.protocol.Backend: backends.torch_backend or backends.triton (the module)
     exact: bool  # triton: no tile skipping, IEEE float32 dots
     filter_eps: float | None  # triton default path: skip dC tiles whose softmax stays below it
     adaptive_filter: bool  # ... only while the measured kept-tile fraction is low
-    grad_in_forward: bool  # gradients computed in the forward (and needed: some input requires grad)
+    path: Path  # the path that runs (PATHS; the fast mode's two need some input to require grad)
     # performance knobs
     tuning: Tuning
     # optional options and statistics (the plain loss asks for none of them; the kernels compute
@@ -52,6 +54,14 @@ class Plan:
     class_weights: torch.Tensor | None = None
     need_entropy: bool = False  # statistic pz = Σ_j p_j z_j (the entropy lse − pz and its gradient)
     need_argmax: bool = False  # statistics max, argmax (token accuracy, predicted tokens)
+    chunk_tokens: int | None = None  # path "chunked": tokens per chunk of logits (else None)
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"Plan.path: expected one of {PATHS}, got {self.path!r}")
+        if (self.path == "chunked") != (self.chunk_tokens is not None and self.chunk_tokens > 0):
+            raise ValueError(f"Plan.chunk_tokens: a number > 0 on the chunked path only, got {self.chunk_tokens!r} "
+                             f"on path {self.path!r}")
 
     @property
     def sums_grad_e(self) -> bool:
@@ -132,6 +142,6 @@ class Plan:
         entropy), whose per-token coefficients of G = a·p + b·[j = t] + u do not depend on the
         statistics: ce = lse − x gives a = 1, b = −1, u = 0 on scored tokens (0 ≤ t <
         vocab_size, t ≠ ignore_index) and 0 elsewhere, so the fast mode can form them inside its
-        kernels (autograd.LossWithHeldLogits) instead of by autograd on [N] vectors."""
+        kernels (paths/held.py) instead of by autograd on [N] vectors."""
         return (self.label_smoothing == 0 and self.z_loss == 0 and self.class_weights is None
                 and not self.need_entropy)

@@ -4,7 +4,7 @@
 gradient (policy-gradient losses weight every token differently), also under vocabulary
 (tensor) parallelism and sequence parallelism. It runs the loss's recompute path: the forward
 computes per token lse, the target's logit and pz = Σ_j p_j z_j (one more statistic, in the same
-single all-gather across ranks), and the backward recomputes the logit tiles (autograd.ShardStats).
+single all-gather across ranks), and the backward recomputes the logit tiles (paths/recompute.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .api import _backend, _from_dtensors, _impl_name, _layout, _per_token, _prepare, _validate
-from .autograd import ShardStats
-from .plan import Plan
+from .paths.recompute import ShardStats
+from .planning import plan_log_probs
+from .run import per_token, prepare
 from .tuning import Tuning
 
 
@@ -65,25 +65,16 @@ def linear_log_probs(
         (log_probs, entropy), each shaped like targets[..., shift:], float32 (float64 for float64
         inputs). A target outside [0, vocab_size) that is not ignore_index gives a NaN log_prob.
     """
-    impl = _impl_name(impl)
-    e, c, targets, bias, group, vocab_start = _from_dtensors(e, c, targets, bias, group, vocab_start, None)
-    shift = _validate(e, c, targets, bias, "none", softcap, 0.0, 0.0, shift, None, impl, False, False)
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-    layout = _layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel, None)
-    backend, exact = _backend(impl, e)
-    # No dC tile skipping: the entropy's term q·p·(z − pz) is not bounded by p alone.
-    plan = Plan(
-        reduction="none", ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0,
-        softcap=None if softcap is None else float(softcap), **layout, backend=backend, exact=exact,
-        filter_eps=None, adaptive_filter=False, grad_in_forward=False,
-        tuning=Tuning.from_env() if tuning is None else tuning, temperature=float(temperature), need_entropy=True,
+    plan, call = plan_log_probs(
+        e, c, targets, temperature=temperature, bias=bias, softcap=softcap, ignore_index=ignore_index, shift=shift,
+        impl=impl, group=group, vocab_start=vocab_start, vocab_size=vocab_size, reduce_grad_e=reduce_grad_e,
+        sequence_parallel=sequence_parallel, tuning=tuning,
     )
-    e2, c, bias, t, out_shape, _ = _prepare(plan, e, c, targets, bias, shift)
-    with torch.autocast(e.device.type, enabled=False):
-        lse, x, _, pz = ShardStats.apply(e2, c, bias, t - plan.vocab_start, plan)
-    valid = t != ignore_index
-    bad_target = valid & ((t < 0) | (t >= plan.vocab_size))
+    p = prepare(plan, call.e, call.c, call.targets, call.bias, call.shift)
+    with torch.autocast(p.e.device.type, enabled=False):
+        lse, x, _, pz = ShardStats.apply(p.e, p.c, p.bias, p.t - plan.vocab_start, plan)
+    valid = p.t != plan.ignore_index
+    bad_target = valid & ((p.t < 0) | (p.t >= plan.vocab_size))
     log_probs = torch.where(valid, torch.where(bad_target, float("nan"), x - lse), 0.0)
     entropy = torch.where(valid, lse - pz, 0.0)
-    return _per_token(log_probs, out_shape, shift), _per_token(entropy, out_shape, shift)
+    return per_token(log_probs, p.out_shape, call.shift), per_token(entropy, p.out_shape, call.shift)

@@ -6,7 +6,7 @@ library that reads `VPCCE_*` environment variables (`linear_cross_entropy` calls
 `tuning=` is given); benchmarks and tests pass a `Tuning` explicitly
 (`linear_cross_entropy(..., tuning=Tuning(...))`).
 
-Block configs are tuples; `None` means "the dtype's default" (chosen in triton_backend.py; under
+Block configs are tuples; `None` means "the dtype's default" (chosen in backends/triton/; under
 TRITON_INTERPRET=1 small 16-wide blocks):
     forward_block, grad_block: (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
     matmul_block:              (BLOCK_M, BLOCK_NN, BLOCK_K, GROUP_M, num_warps, num_stages)

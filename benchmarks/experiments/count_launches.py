@@ -12,7 +12,7 @@ activity), running the Triton kernels in the interpreter (TRITON_INTERPRET=1, se
   launch itself: `triton` lists the kernels;
 - matrix products (mm, addmm, ...) are listed apart (`gemm`): the big products;
 - ops on empty tensors (no kernel on a GPU) are left out;
-- `cpu_only`: copies that run only on CPU (the bf16-GEMM workaround in triton_backend.py), left
+- `cpu_only`: copies that run only on CPU (the bf16-GEMM workaround in backends/triton/logits_bf16.py), left
   out of `small`.
 
 Measured at N=64, D=32, V=200 bf16 (small launches, fwd + bwd; gemm 3, triton 2, syncs 0 in all):

@@ -62,7 +62,7 @@ def fused_loss(cfg: dict):
     """(patch_gpt_model, its keyword options) for cfg's fused loss; UsageError naming the reason when
     the fused loss is unavailable or an option is one the library refuses (checked before start)."""
     try:
-        from vocab_parallel_cce.api import check_loss_options
+        from vocab_parallel_cce.planning import check_loss_options
         from vocab_parallel_cce.megatron import patch_gpt_model
     except ImportError as exc:
         raise UsageError(f"--loss {cfg['loss']}: the fused loss is unavailable: vocab_parallel_cce.megatron is "
