@@ -1,0 +1,150 @@
+"""Compile the Gluon kernels for sm_90a on a machine without a GPU.
+
+`python -m vocab_parallel_cce.backends.triton.hopper.aot` prints one JSON line per kernel
+configuration (name, shared memory, registers, local memory, whether wgmma and setmaxnreg are
+there). Run it in a process of its own: under TRITON_INTERPRET=1 Triton's own library functions
+are interpreted, and Gluon cannot compile them.
+
+`compile_all()` swaps in a driver whose target is Hopper (compute capability 9.0) for the duration
+of the call and compiles every kernel configuration the library launches, with stand-in tensors;
+an API change in a newer Triton then fails here (the test suite runs it on CPU), not in a user's
+job. Returns one `Built` per configuration: its name, shared memory, registers and the compiled
+kernel (cubin, PTX and the IR in `.asm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import triton
+
+HOPPER = ("cuda", 90, 32)
+
+
+@dataclass
+class Built:
+    name: str
+    shared_bytes: int
+    kernel: Any
+
+
+class _Dtype:
+    """Stands in for a torch dtype (Triton canonicalises dtypes through str())."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.is_floating_point = name.startswith(("float", "bfloat"))
+
+    def __str__(self) -> str:
+        return "torch." + self.name
+
+
+def stand_in(dtype: str, shape) -> Any:
+    """A tensor stand-in of `shape` for compilation (no memory)."""
+    from triton.runtime.jit import MockTensor
+
+    return MockTensor(_Dtype(dtype), list(shape))
+
+
+@contextlib.contextmanager
+def hopper_target() -> Iterator[None]:
+    """Compile for sm_90a whatever the machine has (no kernel may run meanwhile); a fresh cache."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class _CompileOnly(DriverBase):
+        def __init__(self):
+            pass
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_current_target(self):
+            return GPUTarget(*HOPPER)
+
+        def get_active_torch_device(self):
+            raise NotImplementedError
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    saved_driver = triton.runtime.driver._active
+    saved_cache = os.environ.get("TRITON_CACHE_DIR")
+    saved_interp = os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="vpcce_sm90a_")
+    triton.runtime.driver.set_active(_CompileOnly())
+    try:
+        yield
+    finally:
+        triton.runtime.driver._active = saved_driver  # (reset_active would look for a GPU)
+        if saved_cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved_cache
+        if saved_interp is not None:
+            os.environ["TRITON_INTERPRET"] = saved_interp
+
+
+def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
+    """Every Gluon kernel configuration, compiled for sm_90a with stand-ins of (N, D, V)."""
+    from . import logits as L
+
+    built = []
+    with hopper_target():
+        e, c = stand_in("bfloat16", (n, d)), stand_in("bfloat16", (v, d))
+        z = stand_in("bfloat16", (n, v))
+        vec, t = stand_in("float32", (3, n)), stand_in("int64", (n,))
+        for mode, name in ((L.MODE_LOGITS.value, "logits"), (L.MODE_STATS.value, "stats"),
+                           (L.MODE_GRAD.value, "grad")):
+            for need_sum in ((False, True) if mode != L.MODE_GRAD.value else (False,)):
+                k = L.launch(e, c, v, mode, out=z, partials=vec, need_sum=need_sum, lse=vec, coef=vec, t=t,
+                             warmup=True)
+                built.append(Built(f"{name}{'+sum' if need_sum else ''}", k.metadata.shared, k))
+    return built
+
+
+def _resources(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL of a cubin by the cuobjdump Triton ships ({} where there is none)."""
+    import re
+    import shutil
+    import subprocess
+
+    tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                                     "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k.lower(): int(m.group(1)) for k in ("REG", "STACK", "LOCAL") if (m := re.search(k + r":(\d+)", text))}
+
+
+def main() -> None:
+    import json
+    import re
+
+    for b in compile_all():
+        ptx = b.kernel.asm["ptx"]
+        print(json.dumps(dict(name=b.name, shared=b.shared_bytes, **_resources(b.kernel.asm["cubin"]),
+                              wgmma="wgmma.mma_async" in ptx, triton=triton.__version__,
+                              setmaxnreg=sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                                         ptx)}))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The logits product z = E·C_rᵀ on Hopper (sm_90a), written in Gluon, with its epilogue fused.
+
+One persistent, warp-specialised kernel walks [BM, BN] tiles of z [N, V_r] (bf16 operands, float32
+accumulation in wgmma registers) in grouped order (GROUP_M row blocks per column block, so a C tile
+and E's rows stay in L2). A one-warp partition issues the TMA loads of E [BM, BK] and C [BN, BK]
+blocks into a ring of NUM_STAGES shared-memory slots (mbarriers `ready` / `empty`); the default
+partition, BM/16 warps (two or three warpgroups on one tile), runs the async wgmma main loop and
+then the tile's epilogue, one of
+
+  MODE_LOGITS  (fast mode, forward): the tile rounded to bf16 is stored (TMA), and per row the
+               tile's statistics of the float32 values:
+                   m = max_j z_j,  s = Σ_j exp(z_j − m),  s̃ = Σ_j exp(bf16(z_j) − m)  [, Σ_j z_j]
+               (s gives the loss's lse, exact to float32; s̃ the lse of the stored logits, which
+               the gradient p_ij = exp(bf16(z_ij) − lsẽ_i) needs, as the unfused layer's);
+  MODE_STATS   (memory-first forward): m, s [, Σ_j z_j]; nothing is stored;
+  MODE_GRAD    (memory-first backward): G_ij = a_i·exp(z_ij − lse_i) + b_i·[j = t_i] + u_i is
+               stored in bf16 (the chunk of logit gradients the dE and dC products read).
+
+Statistics go to float32 partials [k, T, N] (T = column tiles), merged per row by
+`partials.merge` (lse = M + log Σ_T s·exp(m − M)). Columns ≥ `n_cols` (the shard's padding and
+what lies past C's rows) take no part; rows ≥ N are never stored.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2E = gl.constexpr(1.4426950408889634)
+MODE_LOGITS = gl.constexpr(0)
+MODE_STATS = gl.constexpr(1)
+MODE_GRAD = gl.constexpr(2)
+
+
+@gluon.constexpr_function
+def accumulator_layout(BM, BN, num_warps):
+    """wgmma's float32 accumulator: warps stacked along rows (16 each), one instruction spans BN."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+
+
+@gluon.jit
+def _tile_coords(tile, n_m, n_n, GROUP_M: gl.constexpr):
+    """(row block, column block) of the tile-th tile in grouped order: GROUP_M row blocks share
+    each column block before the next one starts."""
+    per_group = GROUP_M * n_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = gl.minimum(n_m - first_m, GROUP_M)
+    return first_m + tile % size_m, (tile % per_group) // size_m
+
+
+@gluon.jit
+def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
+                    GROUP_M: gl.constexpr):
+    """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up."""
+    BM: gl.constexpr = e_desc.block_type.shape[0]
+    BN: gl.constexpr = c_desc.block_type.shape[0]
+    BK: gl.constexpr = e_desc.block_type.shape[1]
+    S: gl.constexpr = e_bufs.shape[0]
+    n_m = gl.cdiv(n_rows, BM)
+    n_n = gl.cdiv(n_cols, BN)
+    k_tiles = gl.cdiv(k_dim, BK)
+    count = 0
+    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+        for k in range(k_tiles):
+            s = count % S
+            # a fresh barrier is in phase 0: waiting for parity 1 passes, so each slot's first fill waits for nothing
+            mbarrier.wait(empty.index(s), ((count // S) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, e_desc.block_type.nbytes + c_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(e_desc, [pid_m * BM, k * BK], bar, e_bufs.index(s))
+            tma.async_copy_global_to_shared(c_desc, [pid_n * BN, k * BK], bar, c_bufs.index(s))
+            count += 1
+
+
+@gluon.jit
+def _split_columns(x, PARTS: gl.constexpr):
+    """A [BM, BN] register tile as PARTS tiles [BM, BN / PARTS] (column order), without data movement."""
+    xs = (x,)
+    for _ in gl.static_range(PARTS.bit_length() - 1):
+        halves = ()
+        for i in gl.static_range(len(xs)):
+            y = xs[i]
+            halves += y.reshape(y.shape[0], 2, y.shape[1] // 2).permute(0, 2, 1).split()
+        xs = halves
+    return xs
+
+
+@gluon.jit
+def _row_stats(part, z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, POLY: gl.constexpr):
+    """Per row of a float32 tile `part` (z: the same, −inf at invalid columns): (m, s, s̃, Σz) as
+    in the module docstring, s̃ from z_rounded = bf16(part if POLY else z) (MODE_LOGITS), Σz only with NEED_SUM
+    (0 stands in for those left out). m is finite: every tile holds a valid column. POLY: s̃ as
+    Σ p·exp(d), d = bf16(z) − z (|d| ≤ 2^-9·|z|), exp(d) by its Taylor polynomial to d⁴ (FMA
+    units) instead of a second exp (the special-function unit, the epilogue's bottleneck)."""
+    m = gl.max(z, axis=1)
+    total = gl.zeros_like(m)
+    if NEED_SUM:
+        total = gl.sum(gl.where(valid, z, 0.0), axis=1)
+    m_log2 = gl.expand_dims(m * LOG2E, 1)
+    p = gl.exp2(z * LOG2E - m_log2)
+    s = gl.sum(p, axis=1)
+    s_rounded = gl.zeros_like(s)
+    if MODE == MODE_LOGITS:
+        if POLY:
+            d = z_rounded.to(gl.float32) - part
+            s_rounded = gl.sum(p + p * d * (1.0 + d * (0.5 + d * (0.16666667 + d * 0.041666668))), axis=1)
+        else:
+            s_rounded = gl.sum(gl.exp2(z_rounded.to(gl.float32) * LOG2E - m_log2), axis=1)
+    return m, s, s_rounded, total
+
+
+@gluon.jit
+def _merge_halves(a, b):
+    """(m, s, s̃, Σz) of two column ranges of the same rows → of their union."""
+    m = gl.maximum(a[0], b[0])
+    wa = gl.exp2((a[0] - m) * LOG2E)
+    wb = gl.exp2((b[0] - m) * LOG2E)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb, a[3] + b[3]
+
+
+@gluon.jit
+def _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE: gl.constexpr, NEED_SUM: gl.constexpr):
+    """Row statistics of column tile pid_n into part_ptr [k, n_tiles, n_rows]: m, s, then s̃
+    (MODE_LOGITS), then Σz (NEED_SUM)."""
+    plane = n_tiles * n_rows
+    offs = pid_n * n_rows + rows
+    ok = rows < n_rows
+    gl.store(part_ptr + offs, stats[0], mask=ok)
+    gl.store(part_ptr + plane + offs, stats[1], mask=ok)
+    k = 2
+    if MODE == MODE_LOGITS:
+        gl.store(part_ptr + k * plane + offs, stats[2], mask=ok)
+        k += 1
+    if NEED_SUM:
+        gl.store(part_ptr + k * plane + offs, stats[3], mask=ok)
+
+
+@gluon.jit
+def _logit_grad(acc, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coef_stride):
+    """G = a·exp(z − lse) + b·[j = t] + u over a float32 tile; cols count from C's row 0, t from
+    col_base (its column)."""
+    ok = rows < n_rows
+    lse = gl.load(lse_ptr + rows, mask=ok, other=0.0)
+    a = gl.load(coef_ptr + rows, mask=ok, other=0.0)
+    b = gl.load(coef_ptr + coef_stride + rows, mask=ok, other=0.0)
+    u = gl.load(coef_ptr + 2 * coef_stride + rows, mask=ok, other=0.0)
+    # t − col_base in int32: one compare per element (t outside the chunk can match no column)
+    t = gl.minimum(gl.maximum(gl.load(t_ptr + rows, mask=ok, other=-1) - col_base, -1), 1 << 30).to(gl.int32)
+    p = gl.exp2(acc * LOG2E - gl.expand_dims(lse * LOG2E, 1))
+    hit = gl.expand_dims(cols, 0) == gl.expand_dims(t, 1)
+    return gl.expand_dims(a, 1) * p + gl.where(hit, gl.expand_dims(b, 1), 0.0) + gl.expand_dims(u, 1)
+
+
+@gluon.jit
+def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
+              n_rows, n_cols, n_tiles, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
+              SPLIT: gl.constexpr, POLY: gl.constexpr, LAYOUT: gl.constexpr):
+    """The tile's epilogue (module docstring), over SPLIT column slices of the accumulator; each
+    bf16 slice leaves through out_smem and a TMA store that is waited for only at the next store."""
+    BM: gl.constexpr = acc.shape[0]
+    BN: gl.constexpr = acc.shape[1]
+    SLICE: gl.constexpr = BN // SPLIT
+    SLICE_LAYOUT: gl.constexpr = accumulator_layout(BM, SLICE, LAYOUT.warps_per_cta[0])
+    rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, SLICE_LAYOUT))
+    parts = _split_columns(acc, SPLIT)
+    stats = (0.0, 0.0, 0.0, 0.0)
+    for i in gl.static_range(SPLIT):
+        part = gl.convert_layout(parts[i], SLICE_LAYOUT, assert_trivial=True)
+        cols = pid_n * BN + i * SLICE + gl.arange(0, SLICE, layout=gl.SliceLayout(0, SLICE_LAYOUT))
+        if MODE == MODE_GRAD:
+            out = _logit_grad(part, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, n_rows).to(gl.bfloat16)
+        else:
+            valid = gl.expand_dims(cols < n_cols, 0)
+            z = gl.where(valid, part, float("-inf"))
+            # the store clips the columns past n_cols; the exp of bf16(−inf) is 0 there
+            out = part.to(gl.bfloat16) if POLY else z.to(gl.bfloat16)
+            here = _row_stats(part, z, out, valid, MODE, NEED_SUM, POLY)
+            if i == 0:
+                stats = here
+            else:
+                stats = _merge_halves(stats, here)
+        if MODE != MODE_STATS:
+            tma.store_wait(pendings=0)
+            out_smem.store(out)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(out_desc, [pid_m * BM, pid_n * BN + i * SLICE], out_smem)
+    if MODE != MODE_GRAD:
+        _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE, NEED_SUM)
+
+
+@gluon.jit
+def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
+                   n_rows, n_cols, k_dim, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
+                   SPLIT: gl.constexpr, POLY: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """The consumer warpgroups: wgmma over the ring (one group in flight), then the epilogue."""
+    BM: gl.constexpr = e_bufs.shape[1]
+    BN: gl.constexpr = c_bufs.shape[1]
+    BK: gl.constexpr = e_bufs.shape[2]
+    S: gl.constexpr = e_bufs.shape[0]
+    LAYOUT: gl.constexpr = accumulator_layout(BM, BN, num_warps)
+    n_m = gl.cdiv(n_rows, BM)
+    n_n = gl.cdiv(n_cols, BN)
+    k_tiles = gl.cdiv(k_dim, BK)
+    count = 0
+    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+        acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
+        for k in range(k_tiles):
+            s = count % S
+            mbarrier.wait(ready.index(s), (count // S) & 1)
+            acc = warpgroup_mma(e_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # the previous k-block's wgmma has retired: its slot may be refilled
+            mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
+            count += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((count + S - 1) % S))
+        _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
+                  n_rows, n_cols, n_n, col_base, MODE, NEED_SUM, SPLIT, POLY, LAYOUT)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base,
+                  MODE: gl.constexpr, NEED_SUM: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                  POLY: gl.constexpr, GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
+    MODE. e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
+    out_desc: the bf16 output (z or G) [n_rows, ·] blocks [BM, BN / SPLIT] (unused in MODE_STATS);
+    part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
+    lse_ptr [n_rows], coef_ptr [3, n_rows] (a, b, u), t_ptr [n_rows] int64 (MODE_GRAD: target
+    ids in C's numbering plus col_base, the column of C's row 0)."""
+    dtype: gl.constexpr = e_desc.dtype
+    e_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + e_desc.block_type.shape, e_desc.layout)
+    c_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + c_desc.block_type.shape, c_desc.layout)
+    out_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
+                          n_rows, n_cols, k_dim, col_base, MODE, NEED_SUM, SPLIT, POLY, GROUP_M, num_warps)),
+        (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+    ], [1], [LOADER_REGS])
+
+
+# ---- launcher ----------------------------------------------------------------------------------
+
+# (BM, BN, BK, NUM_STAGES, SPLIT, GROUP_M, num_warps, POLY) per mode: 128×256×64 tiles on two
+# consumer warpgroups, three ring slots of 48 KB, the output tile through one [BM, BN / SPLIT]
+# staging buffer.
+CONFIGS = {
+    MODE_LOGITS.value: (128, 256, 64, 3, 1, 16, 8, False),
+    MODE_STATS.value: (128, 256, 64, 3, 1, 16, 8, False),
+    MODE_GRAD.value: (128, 256, 64, 3, 1, 16, 8, False),
+}
+MAXNREG, LOADER_REGS = 168, 24  # 8 consumer warps + the loader (padded to 4): 240 / 24 registers after setmaxnreg
+
+
+def partial_rows(mode: int, need_sum: bool) -> int:
+    """k of the partials [k, T, N] a mode writes: m, s, (s̃ in MODE_LOGITS), (Σz with need_sum)."""
+    return 2 + (mode == MODE_LOGITS.value) + bool(need_sum)
+
+
+def _descriptor(t, shape, block):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return TensorDescriptor(t, list(shape), [t.stride()[0], 1], list(block), layout)
+
+
+def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False, lse=None,
+           coef=None, t=None, col_base: int = 0, num_sms: int = 132, config=None, warmup: bool = False):
+    """Run `logits_kernel` over z = e·c[:n_cols]ᵀ.
+
+    e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows. MODE_LOGITS
+    writes z into out [N, ≥ n_cols] (bf16, unit last stride) and the partials; MODE_STATS the
+    partials only; MODE_GRAD writes G into out (lse [N], coef [3, N] float32 contiguous, t [N]
+    int64 in c's row numbering + col_base). partials: float32 [partial_rows(mode, need_sum),
+    cdiv(n_cols, BN), N] contiguous. `warmup` compiles without running (returns the compiled
+    kernel; the tensors may be stand-ins)."""
+    bm, bn, bk, stages, split, group_m, warps, poly = config or CONFIGS[mode]
+    n, d = e.shape
+    e_desc = _descriptor(e, (n, d), (bm, bk))
+    c_desc = _descriptor(c, (c.shape[0], d), (bn, bk))
+    if mode == MODE_STATS.value:  # no output: a small stand-in descriptor keeps the staging buffer small
+        out_desc = _descriptor(e, (n, d), (8, 64))
+    else:
+        out_desc = _descriptor(out, (n, n_cols), (bm, bn // split))
+    part = partials if partials is not None else e
+    tiles = -(-n // bm) * -(-n_cols // bn)
+    grid = (max(1, min(num_sms, tiles)),)
+    args = (e_desc, c_desc, out_desc, part, lse if lse is not None else part, coef if coef is not None else part,
+            t if t is not None else part, n, n_cols, d, col_base)
+    kw = dict(MODE=mode, NEED_SUM=need_sum, NUM_STAGES=stages, SPLIT=split, POLY=poly, GROUP_M=group_m,
+              LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
+    if warmup:
+        return logits_kernel.warmup(*args, grid=grid, **kw)
+    logits_kernel[grid](*args, **kw)
+    return None
