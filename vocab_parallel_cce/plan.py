@@ -55,6 +55,10 @@ class Plan:
     need_entropy: bool = False  # statistic pz = Σ_j p_j z_j (the entropy lse − pz and its gradient)
     need_argmax: bool = False  # statistics max, argmax (token accuracy, predicted tokens)
     chunk_tokens: int | None = None  # path "chunked": tokens per chunk of logits (else None)
+    # the Hopper kernels compute the logits products (planning.uses_hopper): the loss's statistics
+    # come from the float32 products, and the fast mode's gradient takes the lse of the stored bf16
+    # logits ("glse")
+    hopper: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -79,7 +83,13 @@ class Plan:
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The per-token statistics this call computes, in order (stats.py)."""
-        return stats.names(self.need_entropy, self.need_argmax)
+        return stats.names(self.need_entropy, self.need_argmax, rounded=self.hopper and self.path != "recompute")
+
+    def stored_lse(self, st) -> torch.Tensor:
+        """The lse that the fast mode's gradient p = exp(z − lse) pairs with its stored logits z:
+        "glse" where the statistics have it (the loss's lse is then the float32 products'), else lse."""
+        names = self.stat_names
+        return st[names.index("glse")] if "glse" in names else st[0]
 
     @property
     def sum_weights(self) -> torch.Tensor | None:

@@ -395,6 +395,22 @@ def choose_filter(filter_eps, backend: Backend, exact: bool, dtype: torch.dtype,
     return (float(filter_eps), False) if filter_eps > 0 else (None, False)
 
 
+def uses_hopper(backend: Backend, exact: bool, dtype: torch.dtype, device: torch.device, tuning: Tuning, *,
+                has_bias: bool, softcap, weighted_sum: bool, need_argmax: bool) -> bool:
+    """Whether the Hopper kernels compute the call's logits products (backends/triton/hopper/):
+    the Triton backend on an sm_90 GPU with a Triton they are tested on (`hopper.available`,
+    `tuning.use_gluon`), bf16 logits outside exact mode, and none of the options whose arithmetic
+    their epilogues leave to the portable kernels: bias, softcap, class-weighted label smoothing,
+    the argmax outputs."""
+    if backend is torch_backend or exact or dtype != torch.bfloat16:
+        return False
+    if has_bias or softcap is not None or weighted_sum or need_argmax:
+        return False
+    from .backends.triton import hopper
+
+    return hopper.available(device, tuning.use_gluon)
+
+
 # ------------------------------------------------------------------------------------ the plans
 
 
@@ -436,11 +452,13 @@ def plan_cross_entropy(
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
         filter_eps = None
     eps, adaptive = choose_filter(filter_eps, backend, exact, dtype, label_smoothing, path)
+    hopper = uses_hopper(backend, exact, dtype, e.device, tuning, has_bias=bias is not None, softcap=softcap,
+                         weighted_sum=weights is not None and label_smoothing > 0, need_argmax=need_argmax)
     plan = Plan(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
         **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, path=path,
-        tuning=tuning, class_weights=weights, need_argmax=need_argmax, chunk_tokens=chunk,
+        tuning=tuning, class_weights=weights, need_argmax=need_argmax, chunk_tokens=chunk, hopper=hopper,
     )
     dc_into = dc_accumulate_into if needs_grad and c.requires_grad else None
     return plan, Call(e, c, targets, bias, shift, loss_mask, dc_into, return_lse, return_z_loss,

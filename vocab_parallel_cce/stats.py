@@ -16,6 +16,10 @@ all-gather of the stacked block, `distributed.combine_stats`). Which statistics 
     argmax  smallest id j with z_j = max (as a      merge: smallest argmax_r among the parts
             float: exact below 2**24; GLOBAL ids    whose max_r is the maximum
             before a cross-rank merge)
+    glse    log Σ_j exp bf16(z_j): the lse of the   merge: logsumexp
+            stored bf16 logits, which their
+            gradient p = exp(bf16(z) − glse) needs
+            where lse comes from the float32 products
 
 z is the final logit (bias, softcap and temperature applied) over the valid (non-padding) rows.
 """
@@ -29,15 +33,16 @@ BASE = ("lse", "x", "s")
 MAX_ARGMAX_VOCAB = 1 << 24
 
 
-def names(entropy: bool, argmax: bool) -> tuple[str, ...]:
-    """The statistics, in order, of a call that needs the entropy's pz and/or the argmax."""
-    return BASE + (("pz",) if entropy else ()) + (("max", "argmax") if argmax else ())
+def names(entropy: bool, argmax: bool, rounded: bool = False) -> tuple[str, ...]:
+    """The statistics, in order, of a call that needs the entropy's pz, the argmax and/or the lse
+    of the rounded logits."""
+    return BASE + (("pz",) if entropy else ()) + (("max", "argmax") if argmax else ()) + (("glse",) if rounded else ())
 
 
 def of_no_rows(names: tuple[str, ...], n: int, like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """The statistics `names` of n tokens over an empty vocabulary part (a shard with no valid
     rows): lse and max −inf (the merge's identities), the others 0; [n] each, on like's device."""
-    return [like.new_full((n,), float("-inf") if k in ("lse", "max") else 0.0, dtype=dtype) for k in names]
+    return [like.new_full((n,), float("-inf") if k in ("lse", "max", "glse") else 0.0, dtype=dtype) for k in names]
 
 
 def merge(parts: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -52,6 +57,8 @@ def merge(parts: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ..
         col = parts[:, i]
         if name == "lse":
             out.append(lse)
+        elif name == "glse":
+            out.append(torch.logsumexp(col, dim=0))
         elif name in ("x", "s"):
             out.append(col.sum(0))
         elif name == "pz":

@@ -40,6 +40,9 @@ class Tuning:
     skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it
     skip_remeasure_every: int = 8  # "auto" skipping: re-measure every k dense calls
     torch_block: BlockConfig | None = None  # torch backend block (None: 4096 rows, 2**22 elements)
+    # Hopper (sm_90) Gluon kernels (backends/triton/hopper/): None = where tested (GPU, Triton
+    # release, options), True = also on an untested Triton release, False = never
+    use_gluon: bool | None = None
 
     @classmethod
     def from_env(cls) -> "Tuning":
@@ -52,6 +55,8 @@ class Tuning:
                 continue
             if name.endswith("_block"):
                 kw[name] = tuple(int(v) for v in raw.split(","))
+            elif name == "use_gluon":  # 1 / 0 / auto
+                kw[name] = None if raw == "auto" else raw not in ("0", "false", "False")
             elif isinstance(default, bool):
                 kw[name] = raw not in ("0", "false", "False")
             elif isinstance(default, float):

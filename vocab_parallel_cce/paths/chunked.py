@@ -63,7 +63,7 @@ class LossWithGradInForward(torch.autograd.Function):
             z, *st = backend.logits_and_stats(e[rows], c, bias, t_local, plan)
             st = global_stats(st, plan)  # global argmax ids; one collective for all of them
             coef = loss.add_chunk(rows, st, t[rows], plan, k_ce, k_z, loss_mask)
-            g = backend.grad_from_logits(z, bias, t_local, st[0], *coef, plan, e.dtype)
+            g = backend.grad_from_logits(z, bias, t_local, plan.stored_lse(st), *coef, plan, e.dtype)
             grads.add_chunk(rows, g, e[rows], c, plan, post)
             del z, g
         ctx.grads = grads.finish(post, c, bias)

@@ -58,6 +58,7 @@ class LossWithHeldLogits(torch.autograd.Function):
         ce = st.pop() if with_ce else None
         st = global_stats(st, plan)  # global argmax ids; one collective for all of them
         lse = st[0].contiguous()
+        stored_lse = plan.stored_lse(st).contiguous()  # the gradient's: p = exp(z − lse) over the stored z
         argmax = st[names.index("argmax")].clone() if plan.need_argmax else None
         if fused:
             out, zl, coef, k = _plain_loss(ce, lse, st[1], t, plan, dens)
@@ -65,7 +66,7 @@ class LossWithHeldLogits(torch.autograd.Function):
         else:
             out, zl, coef, ctx.k = _general_loss(st[:3], t, plan, dens, acc_dtype)
         # Z as a saved tensor: saved-tensor hooks (save_on_cpu, non-reentrant checkpointing) see it
-        ctx.save_for_backward(e, c, bias, t_local, lse, z, coef)
+        ctx.save_for_backward(e, c, bias, t_local, stored_lse, z, coef)
         ctx.unused = True  # the backward overwrites Z with G: it may run once
         save_plan(ctx, plan)
         ctx.loss_mask, ctx.dc_into, ctx.e_dtype = loss_mask, dc_into, e.dtype

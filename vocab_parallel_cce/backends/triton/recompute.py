@@ -264,11 +264,12 @@ def _grad_config(dtype: torch.dtype, tuning: Tuning) -> tuple:
 @torch.library.custom_op("vocab_parallel_cce::triton_forward_stats", mutates_args=())
 def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                       n_valid: int, softcap: float, need_sum: bool, exact: bool, tuning_code: str,
-                      sum_weights: Optional[torch.Tensor], inv_temp: float, need_pz: bool, need_argmax: bool
-                      ) -> list[torch.Tensor]:
+                      sum_weights: Optional[torch.Tensor], inv_temp: float, need_pz: bool, need_argmax: bool,
+                      hopper: bool = False) -> list[torch.Tensor]:
     """The shard's statistics, k float32 [N], `stats.names(need_pz, need_argmax)` (lse, x, s,
     then pz, then max, argmax); softcap 0 = none; sum_weights [n_valid] float32: s = Σ_j w_j z_j;
-    inv_temp 1 = no temperature; tuning_code: Tuning.encode()."""
+    inv_temp 1 = no temperature; tuning_code: Tuning.encode(); hopper: the Hopper kernels may
+    compute them (`Plan.hopper`: none of the options above but need_sum)."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     names = stats.names(need_pz, need_argmax)
@@ -276,6 +277,13 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     n_tiles, v_tiles = triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v)
     if n == 0 or n_valid == 0:
         return stats.of_no_rows(names, n, e, torch.float32)
+    if hopper:
+        from . import hopper as hopper_kernels
+
+        out = hopper_kernels.shard_stats(e, c, t, n_valid, need_sum)
+        if out is not None:
+            counters["hopper_forward"] += 1
+            return [out[0].clone(), out[1].clone(), out[2].clone()]
     e_arg, c_arg, tma = tma_operands(e, c, block_n, block_v, block_d, tuning)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
     splits = tuning.forward_splits or max(1, min(v_tiles, triton.cdiv(4 * num_sms(e.device), n_tiles), 128))
@@ -301,7 +309,8 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
 
 
 @_forward_stats_op.register_fake
-def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code, sum_weights, inv_temp, need_pz, need_argmax):
+def _(e, c, bias, t, n_valid, softcap, need_sum, exact, tuning_code, sum_weights, inv_temp, need_pz, need_argmax,
+      hopper=False):
     return [e.new_empty(e.shape[0], dtype=torch.float32) for _ in stats.names(need_pz, need_argmax)]
 
 
@@ -363,12 +372,13 @@ def _g_chunks(n: int, n_valid: int, c: torch.Tensor, dc: torch.Tensor | None, g_
 def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
                  lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
                  adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str,
-                 sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False,
+                 hopper: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u), or [5, N] with the
     entropy's (q, pz); softcap 0 = none; filter_eps 0 = no skipping; tuning_code: Tuning.encode();
     sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature; de_fp32: dE
-    is the float32 accumulator itself, not narrowed (a cross-rank sum follows)."""
+    is the float32 accumulator itself, not narrowed (a cross-rank sum follows); hopper: the
+    Hopper kernel may recompute the chunks of G (`Plan.hopper`), where no tile is flagged."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     dev = e.device
@@ -391,20 +401,26 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     flags = torch.ones(n_tiles, triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8, device=dev)
     e_arg, c_arg, tma = tma_operands(e, c, block_n, block_v, block_d, tuning)
     precision = dot_precision(e.dtype, exact)
+    hopper_grad = hopper and not flagging and coef.shape[0] == 3
+    if hopper_grad:
+        from . import hopper as hopper_kernels
 
     for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc else None, g_dtype, block_v, tuning):
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
-        logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](
-            e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, chunk_flags,
-            n, d, n_valid, v_begin, w,
-            e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
-            softcap if softcap > 0 else 1.0, filter_eps, lse if sum_weights is None else sum_weights, inv_temp,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-            FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=tuning.group_v,
-            HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, HAS_PZ=coef.shape[0] == 5,
-            num_warps=warps, num_stages=stages,
-        )
+        if hopper_grad and hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin):
+            counters["hopper_grad"] += 1
+        else:
+            logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](
+                e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, chunk_flags,
+                n, d, n_valid, v_begin, w,
+                e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
+                softcap if softcap > 0 else 1.0, filter_eps, lse if sum_weights is None else sum_weights, inv_temp,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+                FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+                EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=tuning.group_v,
+                HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, HAS_PZ=coef.shape[0] == 5,
+                num_warps=warps, num_stages=stages,
+            )
         g_chunk = g[:, :w]
         if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
             float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, True, tuning)
@@ -435,7 +451,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
 
 @_backward_op.register_fake
 def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db,
-      tuning_code, sum_weights, inv_temp, de_fp32=False):
+      tuning_code, sum_weights, inv_temp, de_fp32=False, hopper=False):
     return (torch.empty_like(e, dtype=torch.float32 if de_fp32 else e.dtype) if need_de else e.new_empty(0),
             torch.empty_like(c) if need_dc else c.new_empty(0),
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
@@ -457,7 +473,7 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
     """See protocol.py. Returns this shard's float32 statistics `plan.stat_names`, [N] each."""
     out = _forward_stats_op(e, c, bias, t_local, plan.n_valid, plan.softcap or 0.0, plan.need_sum,
                             plan.exact, plan.tuning.encode(), float32_sum_weights(plan),
-                            1.0 / plan.temperature, plan.need_entropy, plan.need_argmax)
+                            1.0 / plan.temperature, plan.need_entropy, plan.need_argmax, plan.hopper)
     return tuple(out)
 
 
@@ -470,5 +486,5 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
     de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, plan.n_valid,
                               plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact,
                               need_de, need_dc, need_db, plan.tuning.encode(), float32_sum_weights(plan),
-                              1.0 / plan.temperature, de_fp32)
+                              1.0 / plan.temperature, de_fp32, plan.hopper)
     return (de if need_de else None, dc if need_dc else None, db if need_db else None)

@@ -13,8 +13,8 @@ import triton.language as tl
 
 from ... import stats
 from ...plan import Plan
-from . import logits_bf16, logits_fp32
-from .common import interpreting
+from . import hopper, logits_bf16, logits_fp32
+from .common import counters, interpreting
 from .logits_bf16 import plain_ce  # noqa: F401  (the contract's plain_ce: the plain route's kernel)
 from .products import float32_product
 
@@ -39,10 +39,12 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     rank, plain cross-entropy: `fuses_plain` and plan.world == 1): then also the per-token plain
     cross-entropy, written by the statistics pass.
 
-    bf16: Z = cuBLAS e·cᵀ in bf16, then one pass computes the statistics and, with bias or
+    bf16 with `plan.hopper`: one Hopper kernel stores Z and the statistics of its float32 tiles,
+    and the statistics end with "glse", the lse of the stored bf16 logits, for their gradient.
+    Other bf16: Z = cuBLAS e·cᵀ in bf16, then one pass computes the statistics and, with bias or
     softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z (the statistics, max
-    and argmax included, are those of the stored values). Otherwise Z is the raw float32 product
-    and the statistics apply bias and softcap on the fly.
+    and argmax included, are those of the stored values; "glse" is then lse). Otherwise Z is the
+    raw float32 product and the statistics apply bias and softcap on the fly.
     """
     if plan.need_entropy:
         raise NotImplementedError("the gradient-in-forward mode has no entropy statistic")
@@ -54,10 +56,17 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     sixteen = z_dtype == torch.bfloat16
     if with_ce and not (sixteen and plan.world == 1 and plan.plain_coefficients):
         raise ValueError("logits_and_stats: with_ce needs plain cross-entropy over one rank's bf16 logits")
+    if sixteen and plan.hopper:
+        out = hopper.stored_logits_and_stats(e, c, z, t_local, v, plan.need_sum)  # lse, x, s, glse
+        if out is not None:
+            counters["hopper_forward"] += 1
+            return (z, *out.unbind(0)) + ((plain_ce(out[0], out[1], t_local, plan),) if with_ce else ())
     out = torch.empty(len(plan.stat_names), n, dtype=torch.float32, device=e.device)
     if sixteen:
         torch.mm(e, c[:v].T, out=z[:, :v])
         ce = logits_bf16.stats_pass(z, bias, t_local, out, plan, with_ce)
+        if plan.hopper:  # the portable kernels took over: the stored logits' lse is lse
+            out[3] = out[0]
         if with_ce:
             return (z, *out.unbind(0), ce)
     else:
