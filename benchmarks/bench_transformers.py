@@ -1,7 +1,7 @@
 """Training step of a Hugging Face causal LM: unpatched vs vocab_parallel_cce.transformers.patch
 (default, and with grad_in_forward=True) vs Liger's patch when installed. One GPU.
 
-    PYTHONPATH=. python3 benchmarks/bench_transformers.py --out $OUT [--layers 2 --seq 8192]
+    PYTHONPATH=. python3 benchmarks/bench_transformers.py --out results/hf [--layers 2 --seq 8192]
 
 Model: a Llama-3-8B-shaped config (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 128256)
 with few layers and random weights, bf16. Step = forward with labels + backward (no optimizer).

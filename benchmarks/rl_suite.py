@@ -1,6 +1,6 @@
 """one GPU: forward+backward of per-token log-probs and entropy (RL) vs our loss, verl, torch.compile, eager.
 
-The `rl` suite (issue 13, item 1's measurement). For each shape N×D×V and input kind, in this one
+The `rl` suite. For each shape N×D×V and input kind, in this one
 process, every method computes the per-token log-probabilities and entropy of softmax(e·cᵀ / T)
 and the gradients of  Σ_i w1_i·log_prob_i + Σ_i w2_i·entropy_i  with respect to e and c, for fixed
 random weights w1, w2 [N] (an RL loss weights every token differently):
@@ -20,7 +20,7 @@ compiles, is timed on its own), peak MiB added (inputs excluded, gradients inclu
 errors ‖x − ref‖/‖ref‖ of log-probs, entropy, dE and dC against float64 (computed on the device,
 chunked over tokens; the loss row against the float64 mean loss and its gradients), TFLOP/s
 (8·N·D·V for the methods that recompute the logits in the backward, 6·N·D·V for the unfused ones)
-and the same-run ratios to vpcce_loss_memory (issue 13's bar: vpcce_log_probs ≤ 1.1×), to verl and
+and the same-run ratios to vpcce_loss_memory (the bar: vpcce_log_probs ≤ 1.1×), to verl and
 to torch_compile.
 """
 
@@ -40,7 +40,7 @@ DEFAULT_SHAPES = ["8192x4096x128256", "8192x2304x256000", "16384x4096x32064"]
 METHODS = ["vpcce_log_probs", "vpcce_loss_memory", "verl", "torch_compile", "eager"]
 LABELS = {"vpcce_log_probs": "ours linear_log_probs", "vpcce_loss_memory": "ours loss (memory-first)",
           "verl": "verl fused kernel", "torch_compile": "torch.compile (unfused)", "eager": "eager (unfused)"}
-BAR = 1.1  # issue 13: fwd+bwd of log-probs and entropy ≤ 1.1 × the loss's recompute mode
+BAR = 1.1  # fwd+bwd of log-probs and entropy ≤ 1.1 × the loss's recompute mode
 EAGER_BYTES_PER_LOGIT = 40  # conservative estimate of the unfused computation's peak per N·V element
 
 
@@ -568,7 +568,7 @@ def markdown(doc: dict) -> str:
     if signs:
         lines += ["", "verl's first output, checked against the float64 reference: "
                   + ", ".join(sorted(signs)) + (" (the same sign as ours)." if signs == {"log p"} else ".")]
-    lines += ["", f"Summary (ms; issue 13's bar: ours ≤ {BAR}× our loss's memory-first mode):", ""]
+    lines += ["", f"Summary (ms; the bar: ours ≤ {BAR}× our loss's memory-first mode):", ""]
     lines += R.md_table(["shape", "kind", "T", "ours", "loss (memory)", "× loss", "bar", "verl", "× verl",
                          "torch.compile", "× compile", "eager"], summary_rows(doc.get("results", [])))
     return "\n".join(lines) + "\n"
