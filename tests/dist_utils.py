@@ -3,7 +3,9 @@
 `run_group(fn, world_size)` starts `world_size` processes (start method "spawn"), each runs
 `fn(rank, world_size, *args)` inside an initialised gloo group and returns a list of
 (case name, ok, message) tuples; the parent gets {rank: results} (a rank that crashed or hung
-appears with a single failing entry). Ports are chosen at runtime, so `pytest -n auto` is safe.
+appears with a single failing entry). The parent holds the group's TCPStore, bound to a port the
+system picks (port 0) before any rank starts: no other group (`pytest -n auto`, a test's own
+torchrun) can take that port between its choice and its use.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 
@@ -20,10 +21,21 @@ import torch.multiprocessing as mp
 PG_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def group_store(world_size: int):
+    """The rendezvous store of a group, for the parent to hold: bound to a free port at once."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+
+
+def join_group(backend: str, rank: int, world_size: int, port: int) -> None:
+    """init_process_group through the parent's store (group_store) on `port`."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
@@ -36,13 +48,7 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
         torch.set_num_threads(1)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-        )
+        join_group(backend, rank, world_size, port)
         try:
             results = list(fn(rank, world_size, *args))
         finally:
@@ -55,23 +61,17 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
 def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0,
               backend: str = "gloo"):
     """Run `fn` on `world_size` gloo ranks (backend="nccl": one GPU each, rank r on cuda:r);
-    return {rank: [(name, ok, message), ...]}.
-
-    Retried once with a new port if the rendezvous port was taken in the meantime.
-    """
-    for attempt in range(2):
-        results = _run_group_once(fn, world_size, args, env, timeout_s, backend)
-        port_taken = any("address already in use" in str(msg).lower()
-                         for res in results.values() for name, ok, msg in res if name == "<worker>")
-        if not port_taken:
-            break
-    return results
+    return {rank: [(name, ok, message), ...]}."""
+    store = group_store(world_size)  # held until every rank has finished
+    try:
+        return _run_group(fn, world_size, args, env, timeout_s, backend, store.port)
+    finally:
+        del store
 
 
-def _run_group_once(fn, world_size, args, env, timeout_s, backend="gloo"):
+def _run_group(fn, world_size, args, env, timeout_s, backend, port):
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
-    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q, backend), daemon=True)
         for r in range(world_size)

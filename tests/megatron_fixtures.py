@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import traceback
 import warnings
@@ -17,6 +16,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dist_utils import group_store, join_group
 
 VOCAB = 1000  # "true" vocabulary; Megatron pads it to a multiple of 128 * tp
 SEQ = 32
@@ -34,12 +35,6 @@ def padded_vocab(tp: int, vocab: int = VOCAB, multiple: int = 128) -> int:
 # --------------------------------------------------------------------------- spawner
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, fn, args, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,7 +42,7 @@ def _worker(rank, world, port, fn, args, result_dir):
     warnings.filterwarnings("ignore")
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        join_group("gloo", rank, world, port)
         out = fn(rank, world, *args)
         torch.save({"ok": True, "out": out}, path)
     except BaseException as err:  # noqa: BLE001 - report everything to the parent
@@ -62,8 +57,8 @@ def spawn(fn, world: int, *args):
     with tempfile.TemporaryDirectory() as d:
         # fork: the parent has imported megatron-core once (slow); children start in milliseconds.
         ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, d)) for r in range(world)]
+        store = group_store(world)  # the rendezvous, on a port bound before any rank starts
+        procs = [ctx.Process(target=_worker, args=(r, world, store.port, fn, args, d)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

@@ -7,6 +7,7 @@ several tests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -57,10 +58,13 @@ def fused_available() -> bool:
     return True
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def refusing_port():
+    """A local port bound to a socket that never listens, for the duration: connections to it are
+    refused, and no other process (another test's group) can take it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def child_env(**extra) -> dict:
@@ -78,8 +82,8 @@ def run_sh(args, **env) -> subprocess.CompletedProcess:
 
 
 def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), TRAIN, *args]
+    # --standalone: torchrun binds a free port itself (no port chosen here that another test could take)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), TRAIN, *args]
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -155,12 +159,13 @@ def test_bad_argument_exits_nonzero_under_torchrun(tmp_path):
 
 def test_unreachable_rendezvous_exits_nonzero(tmp_path):
     # Rank 1 of 2 looks for rank 0's store on a local port where nothing listens.
-    env = child_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, TRAIN, *TINY, "--loss", "native", "--tp", "1", "--out", str(out),
-                           "--dist-timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    with refusing_port() as port:
+        env = child_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out = tmp_path / "never"
+        proc = subprocess.run([sys.executable, TRAIN, *TINY, "--loss", "native", "--tp", "1", "--out", str(out),
+                               "--dist-timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "could not form the process group of 2 rank(s) through 127.0.0.1:" in proc.stderr
     assert not out.exists()
@@ -170,7 +175,7 @@ def test_unreachable_rendezvous_exits_nonzero(tmp_path):
 def test_run_sh_reports_unreachable_rendezvous():
     # Two nodes expected, only this one comes: torchrun's rendezvous times out; run.sh says so.
     env = child_env(PYTHON=sys.executable, SETUP="0", NNODES="2", NPROC="1", RDZV_TIMEOUT="3",
-                    RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="test-unreachable")
+                    RDZV_ENDPOINT="127.0.0.1:0", RDZV_ID="test-unreachable")  # port 0: torchrun binds a free one
     proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), "--loss", "native"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 3, proc.stderr[-3000:]
