@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import zlib
 
@@ -26,10 +27,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+def _seed_of(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+
+
+@pytest.fixture(autouse=True)
+def _same_start_in_any_order(request):
+    """Every test starts from the same state whatever ran before it in its worker (pytest -n, any
+    --dist): torch's and Python's generators seeded from its id, and the library's process-wide
+    state empty (the adaptive tile-skip policy's measurements, the path counters, the layout cache
+    of process groups), where those modules are loaded."""
+    s = _seed_of(request)
+    torch.manual_seed(s)
+    random.seed(s)
+    backend = sys.modules.get("vocab_parallel_cce.triton_backend")
+    if backend is not None:
+        backend.skip_policy.reset()
+        backend.counters.clear()
+    distributed = sys.modules.get("vocab_parallel_cce.distributed")
+    if distributed is not None:
+        distributed.clear_layout_cache()
+    yield
+
+
 @pytest.fixture
 def seed(request) -> int:
-    """A seed derived from the test's id, so every test draws its own fresh inputs, reproducibly."""
-    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    """A seed derived from the test's id, so every test draws its own fresh inputs, reproducibly
+    (torch's generator is seeded with it before every test)."""
+    s = _seed_of(request)
     torch.manual_seed(s)
     return s
 
