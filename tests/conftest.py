@@ -8,7 +8,24 @@ import sys
 import zlib
 
 import pytest
-import torch
+
+
+def _threads_per_worker() -> None:
+    """Under pytest-xdist, each worker's share of the cores as its thread count (OpenMP, MKL,
+    OpenBLAS), unless the environment sets one: -n auto runs one worker per core, and more threads
+    per worker only contend (idle OpenMP threads spin), costing a third of the suite's CPU time on
+    2 cores. Set before torch (and numpy) load their thread pools."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(max(1, cores // int(workers))))
+
+
+_threads_per_worker()
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels can only run in the interpreter, and triton decides that when a
 # kernel is first decorated: switch it on before any test module imports the kernels.
