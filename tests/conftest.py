@@ -37,6 +37,12 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "exact: asserts bit-equal results (exact ties, argmax, equal floats from two code paths); "
+                   ".ci/run runs these again under another BLAS code path and thread count")
+
+
 def pytest_collection_modifyitems(config, items):
     gpu = torch.cuda.is_available()
     for item in items:

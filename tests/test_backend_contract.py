@@ -102,6 +102,7 @@ def _fast_plan(backend, weights, exact) -> Plan:
 
 @pytest.mark.parametrize("name,dtype", [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)],
                          ids=["torch", "triton-fp32", "triton-bf16"])
+@pytest.mark.exact
 def test_fast_mode_statistics_follow_the_contract(name, dtype, seed):
     """logits_and_stats with class weights and the argmax: s = Σ_j w_j z_j, max, argmax (smallest id
     on ties: rows 30 and 32 copy row 4, with its bias) over the valid rows only, of the values Z
