@@ -1,9 +1,9 @@
-"""Spawn a gloo process group from pytest and collect each rank's results.
+"""Start a gloo process group from pytest and collect each rank's results.
 
-`run_group(fn, world_size)` starts `world_size` processes (start method "spawn"), each runs
-`fn(rank, world_size, *args)` inside an initialised gloo group and returns a list of
-(case name, ok, message) tuples; the parent gets {rank: results} (a rank that crashed or hung
-appears with a single failing entry). The parent holds the group's TCPStore, bound to a port the
+`run_group(fn, world_size)` starts `world_size` processes (forked, or spawned where a fork would
+not do: `_start_method`), each runs `fn(rank, world_size, *args)` inside an initialised gloo group
+and returns a list of (case name, ok, message) tuples; the parent gets {rank: results} (a rank
+that crashed or hung appears with a single failing entry). The parent holds the group's TCPStore, bound to a port the
 system picks (port 0) before any rank starts: no other group (`pytest -n auto`, a test's own
 torchrun) can take that port between its choice and its use.
 """
@@ -69,8 +69,18 @@ def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: fl
         del store
 
 
+def _start_method(env: dict | None, backend: str) -> str:
+    """"fork" where a child of this process is what the rank needs: a gloo rank whose environment
+    is this process's (TRITON_INTERPRET included: triton reads it when it loads, and the child
+    inherits the loaded modules). Forked ranks start in milliseconds; spawned ones import torch,
+    triton and the library again (seconds each). "spawn" for NCCL (CUDA does not survive a fork)
+    and for an environment of its own."""
+    same_env = all(os.environ.get(k) == v for k, v in (env or {}).items())
+    return "fork" if backend == "gloo" and same_env and os.name == "posix" else "spawn"
+
+
 def _run_group(fn, world_size, args, env, timeout_s, backend, port):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(_start_method(env, backend))
     out_q = ctx.Queue()
     procs = [
         ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q, backend), daemon=True)
