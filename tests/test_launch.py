@@ -219,7 +219,9 @@ def test_inconsistent_sizes_exit_2(torchrun_env, tmp_path, capsys, args, message
 @pytest.mark.parametrize("args, message", [
     (["--dtype", "fp16"], "--dtype: expected one of bf16, fp32, got 'fp16'"),
     (["--steps", "ten"], "--steps: expected an integer, got 'ten'"),
-    (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
+    (["--lr", "fast"], "--lr: expected a finite number, got 'fast'"),
+    (["--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
+    (["--dist-timeout", "inf"], "--dist-timeout: expected a finite number, got 'inf'"),
     (["--loss", "mine"], "--loss: expected one of both, fused, native, got 'mine'"),
     (["--steps"], "--steps: expected one argument"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
