@@ -51,8 +51,10 @@ class _Parser(argparse.ArgumentParser):
     only), with exit status 2: `train_gpt.py: error: --dtype: expected one of bf16, fp32, got 'fp16'`."""
 
     def error(self, message: str):
+        if message.startswith("argument "):  # argparse's "argument --steps: ..."
+            message = message[len("argument "):]
         if os.environ.get("RANK", "") in ("", "0"):
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
         self.exit(EXIT_USAGE)
 
     def _check_value(self, action, value):
