@@ -3,14 +3,15 @@
 `run_group(fn, world_size)` starts `world_size` processes (forked, or spawned where a fork would
 not do: `_start_method`), each runs `fn(rank, world_size, *args)` inside an initialised gloo group
 and returns a list of (case name, ok, message) tuples; the parent gets {rank: results} (a rank
-that crashed or hung appears with a single failing entry). The parent holds the group's TCPStore, bound to a port the
-system picks (port 0) before any rank starts: no other group (`pytest -n auto`, a test's own
-torchrun) can take that port between its choice and its use.
+that crashed or hung appears with a single failing entry). Rank 0 hosts the group's TCPStore on a
+port the system picks and binds at once (`join_group`): no other group (`pytest -n auto`, a test's
+own torchrun) can take it between its choice and its use.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import queue as queue_mod
 import time
@@ -21,24 +22,36 @@ import torch.multiprocessing as mp
 PG_TIMEOUT_S = 60
 
 
-def group_store(world_size: int):
-    """The rendezvous store of a group, for the parent to hold: bound to a free port at once."""
-    import torch.distributed as dist
-
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-
-
-def join_group(backend: str, rank: int, world_size: int, port: int) -> None:
-    """init_process_group through the parent's store (group_store) on `port`."""
+def join_group(backend: str, rank: int, world_size: int, port_q) -> None:
+    """init_process_group through a TCPStore that rank 0 hosts on a port the system picks (port 0,
+    bound at once: no other process can take it between its choice and its use); rank 0 hands the
+    port to the other ranks through `port_q` (a multiprocessing queue of the parent's)."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+        for _ in range(world_size - 1):
+            port_q.put(store.port)
+    else:
+        store = dist.TCPStore("127.0.0.1", port_q.get(timeout=PG_TIMEOUT_S), world_size, is_master=False,
+                              timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
+def start_ranks(procs) -> None:
+    """Start the rank processes with this process's objects frozen out of the garbage collector
+    while they fork: a forked child must never finalise what it inherited (a TCPStore's destructor
+    joins a server thread that exists only in the parent, and would wait forever)."""
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
+
+
+def _entry(rank, world_size, port_q, fn, args, env, out_q, backend="gloo"):
     os.environ.update(env)  # before anything imports triton (TRITON_INTERPRET is read at import/jit time)
     results = []
     try:
@@ -48,7 +61,7 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
         torch.set_num_threads(1)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        join_group(backend, rank, world_size, port)
+        join_group(backend, rank, world_size, port_q)
         try:
             results = list(fn(rank, world_size, *args))
         finally:
@@ -56,17 +69,6 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
     except BaseException:  # noqa: BLE001 -- report everything to the parent
         results.append(("<worker>", False, traceback.format_exc()))
     out_q.put((rank, results))
-
-
-def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0,
-              backend: str = "gloo"):
-    """Run `fn` on `world_size` gloo ranks (backend="nccl": one GPU each, rank r on cuda:r);
-    return {rank: [(name, ok, message), ...]}."""
-    store = group_store(world_size)  # held until every rank has finished
-    try:
-        return _run_group(fn, world_size, args, env, timeout_s, backend, store.port)
-    finally:
-        del store
 
 
 def _start_method(env: dict | None, backend: str) -> str:
@@ -79,15 +81,17 @@ def _start_method(env: dict | None, backend: str) -> str:
     return "fork" if backend == "gloo" and same_env and os.name == "posix" else "spawn"
 
 
-def _run_group(fn, world_size, args, env, timeout_s, backend, port):
+def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0,
+              backend: str = "gloo"):
+    """Run `fn` on `world_size` gloo ranks (backend="nccl": one GPU each, rank r on cuda:r);
+    return {rank: [(name, ok, message), ...]}."""
     ctx = mp.get_context(_start_method(env, backend))
-    out_q = ctx.Queue()
+    out_q, port_q = ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q, backend), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port_q, fn, args, dict(env or {}), out_q, backend), daemon=True)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    start_ranks(procs)
     results: dict[int, list] = {}
     deadline = time.monotonic() + timeout_s
     while len(results) < world_size:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import group_store, join_group
+from dist_utils import join_group, start_ranks
 
 VOCAB = 1000  # "true" vocabulary; Megatron pads it to a multiple of 128 * tp
 SEQ = 32
@@ -35,14 +35,14 @@ def padded_vocab(tp: int, vocab: int = VOCAB, multiple: int = 128) -> int:
 # --------------------------------------------------------------------------- spawner
 
 
-def _worker(rank, world, port, fn, args, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank, world, port_q, fn, args, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
-        join_group("gloo", rank, world, port)
+        join_group("gloo", rank, world, port_q)
         out = fn(rank, world, *args)
         torch.save({"ok": True, "out": out}, path)
     except BaseException as err:  # noqa: BLE001 - report everything to the parent
@@ -57,10 +57,9 @@ def spawn(fn, world: int, *args):
     with tempfile.TemporaryDirectory() as d:
         # fork: the parent has imported megatron-core once (slow); children start in milliseconds.
         ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        store = group_store(world)  # the rendezvous, on a port bound before any rank starts
-        procs = [ctx.Process(target=_worker, args=(r, world, store.port, fn, args, d)) for r in range(world)]
-        for p in procs:
-            p.start()
+        port_q = ctx.Queue()  # rank 0 hosts the rendezvous and passes its port on (dist_utils.join_group)
+        procs = [ctx.Process(target=_worker, args=(r, world, port_q, fn, args, d)) for r in range(world)]
+        start_ranks(procs)
         for p in procs:
             p.join(timeout=300)
         for p in procs:
