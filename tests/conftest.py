@@ -1,4 +1,5 @@
-"""Shared pytest setup: tests/ on sys.path (for `reference`, `dist_utils`, also in spawned workers)."""
+"""Shared pytest setup: tests/ on sys.path (for `reference`, `dist_utils`, also in spawned ranks), each
+xdist worker's thread count, the same start for every test, the `exact` marker."""
 
 from __future__ import annotations
 

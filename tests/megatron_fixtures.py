@@ -65,7 +65,7 @@ def spawn(fn, world: int, *args):
         for p in procs:
             if p.is_alive():
                 p.kill()
-                raise RuntimeError("a spawned rank did not finish within 300 s")
+                raise RuntimeError("a rank did not finish within 300 s")
         results = []
         for r in range(world):
             path = os.path.join(d, f"rank{r}.pt")
