@@ -47,6 +47,15 @@ for arg in "$@"; do
     fi
 done
 
+# ---- the options' syntax (standard library only): a bad option is refused in one line, status 2,
+# before any set-up. Sizes, data and output folder are checked after set-up (--check, below).
+PARSE_PY="${PYTHON:-${VENV:-.venv}/bin/python}"
+command -v "$PARSE_PY" >/dev/null 2>&1 || PARSE_PY=python3
+if command -v "$PARSE_PY" >/dev/null 2>&1; then
+    RANK=0 "$PARSE_PY" -c 'import sys; sys.path.insert(0, "launch"); from gpt.args import parse_args
+parse_args(sys.argv[1:])' "$@" || exit $?
+fi
+
 # ---- interpreter ----------------------------------------------------------------------------
 if [[ -n "${PYTHON:-}" ]]; then
     PY="$PYTHON"

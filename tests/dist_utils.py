@@ -1,17 +1,19 @@
-"""Spawn a gloo process group from pytest and collect each rank's results.
+"""Start a gloo process group from pytest and collect each rank's results.
 
-`run_group(fn, world_size)` starts `world_size` processes (start method "spawn"), each runs
-`fn(rank, world_size, *args)` inside an initialised gloo group and returns a list of
-(case name, ok, message) tuples; the parent gets {rank: results} (a rank that crashed or hung
-appears with a single failing entry). Ports are chosen at runtime, so `pytest -n auto` is safe.
+`run_group(fn, world_size)` starts `world_size` processes (forked, or spawned where a fork would
+not do: `_start_method`), each runs `fn(rank, world_size, *args)` inside an initialised gloo group
+and returns a list of (case name, ok, message) tuples; the parent gets {rank: results} (a rank
+that crashed or hung appears with a single failing entry). Rank 0 hosts the group's TCPStore on a
+port the system picks and binds at once (`join_group`): no other group (`pytest -n auto`, a test's
+own torchrun) can take it between its choice and its use.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 
@@ -20,13 +22,36 @@ import torch.multiprocessing as mp
 PG_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def join_group(backend: str, rank: int, world_size: int, port_q) -> None:
+    """init_process_group through a TCPStore that rank 0 hosts on a port the system picks (port 0,
+    bound at once: no other process can take it between its choice and its use); rank 0 hands the
+    port to the other ranks through `port_q` (a multiprocessing queue of the parent's)."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+        for _ in range(world_size - 1):
+            port_q.put(store.port)
+    else:
+        store = dist.TCPStore("127.0.0.1", port_q.get(timeout=PG_TIMEOUT_S), world_size, is_master=False,
+                              timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
+def start_ranks(procs) -> None:
+    """Start the rank processes with this process's objects frozen out of the garbage collector
+    while they fork: a forked child must never finalise what it inherited (a TCPStore's destructor
+    joins a server thread that exists only in the parent, and would wait forever)."""
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
+
+
+def _entry(rank, world_size, port_q, fn, args, env, out_q, backend="gloo"):
     os.environ.update(env)  # before anything imports triton (TRITON_INTERPRET is read at import/jit time)
     results = []
     try:
@@ -36,13 +61,7 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
         torch.set_num_threads(1)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-        )
+        join_group(backend, rank, world_size, port_q)
         try:
             results = list(fn(rank, world_size, *args))
         finally:
@@ -52,32 +71,27 @@ def _entry(rank, world_size, port, fn, args, env, out_q, backend="gloo"):
     out_q.put((rank, results))
 
 
+def _start_method(env: dict | None, backend: str) -> str:
+    """"fork" where a child of this process is what the rank needs: a gloo rank whose environment
+    is this process's (TRITON_INTERPRET included: triton reads it when it loads, and the child
+    inherits the loaded modules). Forked ranks start in milliseconds; spawned ones import torch,
+    triton and the library again (seconds each). "spawn" for NCCL (CUDA does not survive a fork)
+    and for an environment of its own."""
+    same_env = all(os.environ.get(k) == v for k, v in (env or {}).items())
+    return "fork" if backend == "gloo" and same_env and os.name == "posix" else "spawn"
+
+
 def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: float = 240.0,
               backend: str = "gloo"):
     """Run `fn` on `world_size` gloo ranks (backend="nccl": one GPU each, rank r on cuda:r);
-    return {rank: [(name, ok, message), ...]}.
-
-    Retried once with a new port if the rendezvous port was taken in the meantime.
-    """
-    for attempt in range(2):
-        results = _run_group_once(fn, world_size, args, env, timeout_s, backend)
-        port_taken = any("address already in use" in str(msg).lower()
-                         for res in results.values() for name, ok, msg in res if name == "<worker>")
-        if not port_taken:
-            break
-    return results
-
-
-def _run_group_once(fn, world_size, args, env, timeout_s, backend="gloo"):
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    port = free_port()
+    return {rank: [(name, ok, message), ...]}."""
+    ctx = mp.get_context(_start_method(env, backend))
+    out_q, port_q = ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, dict(env or {}), out_q, backend), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port_q, fn, args, dict(env or {}), out_q, backend), daemon=True)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    start_ranks(procs)
     results: dict[int, list] = {}
     deadline = time.monotonic() + timeout_s
     while len(results) < world_size:

@@ -18,9 +18,9 @@ memory-first mode (impl="torch"; impl="triton" under the Triton interpreter at s
     the old one (up to float32 summation order at tp=3 under sequence parallelism, which uses the
     first 510 of the 512 tokens).
 
-A spawned gloo group costs 5-10 s to start on a small machine, so these cases run inside the
-groups tests/test_distributed.py starts anyway: `worker_results` from its `_world_worker` (tp = 2,
-3, 4; impl="torch") and its `_triton_worker` (tp = 2 under TRITON_INTERPRET=1; impl="triton");
+These cases run inside the groups tests/test_distributed.py starts anyway: `worker_results` from
+its `_world_worker` (tp = 2, 3, 4; impl="torch") and its `_triton_worker` (tp = 2 under
+TRITON_INTERPRET=1; impl="triton");
 tests/test_gpu.py runs them all over NCCL on 2 and 3 GPUs (`cuda_worker`, compiled kernels).
 `python tests/grad_e_precision.py` prints the errors at tp = 1, 2, 3, 4 (DESIGN.md's table in
 "dE under tensor parallelism").

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import traceback
 import warnings
@@ -17,6 +16,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dist_utils import join_group, start_ranks
 
 VOCAB = 1000  # "true" vocabulary; Megatron pads it to a multiple of 128 * tp
 SEQ = 32
@@ -34,20 +35,14 @@ def padded_vocab(tp: int, vocab: int = VOCAB, multiple: int = 128) -> int:
 # --------------------------------------------------------------------------- spawner
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, fn, args, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank, world, port_q, fn, args, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        join_group("gloo", rank, world, port_q)
         out = fn(rank, world, *args)
         torch.save({"ok": True, "out": out}, path)
     except BaseException as err:  # noqa: BLE001 - report everything to the parent
@@ -62,16 +57,15 @@ def spawn(fn, world: int, *args):
     with tempfile.TemporaryDirectory() as d:
         # fork: the parent has imported megatron-core once (slow); children start in milliseconds.
         ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, d)) for r in range(world)]
-        for p in procs:
-            p.start()
+        port_q = ctx.Queue()  # rank 0 hosts the rendezvous and passes its port on (dist_utils.join_group)
+        procs = [ctx.Process(target=_worker, args=(r, world, port_q, fn, args, d)) for r in range(world)]
+        start_ranks(procs)
         for p in procs:
             p.join(timeout=300)
         for p in procs:
             if p.is_alive():
                 p.kill()
-                raise RuntimeError("a spawned rank did not finish within 300 s")
+                raise RuntimeError("a rank did not finish within 300 s")
         results = []
         for r in range(world):
             path = os.path.join(d, f"rank{r}.pt")

@@ -2,7 +2,11 @@
 the z-loss as a separate output (CrossEntropyOutput), as Liger-Kernel returns them.
 
 Exact ties come from duplicated classifier rows, placed in different vocabulary tiles and forward
-splits of the Triton kernel (and, in test_features_distributed.py, on different ranks).
+splits of the Triton kernel (and, in test_features_distributed.py, on different ranks). Their inputs
+are small integers (e) and multiples of 1/8 (c): every product and partial sum is exact in float64,
+float32 and bfloat16, so duplicated rows give bit-equal logits in any order of summation, whatever
+BLAS or thread count computes the reference's product (random floats do not: a BLAS may sum one
+column in another order than its copy, 1e-15 apart, and the reference's argmax then moves).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from fast_mode import CountFast
 from reference import reference_argmax, reference_loss, rel_err
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
+pytestmark = pytest.mark.exact  # exact ties and argmax: run again under another BLAS (.ci/run)
+
 triton_interpreter.patch_bf16_dot()
 
 
@@ -28,17 +34,27 @@ def _inputs(lead, d, v, dtype=torch.float64, ignore_every=4):
     return e.to(dtype).requires_grad_(), c.to(dtype).requires_grad_(), t
 
 
-def _with_ties(e, c, t, copies):
-    """c with row i copied to each row of copies[i] (exact ties), and targets set to the argmax for
-    half of the tokens (so the accuracy is neither 0 nor 1)."""
-    c = c.detach().clone()
+def _exact_inputs(lead, d, v, copies, dtype=torch.float64, ignore_every=4):
+    """(e, c, t) with rows copies[src] of c duplicating row src (exact ties).
+
+    e: integers in [−4, 4]; c: {−1, 0, 1}/8, row src ±1/8 (no zeros): logits are multiples of 1/8,
+    exact in every dtype and every summation order. Two of every three tokens are aligned with row
+    src (e = 4·sign(c[src]), so z_src = d/2, the largest logit any row can give, reached only by src
+    and its copies): their predicted token is the tie's smallest id. The others take random logits,
+    with the natural ties of integer logits."""
+    e = torch.randint(-4, 5, (*lead, d)).double()
+    c = torch.randint(-1, 2, (v, d)).double() / 8
+    t = torch.randint(0, v, lead)
+    if ignore_every:
+        t.view(-1)[::ignore_every] = -100
     for src, dsts in copies.items():
-        for dst in dsts:
-            c[dst] = c[src]
-    # make the duplicated rows the maximum for every token: e aligned with c[src]
+        c[src] = (torch.randint(0, 2, (d,)) * 2 - 1).double() / 8
+        c[dsts] = c[src].clone()
     src = next(iter(copies))
-    e = (e.detach() + 4.0 * c[src] / c[src].norm() ** 2).requires_grad_()
-    return e, c.requires_grad_(), t
+    rows = e.view(-1, d)
+    aligned = torch.arange(rows.shape[0]) % 3 != 2
+    rows[aligned] = 4 * torch.sign(c[src])
+    return e.to(dtype).requires_grad_(), c.to(dtype).requires_grad_(), t
 
 
 def _check(e, c, t, reduction="mean", shift=0, **kw):
@@ -63,8 +79,7 @@ def _check(e, c, t, reduction="mean", shift=0, **kw):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_torch_path(reduction, seed):
-    e, c, t = _inputs((3, 11), 12, 40)
-    e, c, t = _with_ties(e, c, t, {5: [17, 33]})
+    e, c, t = _exact_inputs((3, 11), 12, 40, {5: [17, 33]})
     t[0, :6] = 5  # targets equal to the tie's smallest id: counted as hits
     out, pred = _check(e, c, t, reduction, shift=1, impl="torch")
     assert (pred == 5).any() and not ((pred == 17) | (pred == 33)).any()
@@ -109,9 +124,7 @@ def test_lse_and_z_loss_without_z_loss_option(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
     """Interpreter tiles are 16 wide: rows 3, 19, 60 lie in different tiles (and splits)."""
-    e, c, t = _inputs((37,), 24, 70, torch.float64)
-    e, c, t = _with_ties(e, c, t, {19: [3, 60]})
-    e, c = e.detach().to(dtype).requires_grad_(), c.detach().to(dtype).requires_grad_()
+    e, c, t = _exact_inputs((37,), 24, 70, {19: [3, 60]}, dtype)
     t[:10] = 3
     # the memory-first kernels' tiles and splits (the fast mode's ties: test_fast_stats.py)
     out, pred = _check(e, c, t, "none", impl="triton", tuning=tuning, softcap=20.0, grad_in_forward=False)

@@ -97,6 +97,7 @@ def test_z_loss_is_not_weighted(reduction, seed):
         assert abs(loss.item() - weighted_z.item()) > 1e-3
 
 
+@pytest.mark.exact
 def test_padded_vocabulary_and_weights_of_either_length(seed):
     leaves, t, w = _inputs(19, 8, 30)
     vocab = 26

@@ -152,6 +152,7 @@ def test_module_positional_constructor(seed):
         LinearCrossEntropy(-100, None, "sum", reduction="mean")
 
 
+@pytest.mark.exact
 def test_from_vocab_single_process():
     opts = VocabParallelOptions.from_vocab(1000)
     assert (opts.start, opts.stop, opts.group, opts.reduce_e_grad) == (0, 1000, None, True)

@@ -57,6 +57,7 @@ def test_double_backward_is_refused_with_the_way_out(path, grads, seed):
     for p, q in zip(ours, unfused):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-14)
 
+@pytest.mark.exact
 def test_memory_first_triton_second_differentiation_names_the_way_out(seed):
     """The memory-first mode's first backward under create_graph=True runs (its gradients are right);
     differentiating them again through the Triton kernels raises, naming the mode that can."""
@@ -90,6 +91,7 @@ def test_the_default_call_compiles_as_one_graph(impl, seed, monkeypatch):
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.exact
 def test_held_logits_go_through_saved_tensor_hooks(seed):
     """The held path's logits are a saved tensor: saved-tensor hooks pack them (so save_on_cpu can
     offload them), and non-reentrant checkpointing around the loss gives the same values."""
@@ -179,6 +181,7 @@ def test_the_pytorch_drop_in_every_target_ignored(seed, monkeypatch):
         assert torch.equal(g, rg)  # zeros
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing requires grad"])
 def test_without_autograd_the_memory_first_forward_runs(context, seed, monkeypatch):
     """No autograd: no logits are materialised (the memory-first forward), the same values."""

@@ -2,8 +2,8 @@
 
 Every rank builds the SAME full inputs from a shared seed, runs `linear_cross_entropy` on its
 shard of the classifier, and compares loss and gradients with the float64 reference computed on
-the FULL classifier in the same process. Many cases run inside one spawned group per world size
-(process start-up dominates on small machines); the ranks stay in lock-step because each case
+the FULL classifier in the same process. Many cases run inside one group per world size; the
+ranks stay in lock-step because each case
 runs every collective before it checks anything. The groups also run tests/grad_e_precision.py's
 cases: bf16 dE under tensor parallelism at the tp=1 error against float64.
 """
@@ -447,7 +447,7 @@ def _cases(world: int) -> list[Case]:
 
 
 def _world_worker(rank: int, world: int, base_seed: int):
-    """Runs in every spawned rank: all cases of this world size, then the special ones."""
+    """Runs in every rank: all cases of this world size, then the special ones."""
     import grad_e_precision
     from vocab_parallel_cce import linear_cross_entropy
 

@@ -214,6 +214,7 @@ def _exact_inputs(n, d, v, dtype, bias, copies):
 @pytest.mark.parametrize("impl,dtype", [("triton", torch.float32), ("triton", torch.bfloat16), ("triton", torch.float16),
                                         ("torch", torch.float32)], ids=["triton-fp32", "triton-bf16", "triton-fp16",
                                                                         "torch"])
+@pytest.mark.exact
 def test_exact_ties_go_to_the_smallest_id(impl, dtype, bias, seed):
     """Duplicated rows 3, 9, 19, 60 (interpreter blocks are 16 wide: 3 and 9 share a block, 19 and 60
     lie in others; in the float32 kernel's 16 lanes 3 and 19 share a lane) and the many natural ties
@@ -229,6 +230,7 @@ def test_exact_ties_go_to_the_smallest_id(impl, dtype, bias, seed):
     assert torch.equal(out.token_accuracy, slow.token_accuracy) and 0 < out.token_accuracy.sum() < 37
 
 
+@pytest.mark.exact
 def test_argmax_of_the_stored_rounded_logits():
     """bf16 with bias: the statistics are those of the written-back (rounded) logits, the argmax too.
     Rows 6 and 21 have the same raw logit 8 and biases 0 and 2^-10: in float32 row 21 wins, but

@@ -137,6 +137,7 @@ TARGETS = {
 }
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("targets", list(TARGETS))
 def test_fused_route_is_bit_identical(reduction, targets, monkeypatch):
@@ -228,6 +229,7 @@ def test_loss_mask_promise_still_checked(monkeypatch):
     assert torch.isnan(e.grad.float()).all()
 
 
+@pytest.mark.exact
 def test_torch_twin_matches_the_general_coefficients():
     """torch_backend.grad_from_logits_plain (the twin of the fused kernel) against grad_from_logits
     with the general route's coefficients k·(a, b, u) (a = 1, b = −1, u = 0 on scored tokens)."""
@@ -255,6 +257,7 @@ def test_torch_twin_matches_the_general_coefficients():
     assert torch.equal(_bits(got), _bits(want))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_plain_kernel_mode_float32_bits(reduction, softcap):
@@ -306,6 +309,7 @@ def test_plain_kernel_mode_float32_bits(reduction, softcap):
     assert torch.equal(_bits(got), _bits(want))
 
 
+@pytest.mark.exact
 def test_plain_ce_kernel_bits():
     """plain_ce_kernel (several ranks) and the statistics pass's NEED_CE against
     Plan.token_loss_parts, bit for bit."""

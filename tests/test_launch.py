@@ -7,10 +7,12 @@ several tests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -56,10 +58,13 @@ def fused_available() -> bool:
     return True
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def refusing_port():
+    """A local port bound to a socket that never listens, for the duration: connections to it are
+    refused, and no other process (another test's group) can take it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def child_env(**extra) -> dict:
@@ -77,8 +82,8 @@ def run_sh(args, **env) -> subprocess.CompletedProcess:
 
 
 def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), TRAIN, *args]
+    # --standalone: torchrun binds a free port itself (no port chosen here that another test could take)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), TRAIN, *args]
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -154,12 +159,13 @@ def test_bad_argument_exits_nonzero_under_torchrun(tmp_path):
 
 def test_unreachable_rendezvous_exits_nonzero(tmp_path):
     # Rank 1 of 2 looks for rank 0's store on a local port where nothing listens.
-    env = child_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, TRAIN, *TINY, "--loss", "native", "--tp", "1", "--out", str(out),
-                           "--dist-timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    with refusing_port() as port:
+        env = child_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out = tmp_path / "never"
+        proc = subprocess.run([sys.executable, TRAIN, *TINY, "--loss", "native", "--tp", "1", "--out", str(out),
+                               "--dist-timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "could not form the process group of 2 rank(s) through 127.0.0.1:" in proc.stderr
     assert not out.exists()
@@ -169,7 +175,7 @@ def test_unreachable_rendezvous_exits_nonzero(tmp_path):
 def test_run_sh_reports_unreachable_rendezvous():
     # Two nodes expected, only this one comes: torchrun's rendezvous times out; run.sh says so.
     env = child_env(PYTHON=sys.executable, SETUP="0", NNODES="2", NPROC="1", RDZV_TIMEOUT="3",
-                    RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="test-unreachable")
+                    RDZV_ENDPOINT="127.0.0.1:0", RDZV_ID="test-unreachable")  # port 0: torchrun binds a free one
     proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), "--loss", "native"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -208,6 +214,111 @@ def test_inconsistent_sizes_exit_2(torchrun_env, tmp_path, capsys, args, message
     err = capsys.readouterr().err
     assert rc == 2 and "train_gpt.py: error:" in err and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp16"], "--dtype: expected one of bf16, fp32, got 'fp16'"),
+    (["--steps", "ten"], "--steps: expected an integer, got 'ten'"),
+    (["--lr", "fast"], "--lr: expected a finite number, got 'fast'"),
+    (["--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
+    (["--dist-timeout", "inf"], "--dist-timeout: expected a finite number, got 'inf'"),
+    (["--loss", "mine"], "--loss: expected one of both, fused, native, got 'mine'"),
+    (["--steps"], "--steps: expected one argument"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_bad_options_are_refused_in_one_line(torchrun_env, tmp_path, capsys, args, message):
+    """argparse's refusals: the message alone (no usage block), exit status 2, nothing started."""
+    with pytest.raises(SystemExit) as exc:
+        train_gpt.main([*SMALL_DATA, "--loss", "native", "--out", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"train_gpt.py: error: {message}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_under_torchrun_are_printed_once(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # the other ranks exit with the same status, silently
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--dtype", "fp16"])
+    assert exc.value.code == 2 and capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_refuses_a_bad_option_before_any_set_up(tmp_path):
+    proc = run_sh(["--steps", "ten"])
+    assert proc.returncode == 2 and proc.stderr == "train_gpt.py: error: --steps: expected an integer, got 'ten'\n"
+    # no interpreter given: checked with python3 before creating the venv
+    env = {k: v for k, v in child_env(VENV=str(tmp_path / "venv")).items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), "--dtype", "fp16"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "train_gpt.py: error: --dtype: expected one of bf16, fp32, got 'fp16'\n"
+    assert not (tmp_path / "venv").exists()
+
+
+def _corpus_file(tmp_path, kind):
+    """A --corpus argument of the given kind (files under tmp_path)."""
+    path = tmp_path / f"{kind}.txt"
+    rng = random.Random(5)
+    contents = {
+        "empty": b"",
+        "random bytes": rng.randbytes(5000),
+        "random bytes, no NUL": bytes(rng.randrange(1, 256) for _ in range(5000)),
+        "latin-1": "café naïve façade ".encode("latin-1") * 50,
+        "control characters": bytes(rng.choice(b"abc \x01\x02\x1b\x7f") for _ in range(3000)),
+        "blank": b"  \n\t\n",
+        "too short": b"hello world, a short text .\n",
+    }
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "missing":
+        pass
+    else:
+        path.write_bytes(contents[kind])
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "the file is empty, expected UTF-8 text"),
+    ("random bytes", "not text (NUL byte at offset"),
+    ("random bytes, no NUL", "not UTF-8 text (byte 0x"),
+    ("latin-1", "not UTF-8 text (byte 0xe9 at offset 3 is invalid)"),
+    ("control characters", "control characters), expected a UTF-8 text file"),
+    ("blank", "the text has 0 tokens (words and punctuation), too few for one sequence of --seq-len 64"),
+    ("too short", "the text has 7 tokens (words and punctuation), too few for one sequence of --seq-len 64: "
+                  "expected at least 66"),
+    ("folder", "is a folder, expected a UTF-8 text file"),
+    ("missing", "no such file"),
+])
+def test_bad_corpus_is_refused_in_one_line(torchrun_env, tmp_path, capsys, kind, message):
+    corpus = _corpus_file(tmp_path, kind)
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "native", "--check", "--out", str(tmp_path / "o"), "--corpus", corpus])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"train_gpt.py: error: --corpus {corpus}: ") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_generated_corpus_sizes_and_empty_corpus_name(torchrun_env, tmp_path, capsys):
+    base = ["--loss", "native", "--check", "--out", str(tmp_path / "o")]
+    for args, message in ((["--lexicon", "10"], "--lexicon must be >= 16 (words of the generated corpus), got 10"),
+                          (["--corpus-tokens", "999"], "--corpus-tokens must be >= 1000"),
+                          (["--corpus", ""], "--corpus: expected a file name, got ''")):
+        assert train_gpt.main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_utf8_text_corpus_is_accepted(torchrun_env, tmp_path, capsys):
+    """UTF-8 with a byte-order mark, accents, Greek, tabs and line breaks: text."""
+    words = ["alpha", "beta", "gamma", "délta", "ε", "naïve"]
+    rng = random.Random(3)
+    text = "\ufeff" + " ".join(rng.choice(words) for _ in range(300)) + ".\n\tend\r\n"
+    path = tmp_path / "ok.txt"
+    path.write_text(text, encoding="utf-8")
+    rc = train_gpt.main([*SMALL_DATA, "--loss", "native", "--check", "--out", str(tmp_path / "o"),
+                         "--corpus", str(path)])
+    assert rc == 0, capsys.readouterr().err
+    assert "check ok:" in capsys.readouterr().out
+    assert data.load_text_file(str(path)) == text[1:]
 
 
 def test_output_folder_checks(torchrun_env, tmp_path, capsys):

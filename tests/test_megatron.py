@@ -200,6 +200,7 @@ def _logits_and_ckpt(rank, world, sp):
     return True
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
 def test_logits_and_checkpoints_unchanged(sp):
     spawn(_logits_and_ckpt, 2, sp)
@@ -456,6 +457,7 @@ def test_option_errors_and_config_softcap():
     spawn(_option_errors, 1)
 
 
+@pytest.mark.exact
 def test_deferred_logits_fall_back_to_real_logits():
     """Any unexpected use of the placeholder computes the real logits (with a warning)."""
     spawn(_deferred_fallback, 2)

@@ -265,6 +265,7 @@ def test_grad_in_forward_bf16_loss_is_the_unfused_bf16_layers(seed):
     assert err_rounded < 1e-5 and err_exact > 10 * err_rounded, (err_rounded, err_exact)
 
 
+@pytest.mark.exact
 def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
     """The token-chunked fast mode's backward multiplies the stored 16-bit gradients by the
     upstream gradient in float32 (scale_kernel): the factor itself is never rounded to bfloat16.

@@ -105,6 +105,7 @@ def test_vocab_start_zero_without_group_is_allowed():
     assert torch.isfinite(call(vocab_start=0))
 
 
+@pytest.mark.exact
 def test_triton_on_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
     """Where Triton cannot run, a triton impl (or its Apple alias) runs the exact torch path and
     warns, naming the value given."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 
 EXIT_USAGE, EXIT_DIST = 2, 3
@@ -45,27 +46,60 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refusal is one line (no usage block), printed once under torchrun (rank 0
+    only), with exit status 2: `train_gpt.py: error: --dtype: expected one of bf16, fp32, got 'fp16'`."""
+
+    def error(self, message: str):
+        if message.startswith("argument "):  # argparse's "argument --steps: ..."
+            message = message[len("argument "):]
+        if os.environ.get("RANK", "") in ("", "0"):
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE)
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, f"expected one of {', '.join(sorted(action.choices))}, got {value!r}")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # nan would pass every "> 0" check after it
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _preset(key: str, text: str) -> str:
     tiny, small = PRESETS["tiny"][key], PRESETS["small"][key]
     return f"{text} (default: tiny {tiny}, small {small})".lstrip()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_gpt.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help)
+    p = _Parser(prog="train_gpt.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help)
     g = p.add_argument_group("model (a preset's defaults, each overridable)")
     g.add_argument("--preset", choices=["auto", "tiny", "small"], default="auto",
                    help="tiny: the CPU demo; small: a GPT for GPUs; auto: small with GPUs, tiny without")
-    g.add_argument("--layers", type=int, metavar="N", help=_preset("layers", "transformer layers"))
-    g.add_argument("--hidden", type=int, metavar="N", help=_preset("hidden", "hidden size"))
-    g.add_argument("--heads", type=int, metavar="N", help=_preset("heads", "attention heads (tp must divide it)"))
-    g.add_argument("--ffn-hidden", type=int, metavar="N",
+    g.add_argument("--layers", type=_integer, metavar="N", help=_preset("layers", "transformer layers"))
+    g.add_argument("--hidden", type=_integer, metavar="N", help=_preset("hidden", "hidden size"))
+    g.add_argument("--heads", type=_integer, metavar="N", help=_preset("heads", "attention heads (tp must divide it)"))
+    g.add_argument("--ffn-hidden", type=_integer, metavar="N",
                    help=_preset("ffn_hidden", "MLP hidden size (tp must divide it)"))
-    g.add_argument("--seq-len", type=int, metavar="N", help=_preset("seq_len", "sequence length"))
-    g.add_argument("--vocab-size", type=int, metavar="N",
+    g.add_argument("--seq-len", type=_integer, metavar="N", help=_preset("seq_len", "sequence length"))
+    g.add_argument("--vocab-size", type=_integer, metavar="N",
                    help="model vocabulary before padding; must cover the data's ids (default: the tokenizer's size)")
     g.add_argument("--tie-embeddings", action="store_true", help="share input embedding and output layer weights")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel size; the rest of the world is "
+    g.add_argument("--tp", type=_integer, metavar="N", help="tensor-parallel size; the rest of the world is "
                                                        "data-parallel (default: the processes of one node)")
     g.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=None,
                    help="Megatron sequence parallelism (default: on when tp > 1)")
@@ -73,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn sequence parallelism off")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: one GPU per process (NCCL) when GPUs are present, else CPU (gloo)")
-    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=_number, default=300.0, metavar="SECONDS",
                    help="seconds to wait for the other ranks (process-group set-up and collectives)")
     g = p.add_argument_group("training")
     g.add_argument("--loss", choices=["fused", "native", "both"], default="both",
@@ -92,30 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--native-fused-ce", action="store_true",
                    help="native runs use Megatron's fused vocab-parallel cross-entropy "
                         "(cross_entropy_loss_fusion=True) instead of its unfused one")
-    g.add_argument("--micro-batch", type=int, metavar="N",
+    g.add_argument("--micro-batch", type=_integer, metavar="N",
                    help=_preset("micro_batch", "sequences per data-parallel rank per step"))
-    g.add_argument("--steps", type=int, metavar="N", help=_preset("steps", "optimizer steps per loss type"))
-    g.add_argument("--lr", type=float, help=_preset("lr", "peak learning rate (AdamW; linear warm-up, cosine "
+    g.add_argument("--steps", type=_integer, metavar="N", help=_preset("steps", "optimizer steps per loss type"))
+    g.add_argument("--lr", type=_number, help=_preset("lr", "peak learning rate (AdamW; linear warm-up, cosine "
                                                           "decay to 10%%)"))
-    g.add_argument("--warmup", type=int, metavar="N", help=_preset("warmup", "warm-up steps"))
-    g.add_argument("--weight-decay", type=float, default=0.01, metavar="W", help="AdamW weight decay")
-    g.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM", help="global gradient-norm clip (0: off)")
+    g.add_argument("--warmup", type=_integer, metavar="N", help=_preset("warmup", "warm-up steps"))
+    g.add_argument("--weight-decay", type=_number, default=0.01, metavar="W", help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=_number, default=1.0, metavar="NORM", help="global gradient-norm clip (0: off)")
     g.add_argument("--dtype", choices=["fp32", "bf16"],
                    help=_preset("dtype", "parameter/compute dtype (bf16 keeps fp32 master weights)"))
-    g.add_argument("--seed", type=int, default=1234, help="seed of the weights and of the batches")
+    g.add_argument("--seed", type=_integer, default=1234, help="seed of the weights and of the batches")
     g = p.add_argument_group("data")
     g.add_argument("--corpus", metavar="FILE",
                    help="train on this UTF-8 text file (word-level tokenised) instead of the generated corpus")
-    g.add_argument("--lexicon", type=int, metavar="N",
+    g.add_argument("--lexicon", type=_integer, metavar="N",
                    help=_preset("lexicon", "words in the generated corpus's lexicon (~ the vocabulary)"))
-    g.add_argument("--corpus-tokens", type=int, metavar="N",
+    g.add_argument("--corpus-tokens", type=_integer, metavar="N",
                    help=_preset("corpus_tokens", "tokens in the generated corpus"))
-    g.add_argument("--data-seed", type=int, default=1234, metavar="SEED", help="seed of the generated corpus")
+    g.add_argument("--data-seed", type=_integer, default=1234, metavar="SEED", help="seed of the generated corpus")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="output folder for log.json and loss.png; its parent must exist "
                                                 "(default: runs/gpt-<date>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
-    g.add_argument("--log-interval", type=int, default=0, metavar="N",
+    g.add_argument("--log-interval", type=_integer, default=0, metavar="N",
                    help="when stdout is not a terminal, a progress line every N steps (0: ~10 lines per run)")
     g.add_argument("--check", action="store_true",
                    help="validate arguments, output folder, fused-loss options and data, then exit (no process "
@@ -197,8 +231,19 @@ def resolve(args: argparse.Namespace) -> dict:
                          f"(or pass --no-sequence-parallel)")
     if args.vocab_size is not None and args.vocab_size <= 0:
         raise UsageError(f"--vocab-size must be > 0, got {args.vocab_size}")
-    if args.corpus and not os.path.isfile(args.corpus):
-        raise UsageError(f"--corpus {args.corpus}: no such file")
+    if args.corpus is not None:  # its contents are checked where it is read (data.load_text_file)
+        if not args.corpus:
+            raise UsageError("--corpus: expected a file name, got ''")
+        if os.path.isdir(args.corpus):
+            raise UsageError(f"--corpus {args.corpus}: is a folder, expected a UTF-8 text file")
+        if not os.path.exists(args.corpus):
+            raise UsageError(f"--corpus {args.corpus}: no such file")
+    else:  # the generated corpus (data.generate_corpus)
+        if cfg["lexicon"] < 16:
+            raise UsageError(f"--lexicon must be >= 16 (words of the generated corpus), got {cfg['lexicon']}")
+        if cfg["corpus_tokens"] < 1000:
+            raise UsageError(f"--corpus-tokens must be >= 1000 (tokens of the generated corpus), "
+                             f"got {cfg['corpus_tokens']}")
     if args.fused_impl is not None and args.loss == "native":
         raise UsageError("--fused-impl only applies to --loss fused or both")
     if args.fused_grad_in_forward and args.loss == "native":

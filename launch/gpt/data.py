@@ -19,8 +19,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import os
 import random
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
@@ -97,9 +99,40 @@ def generate_corpus(n_words: int = 8000, n_tokens: int = 400_000, seed: int = 12
     return "\n".join(out) + "\n"
 
 
+# Text may hold tabs, line and page breaks; other control characters are rare in text and common in
+# binary data: a file with more than this fraction of them (or any NUL byte) is refused.
+MAX_CONTROL_FRACTION = 0.01
+_TEXT_CONTROLS = set("\t\n\r\f\v")
+
+
 def load_text_file(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    """The UTF-8 text of `path` (a leading byte-order mark dropped); UsageError naming --corpus for
+    a missing, unreadable, empty or non-text file (NUL bytes, invalid UTF-8, or more than
+    MAX_CONTROL_FRACTION control characters other than tab and line/page breaks)."""
+    where = f"--corpus {path}"
+    if os.path.isdir(path):
+        raise UsageError(f"{where}: is a folder, expected a UTF-8 text file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if not raw:
+        raise UsageError(f"{where}: the file is empty, expected UTF-8 text")
+    if b"\0" in raw:
+        raise UsageError(f"{where}: not text (NUL byte at offset {raw.index(0)}), expected a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start} is "
+                         f"invalid), expected a UTF-8 text file") from None
+    controls = sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in _TEXT_CONTROLS)
+    if controls > MAX_CONTROL_FRACTION * len(text):
+        raise UsageError(f"{where}: not text ({controls} of its {len(text)} characters are control characters), "
+                         f"expected a UTF-8 text file")
+    return text
 
 
 def split_words(text: str) -> list[str]:
@@ -182,9 +215,12 @@ def load(cfg: dict, vocab_size_arg: int | None) -> Corpus:
     """The run's corpus; sets cfg's vocab_size, padded_vocab_size (a multiple of 128 x tp, as
     Megatron pads), data and corpus_size. UsageError when the data does not fit the sizes."""
     corpus = build_corpus(cfg["corpus"], cfg["lexicon"], cfg["corpus_tokens"], cfg["data_seed"])
+    need = cfg["seq_len"] + 2  # BatchSampler's windows of seq_len + 1 tokens start in [0, n − seq_len − 1)
+    if corpus.ids.numel() < need:
+        what = f"--corpus {cfg['corpus']}" if cfg["corpus"] else f"--corpus-tokens {cfg['corpus_tokens']}"
+        raise UsageError(f"{what}: the text has {corpus.ids.numel()} tokens (words and punctuation), too few for "
+                         f"one sequence of --seq-len {cfg['seq_len']}: expected at least {need}")
     n_ids = int(corpus.ids.max()) + 1
-    if corpus.ids.numel() < cfg["seq_len"] + 2:
-        raise UsageError(f"the corpus has {corpus.ids.numel()} tokens, too few for --seq-len {cfg['seq_len']}")
     vocab = vocab_size_arg if vocab_size_arg is not None else len(corpus.tokenizer)
     if vocab < n_ids:
         raise UsageError(f"--vocab-size {vocab} is smaller than the data's ids (the tokenizer produces ids up to "
