@@ -557,7 +557,8 @@ _RUNS: dict[str, dict] = {}
 def _run(device: str) -> dict:
     """{rank: [(case name, ok, message)]} of the one spawned run on `device` (run on first use)."""
     if device not in _RUNS:
-        env = {} if device == "cuda" else {"TRITON_INTERPRET": "1"}
+        # an environment of their own makes the GPU ranks spawn (CUDA does not survive a fork)
+        env = {"VPCCE_TEST_GPU_RANKS": "1"} if device == "cuda" else {"TRITON_INTERPRET": "1"}
         _RUNS[device] = run_group(_rank_main, PROCESSES, device, env=env, timeout_s=RUN_LIMIT_S)
     return _RUNS[device]
 
