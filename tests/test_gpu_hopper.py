@@ -1,5 +1,5 @@
-"""GPU tests of the Hopper (Gluon) kernels (skipped without an sm_90 GPU and a Triton they are
-tested on): the same calls with `Tuning(use_gluon=True)` and `use_gluon=False` (the portable
+"""GPU tests of the Hopper (Gluon) kernels (skipped without an sm_90 GPU and a Triton with
+Gluon): the same calls with `Tuning(use_gluon=True)` and `use_gluon=False` (the portable
 Triton kernels and cuBLAS), each against float64, at real and odd sizes, in both modes. Run
 them in their own pytest process, as tests/test_gpu.py."""
 
@@ -24,8 +24,8 @@ PORTABLE = Tuning(use_gluon=False)
 def _hopper_only():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process: run the GPU tests on their own")
-    if not hopper.available(torch.device("cuda"), None):
-        pytest.skip("needs an sm_90 GPU and a Triton the Gluon kernels are tested on")
+    if not hopper.available(torch.device("cuda"), True):
+        pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
 
 
 def _inputs(n, d, v, kind, seed):
