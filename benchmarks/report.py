@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-SUITE_ORDER = ["race", "loss", "components", "rl", "vocab_parallel", "gpt", "fidelity", "hf", "tests"]
+SUITE_ORDER = ["race", "hopper", "loss", "components", "rl", "vocab_parallel", "gpt", "fidelity", "hf", "tests"]
 
 INTRO = """# Measured results
 

@@ -9,6 +9,7 @@ Suites:
                   cuBLAS products, interleaved rounds, errors against float64
   loss            one GPU: every loss implementation per shape and input kind, methods one after another
   components      one GPU: GPU time per kernel of our forward+backward (torch.profiler) + cuBLAS products
+  hopper          one sm_90 GPU: the Gluon kernels alone against cuBLAS and the portable kernels, and float64
   rl              one GPU: fwd+bwd of per-token log-probs and entropy (linear_log_probs) vs our loss, verl,
                   torch.compile, eager
   vocab_parallel  torchrun, tp = 1, 2, 4...: ours vs Megatron on materialised logits (bench_vocab_parallel.py)
@@ -40,6 +41,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # vocab_parallel_cce from the checkout
 sys.path.insert(0, HERE)  # the benchmarks' plain modules
 
+import hopper_suite  # noqa: E402
 import loss_suite  # noqa: E402
 import race_suite  # noqa: E402
 import rl_suite  # noqa: E402
@@ -52,6 +54,7 @@ SUITES = {
     "race": race_suite,
     "loss": loss_suite,
     "components": loss_suite.Components,
+    "hopper": hopper_suite,
     "rl": rl_suite,
     "vocab_parallel": train_suites.VocabParallel,
     "gpt": train_suites.Gpt,
