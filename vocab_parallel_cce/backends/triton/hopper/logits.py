@@ -56,6 +56,12 @@ def _tile_coords(tile, n_m, n_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _tile_counts(n_rows, n_cols, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+    """(row blocks, column blocks, k-blocks): both partitions walk the same (tile, k-block) stream."""
+    return gl.cdiv(n_rows, BM), gl.cdiv(n_cols, BN), gl.cdiv(k_dim, BK)
+
+
+@gluon.jit
 def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
                     GROUP_M: gl.constexpr):
     """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up."""
@@ -63,9 +69,7 @@ def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols
     BN: gl.constexpr = c_desc.block_type.shape[0]
     BK: gl.constexpr = e_desc.block_type.shape[1]
     S: gl.constexpr = e_bufs.shape[0]
-    n_m = gl.cdiv(n_rows, BM)
-    n_n = gl.cdiv(n_cols, BN)
-    k_tiles = gl.cdiv(k_dim, BK)
+    n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     count = 0
     for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
@@ -206,9 +210,7 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, l
     BK: gl.constexpr = e_bufs.shape[2]
     S: gl.constexpr = e_bufs.shape[0]
     LAYOUT: gl.constexpr = accumulator_layout(BM, BN, num_warps)
-    n_m = gl.cdiv(n_rows, BM)
-    n_n = gl.cdiv(n_cols, BN)
-    k_tiles = gl.cdiv(k_dim, BK)
+    n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     count = 0
     for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
