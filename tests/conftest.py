@@ -1,5 +1,6 @@
-"""Shared pytest setup: tests/ on sys.path (for `reference`, `dist_utils`, also in spawned ranks), each
-xdist worker's thread count, the same start for every test, the `exact` marker."""
+"""Shared pytest set-up: tests/ on sys.path (for the `support` package, also in spawned ranks), each
+xdist worker's thread count, the Triton interpreter on machines without a GPU, the same start for
+every test, and the `gpu` marker's skip without CUDA (the markers are listed in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -36,12 +37,6 @@ if not torch.cuda.is_available():
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "exact: asserts bit-equal results (exact ties, argmax, equal floats from two code paths); "
-                   ".ci/run runs these again under another BLAS code path and thread count")
 
 
 def pytest_collection_modifyitems(config, items):

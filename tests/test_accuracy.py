@@ -11,18 +11,17 @@ column in another order than its copy, 1e-15 apart, and the reference's argmax t
 
 from __future__ import annotations
 
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
-
 import pytest
 import torch
 
-from fast_mode import CountFast
-from reference import reference_argmax, reference_loss, rel_err
+from support import interpreter
+from support.fast_mode import CountFast
+from support.reference import reference_argmax, reference_loss, rel_err
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
 pytestmark = pytest.mark.exact  # exact ties and argmax: run again under another BLAS (.ci/run)
 
-triton_interpreter.patch_bf16_dot()
+interpreter.patch_bf16_dot()
 
 
 def _inputs(lead, d, v, dtype=torch.float64, ignore_every=4):

@@ -3,17 +3,16 @@ formulas of backends/protocol.py in float64 (the triton backend under TRITON_INT
 
 from __future__ import annotations
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
-from reference import rel_err
+from support import interpreter
+from support.reference import rel_err
 from vocab_parallel_cce import Tuning, torch_backend
 from vocab_parallel_cce.backends.protocol import Backend
 from vocab_parallel_cce.plan import Plan
 
-triton_interpreter.on_cpu_only(patch_dot=False)
+interpreter.on_cpu_only(patch_dot=False)
 
 N, D, V_LOCAL, N_VALID, CAP = 13, 20, 37, 33, 4.0  # rows [33, 37) of the shard are padding
 
@@ -110,7 +109,7 @@ def test_fast_mode_statistics_follow_the_contract(name, dtype, seed):
     gives u·w_j. The raw logits are exact in every dtype and summation order (e: integers, c and b:
     multiples of 1/8; CAP a power of two), so the copies' logits are bit-equal whatever BLAS forms
     the product."""
-    triton_interpreter.patch_bf16_dot()  # the interpreter's bf16 tl.dot (set-up, not a kernel change)
+    interpreter.patch_bf16_dot()  # the interpreter's bf16 tl.dot (set-up, not a kernel change)
     backend = _backend(name)
     _, _, _, t, coef = _inputs()
     e = torch.randint(-4, 5, (N, D)).float()

@@ -1,6 +1,6 @@
 """class_weights= as torch.nn.functional.cross_entropy(weight=...) defines them.
 
-The oracle is F.cross_entropy itself on float64 materialised logits (and tests/reference.py, which
+The oracle is F.cross_entropy itself on float64 materialised logits (and tests/support/reference.py, which
 adds the z-loss, checked against F.cross_entropy here). Torch path in float64, Triton kernels under
 the interpreter in both modes (weighted smoothing and the weighted "mean" with a z-loss included),
 padded vocabularies, bad arguments. Multi-rank: test_features_distributed.py. The fast mode's new
@@ -9,30 +9,17 @@ statistics in depth: test_fast_stats.py.
 
 from __future__ import annotations
 
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_mode import CountFast
-from reference import reference_loss, rel_err
+from support import interpreter
+from support.fast_mode import CountFast
+from support.inputs import weighted_inputs
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import linear_cross_entropy
 
-triton_interpreter.patch_bf16_dot()
-
-
-def _inputs(n, d, v, dtype=torch.float64, bias=False, ignore_every=4, scale=2.0):
-    """[e, c, bias] leaves in `dtype` (logits std ≈ scale), targets with every `ignore_every`-th
-    ignored, and class weights in [0.1, 2.1) (float64)."""
-    e = torch.randn(n, d, dtype=torch.float64)
-    c = torch.randn(v, d, dtype=torch.float64) * scale / d**0.5
-    b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
-    t = torch.randint(0, v, (n,))
-    if ignore_every:
-        t[::ignore_every] = -100
-    w = torch.rand(v, dtype=torch.float64) * 2 + 0.1
-    return [x.to(dtype).requires_grad_() if x is not None else None for x in (e, c, b)], t, w
+interpreter.patch_bf16_dot()
 
 
 def _torch_loss(leaves, t, w, reduction, label_smoothing=0.0, softcap=None, ignore_index=-100):
@@ -56,7 +43,7 @@ def _grads(loss, leaves, upstream):
                          ids=["plain", "softcap+bias", "ignore_index=2"])
 def test_torch_path_equals_f_cross_entropy(reduction, ls, extra, seed):
     extra = dict(extra)
-    leaves, t, w = _inputs(31, 12, 41, bias=extra.pop("bias", False))
+    leaves, t, w = weighted_inputs(31, 12, 41, bias=extra.pop("bias", False))
     if "ignore_index" in extra:
         t[t == -100] = extra["ignore_index"]
     loss = linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction, label_smoothing=ls, class_weights=w,
@@ -70,7 +57,7 @@ def test_torch_path_equals_f_cross_entropy(reduction, ls, extra, seed):
 
 def test_reference_with_weights_equals_f_cross_entropy(seed):
     """The float64 oracle used with z-loss below, checked against PyTorch without it."""
-    leaves, t, w = _inputs(17, 8, 23)
+    leaves, t, w = weighted_inputs(17, 8, 23)
     for reduction in ("mean", "sum", "none"):
         ref = reference_loss(leaves[0], leaves[1], t, reduction=reduction, label_smoothing=0.1, class_weights=w)
         want, _ = _torch_loss(leaves, t, w, reduction, 0.1)
@@ -80,7 +67,7 @@ def test_reference_with_weights_equals_f_cross_entropy(seed):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_z_loss_is_not_weighted(reduction, seed):
     """Liger-Kernel's convention: λ·lse² unweighted; "mean" divides it by the non-ignored count."""
-    leaves, t, w = _inputs(29, 10, 37)
+    leaves, t, w = weighted_inputs(29, 10, 37)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.05)
     loss = linear_cross_entropy(*leaves[:2], t, class_weights=w, impl="torch", **kw)
     ref = reference_loss(leaves[0], leaves[1], t, class_weights=w, **kw)
@@ -99,7 +86,7 @@ def test_z_loss_is_not_weighted(reduction, seed):
 
 @pytest.mark.exact
 def test_padded_vocabulary_and_weights_of_either_length(seed):
-    leaves, t, w = _inputs(19, 8, 30)
+    leaves, t, w = weighted_inputs(19, 8, 30)
     vocab = 26
     t = torch.where(t >= vocab, t % vocab, t)
     short = linear_cross_entropy(*leaves[:2], t, class_weights=w[:vocab], vocab_size=vocab, label_smoothing=0.1,
@@ -111,7 +98,7 @@ def test_padded_vocabulary_and_weights_of_either_length(seed):
 
 
 def test_all_ignored_or_zero_weights_give_zero(seed):
-    leaves, t, w = _inputs(9, 8, 12)
+    leaves, t, w = weighted_inputs(9, 8, 12)
     t[:] = -100
     loss = linear_cross_entropy(*leaves[:2], t, class_weights=w, impl="torch")
     assert loss.item() == 0.0 and not torch.autograd.grad(loss, leaves[0])[0].any()
@@ -122,7 +109,7 @@ def test_all_ignored_or_zero_weights_give_zero(seed):
 
 
 def test_uniform_weights_change_nothing(seed):
-    leaves, t, _ = _inputs(21, 8, 17)
+    leaves, t, _ = weighted_inputs(21, 8, 17)
     ones = torch.ones(17, dtype=torch.float64)
     for kw in ({}, {"label_smoothing": 0.3, "z_loss": 1e-2}):
         a = linear_cross_entropy(*leaves[:2], t, class_weights=ones, impl="torch", **kw)
@@ -135,7 +122,7 @@ def test_uniform_weights_change_nothing(seed):
 @pytest.mark.parametrize("gif", [False, True], ids=["recompute", "fast"])
 def test_triton_both_modes(reduction, ls, zl, gif, seed, monkeypatch):
     fast = CountFast(monkeypatch)
-    leaves, t, w = _inputs(37, 24, 53, torch.float32, bias=True)
+    leaves, t, w = weighted_inputs(37, 24, 53, torch.float32, bias=True)
     loss = linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction, label_smoothing=ls, z_loss=zl,
                                 class_weights=w.float(), softcap=4.0, impl="triton", grad_in_forward=gif)
     # the fast mode runs whenever asked: weighted smoothing and the weighted mean with a z-loss included
@@ -154,7 +141,7 @@ def test_triton_both_modes(reduction, ls, zl, gif, seed, monkeypatch):
 def test_triton_bf16_weighted_smoothing(seed, gif, loss_tol):
     """Memory-first: float32 logits; the fast mode (the default here): bf16 logits, as the unfused
     layer's (their rounding, ~2^-9·|z| per logit, moves the loss by up to ~1e-3 relative)."""
-    leaves, t, w = _inputs(33, 32, 60, torch.bfloat16)
+    leaves, t, w = weighted_inputs(33, 32, 60, torch.bfloat16)
     loss = linear_cross_entropy(*leaves[:2], t, class_weights=w, label_smoothing=0.1, impl="triton",
                                 grad_in_forward=gif)
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves[:2]]

@@ -5,13 +5,11 @@ group=None, DTensor classifiers): test_features_distributed.py."""
 
 from __future__ import annotations
 
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import reference_loss, rel_err
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import (
     LinearCrossEntropy,
     LinearCrossEntropyImpl,

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import functools
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
 import vocab_parallel_cce.integrations.compat as compat
-from fast_mode import CountFast, fast_path_of
+from support import interpreter
+from support.fast_mode import CountFast, fast_path_of
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 CHUNKS = Tuning(fast_chunk_tokens=3)  # forces the token-chunked path at N > 3
 PATHS = {"held": None, "chunked": CHUNKS}

@@ -13,7 +13,7 @@ where "none" and `return_z_loss` legitimately fall back to the memory-first mode
 asserts which path ran (`CountFast`, `fast_path_of`), and `test_the_sample_covers_every_path`
 checks that the sample holds held, chunked and fallback cases, so a passing run has exercised them.
 A third of the cases also compare the memory-first result against the float64 reference
-(tests/reference.py, from the definition), so that both modes being wrong the same way fails.
+(tests/support/reference.py, from the definition), so that both modes being wrong the same way fails.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
-from fast_mode import CountFast, fast_path_of
-from reference import reference_argmax, reference_loss
+from support import interpreter
+from support.fast_mode import CountFast, fast_path_of
+from support.reference import reference_argmax, reference_loss
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 N_CASES = 80
 MASTER_SEED = 0x5EED_C0DE

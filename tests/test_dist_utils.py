@@ -1,4 +1,4 @@
-"""The test suite's process-group starter (dist_utils.run_group) itself."""
+"""The test suite's process-group starter (process_groups.run_group) itself."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 import torch.distributed as dist
 
-from dist_utils import failures, run_group
+from support.process_groups import failures, run_group
 
 
 def _collect(rank, world):

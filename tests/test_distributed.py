@@ -14,15 +14,14 @@ import datetime
 import importlib.util
 import math
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import failures, run_group
-from reference import reference_loss, rel_err
+from support.process_groups import failures, record, run_group
+from support.reference import reference_loss, rel_err
 
 IGNORE = -100
 TOL = {
@@ -363,14 +362,6 @@ def _single_device_equivalence(group, seed, expect_world) -> list[str]:
     return problems
 
 
-def _record(results, name, fn):
-    try:
-        problems = fn()
-        results.append((name, not problems, "; ".join(problems)))
-    except Exception:  # noqa: BLE001
-        results.append((name, False, traceback.format_exc()))
-
-
 # --------------------------------------------------------------------------------------------------
 # the case lists
 
@@ -448,24 +439,24 @@ def _cases(world: int) -> list[Case]:
 
 def _world_worker(rank: int, world: int, base_seed: int):
     """Runs in every rank: all cases of this world size, then the special ones."""
-    import grad_e_precision
+    from support import grad_e_precision
     from vocab_parallel_cce import linear_cross_entropy
 
     results = []
     world_group = dist.group.WORLD
     for i, case in enumerate(_cases(world)):
-        _record(results, case.name, lambda: _run_case(case, base_seed + i, world_group, rank, world))
+        record(results, case.name, lambda: _run_case(case, base_seed + i, world_group, rank, world))
     # bf16 dE at the tp=1 error (all-reduce and reduce-scatter in float32): tests/grad_e_precision.py
     results += grad_e_precision.worker_results(rank, world, base_seed + 500)
 
     # group=None and groups of one rank behave like a single device
-    _record(results, "group=None", lambda: _single_device_equivalence(None, base_seed + 100, 1))
+    record(results, "group=None", lambda: _single_device_equivalence(None, base_seed + 100, 1))
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
-    _record(results, "group of size 1", lambda: _single_device_equivalence(singles[rank], base_seed + 101, 1))
+    record(results, "group of size 1", lambda: _single_device_equivalence(singles[rank], base_seed + 101, 1))
 
     # an explicit new_group over all ranks (a different object from WORLD)
     all_group = dist.new_group(list(range(world)))
-    _record(results, "new_group(all)/uneven/all",
+    record(results, "new_group(all)/uneven/all",
             lambda: _run_case(Case("x", [3, 6, 2, 5][:world], bias=True, opts=ALL_OPTS, reduction="none"),
                               base_seed + 102, all_group, rank, world))
 
@@ -478,10 +469,10 @@ def _world_worker(rank: int, world: int, base_seed: int):
         "duplicate": lambda r: 0,
     }
     for name, start_of in bad_layouts.items():
-        _record(results, f"layout error: {name}", lambda: _layout_error_case(start_of, world_group, rank, world))
+        record(results, f"layout error: {name}", lambda: _layout_error_case(start_of, world_group, rank, world))
 
-    _record(results, "out-of-range targets give NaN", lambda: _bad_target_case(world_group, rank, world, base_seed + 103))
-    _record(results, "different token counts per rank", lambda: _mismatched_tokens_case(world_group, rank, world))
+    record(results, "out-of-range targets give NaN", lambda: _bad_target_case(world_group, rank, world, base_seed + 103))
+    record(results, "different token counts per rank", lambda: _mismatched_tokens_case(world_group, rank, world))
 
     # a subgroup of some ranks; the others get a clear error
     if world >= 3:
@@ -489,19 +480,19 @@ def _world_worker(rank: int, world: int, base_seed: int):
         sub = dist.new_group(members)
         if rank in members:
             grank = members.index(rank)
-            _record(results, "subgroup member", lambda: _run_case(
+            record(results, "subgroup member", lambda: _run_case(
                 Case("sub", [4, 7], order=[1, 0], bias=True, opts=ALL_OPTS, sp=True, lead=(6,), reduction="none"),
                 base_seed + 104, sub, grank, len(members)))
-            _record(results, "subgroup member/default start", lambda: _run_case(
+            record(results, "subgroup member/default start", lambda: _run_case(
                 Case("sub2", [6, 6], api="default_start", reduction="sum"), base_seed + 105, sub, grank, len(members)))
         else:
             e, c, t = _small_inputs()
-            _record(results, "non-member of subgroup", lambda: _expect_raises(
+            record(results, "non-member of subgroup", lambda: _expect_raises(
                 lambda: linear_cross_entropy(e, c, t, group=sub, impl="torch"), ValueError, r"^group: .*not a member"))
 
     if world == 2:
-        _record(results, "layout cache: destroyed group", lambda: _destroyed_group_case(rank, world))
-        _record(results, "the graph keeps no group alive", lambda: _graph_keeps_no_group_case(rank, world))
+        record(results, "layout cache: destroyed group", lambda: _destroyed_group_case(rank, world))
+        record(results, "the graph keeps no group alive", lambda: _graph_keeps_no_group_case(rank, world))
 
     # a rank that never joins: a RuntimeError within the (short) group timeout, not a hang
     if world == 2:
@@ -518,7 +509,7 @@ def _world_worker(rank: int, world: int, base_seed: int):
                     problems.append(f"took {took:.0f} s with a 5 s timeout")
                 return problems
 
-            _record(results, "peer never joins -> RuntimeError", missing_peer)
+            record(results, "peer never joins -> RuntimeError", missing_peer)
         dist.barrier(group=world_group)  # rank 1 waits here, outside the slow group's collective
     return results
 
@@ -541,9 +532,9 @@ def _triton_worker(rank: int, world: int, base_seed: int):
         import vocab_parallel_cce.triton_backend  # noqa: F401
     except Exception as err:  # noqa: BLE001
         return [("<skip>", True, f"triton_backend does not import: {err!r}")]
-    import triton_interpreter
+    from support import interpreter
 
-    triton_interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap (bf16 case below)
+    interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap (bf16 case below)
     results = []
     cases = [
         # one case with everything: the interpreter is slow
@@ -557,8 +548,8 @@ def _triton_worker(rank: int, world: int, base_seed: int):
              reduction="sum", dtype=torch.bfloat16, impl="triton", held=True),
     ]
     for i, case in enumerate(cases):
-        _record(results, case.name, lambda: _run_case(case, base_seed + i, dist.group.WORLD, rank, world))
-    import grad_e_precision  # bf16 dE at the tp=1 error, the kernels' float32 dE handed to the collectives
+        record(results, case.name, lambda: _run_case(case, base_seed + i, dist.group.WORLD, rank, world))
+    from support import grad_e_precision  # bf16 dE at the tp=1 error, the kernels' float32 dE handed to the collectives
 
     results += grad_e_precision.worker_results(rank, world, base_seed + 500, torch_cases=False, triton=True)
     return results

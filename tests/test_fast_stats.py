@@ -14,18 +14,17 @@ Multi-rank: test_features_distributed.py; real sizes: test_gpu.py.
 
 from __future__ import annotations
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_mode import CountFast
-from reference import reference_argmax, rel_err
-from test_class_weights import _inputs  # the same leaves, targets and class weights
+from support import interpreter
+from support.fast_mode import CountFast
+from support.inputs import weighted_inputs
+from support.reference import reference_argmax, rel_err
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 CHUNKS = Tuning(fast_chunk_tokens=7)  # several token chunks, the last one partial
 FLAGS = dict(return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True)
@@ -105,7 +104,7 @@ OPTIONS = {
 def test_fast_mode_equals_f_cross_entropy_and_the_memory_first_mode(impl, dtype, reduction, option, seed):
     opt = dict(OPTIONS[option])
     want_bias, want_w = opt.pop("bias", False), opt.pop("weights", False)
-    leaves, t, w = _inputs(31, 12, 41, dtype, bias=want_bias)
+    leaves, t, w = weighted_inputs(31, 12, 41, dtype, bias=want_bias)
     leaves = [x for x in leaves if x is not None]
     weights = w.to(torch.float64 if dtype == torch.float64 else torch.float32) if want_w else None
     kw = dict(impl=impl, reduction=reduction, class_weights=weights, tuning=CHUNKS, **opt)
@@ -141,7 +140,7 @@ def test_16bit_inputs(impl, dtype, write_back, reduction, seed):
     float16), the z-loss's second divisor entering G as their ratio."""
     from vocab_parallel_cce import triton_backend
 
-    leaves, t, w = _inputs(29, 16, 45, dtype, bias=write_back)
+    leaves, t, w = weighted_inputs(29, 16, 45, dtype, bias=write_back)
     leaves = [x for x in leaves if x is not None]
     cap = 4.0 if write_back else None
     kw = dict(impl=impl, reduction=reduction, class_weights=w.float(), label_smoothing=0.1, z_loss=1e-2,
@@ -167,7 +166,7 @@ def test_16bit_inputs(impl, dtype, write_back, reduction, seed):
 @pytest.mark.parametrize("n,d,v", [(1, 5, 3), (7, 3, 2), (22, 9, 130)])
 def test_odd_sizes_and_a_single_token(impl, n, d, v, seed):
     dtype = torch.float64 if impl == "torch" else torch.float32
-    leaves, t, w = _inputs(n, d, v, dtype, bias=True, ignore_every=0)
+    leaves, t, w = weighted_inputs(n, d, v, dtype, bias=True, ignore_every=0)
     weights = w.to(dtype if impl == "torch" else torch.float32)
     kw = dict(impl=impl, class_weights=weights, label_smoothing=0.1, z_loss=1e-2, softcap=4.0, tuning=CHUNKS)
     out = _run(leaves, t, True, **kw)
@@ -182,7 +181,7 @@ def test_odd_sizes_and_a_single_token(impl, n, d, v, seed):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_every_token_ignored(impl, reduction, seed):
-    leaves, t, w = _inputs(9, 8, 20, torch.float32, bias=True)
+    leaves, t, w = weighted_inputs(9, 8, 20, torch.float32, bias=True)
     t[:] = -100
     out = _run(leaves, t, True, impl=impl, reduction=reduction, class_weights=w.float(), label_smoothing=0.1,
                z_loss=1e-2, tuning=CHUNKS)
@@ -262,7 +261,7 @@ def test_padded_vocabulary_rows(impl, dtype, padded_weights, seed):
     """Rows ≥ vocab_size (with large logits and weights that would dominate) take no part: not the
     argmax, not in the weighted sum; their dC and dbias are 0."""
     v, vocab = 43, 37
-    leaves, t, w = _inputs(27, 16, v, dtype, bias=True)
+    leaves, t, w = weighted_inputs(27, 16, v, dtype, bias=True)
     with torch.no_grad():
         leaves[1][vocab:] = leaves[1][:v - vocab] * 20
         leaves[2][vocab:] = 5.0
@@ -291,7 +290,7 @@ def test_a_gradient_through_the_z_loss_output(impl, reduction, seed):
     coefficient a_z is kept apart); the token-chunked one cannot (the output's gradient is inside
     the loss's, formed in the forward): NaN gradients, never silently wrong ones; through the loss
     alone, the right ones on both."""
-    leaves, t, _ = _inputs(17, 8, 23, torch.float32, bias=True)
+    leaves, t, _ = weighted_inputs(17, 8, 23, torch.float32, bias=True)
     kw = dict(impl=impl, reduction=reduction, z_loss=1e-2)
     up = _upstream(t, reduction)
     for through in ("z_loss", "loss + z_loss"):
@@ -319,7 +318,7 @@ def test_a_gradient_through_the_z_loss_output(impl, reduction, seed):
 
 def test_auto_selects_the_fast_mode_for_these_options(seed, monkeypatch):
     fast = CountFast(monkeypatch)
-    leaves, t, w = _inputs(12, 16, 40, torch.float32)
+    leaves, t, w = weighted_inputs(12, 16, 40, torch.float32)
     e, c = leaves[:2]
     flags = {k: v for k, v in FLAGS.items() if k != "return_z_loss"}
     cases = ({"return_token_accuracy": True}, {"return_predicted_tokens": True},

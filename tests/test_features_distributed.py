@@ -20,9 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import failures, run_group
-from test_distributed import _record
-from reference import reference_argmax, reference_log_probs, reference_loss, rel_err
+from support.process_groups import failures, record, run_group
+from support.reference import reference_argmax, reference_log_probs, reference_loss, rel_err
 
 
 def _shard(sizes, order, grank):
@@ -381,9 +380,9 @@ def _worker(rank: int, world: int, base: int):
     if importlib.util.find_spec("torch.distributed.tensor") is not None:
         cases["dtensor classifier"] = lambda s: _dtensor_case(s, rank, world)
     if world == 2 and os.environ.get("TRITON_INTERPRET") == "1":  # the kernels, in the interpreter (CPU runs)
-        import triton_interpreter
+        from support import interpreter
 
-        triton_interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap (the bf16
+        interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap (the bf16
         # fast mode's float32 dE partial under a group is a Triton product on CPU)
         cases["triton/rl/uneven/padded/sp"] = lambda s: _rl_case(
             s, rank, world, [5, 11], [1, 0], vocab=14, sp=True, lead=(8,), impl="triton", dtype=torch.float32,
@@ -396,7 +395,7 @@ def _worker(rank: int, world: int, base: int):
         cases["triton/fast/none/bf16"] = lambda s: _fast_case(
             s, rank, world, [9, 6], [0, 1], "none", impl="triton", dtype=torch.bfloat16, tol=(1e-5, 2e-2))
     for i, (name, fn) in enumerate(cases.items()):
-        _record(results, name, lambda: fn(base + i))
+        record(results, name, lambda: fn(base + i))
     return results
 
 

@@ -13,8 +13,6 @@ fused multiply-adds: see the module docstring of backends/triton/logits_bf16.py 
 
 from __future__ import annotations
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import os
 import sys
 
@@ -22,11 +20,12 @@ import pytest
 import torch
 
 import vocab_parallel_cce.triton_backend as tb
-from dist_utils import failures, run_group
-from reference import rel_err
+from support import interpreter
+from support.process_groups import failures, run_group
+from support.reference import rel_err
 from vocab_parallel_cce import linear_cross_entropy, torch_backend
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "experiments")
 
@@ -365,7 +364,7 @@ def _two_rank_worker(rank: int, world: int, seed: int):
     """Each case twice, fused and general (fuses_plain patched off in this process)."""
     import torch.distributed as dist
 
-    triton_interpreter.patch_bf16_dot()
+    interpreter.patch_bf16_dot()
     results = []
     n, d, v_total = 10, 16, 30
     rows = v_total // world

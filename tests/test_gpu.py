@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from reference import rel_err
+from support.reference import rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
 pytestmark = pytest.mark.gpu
@@ -413,8 +413,8 @@ def test_grad_e_under_tensor_parallelism_over_nccl(world):
     triton backend's float32 dE, and the fast mode's cuBLAS float32-output dE product."""
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    import grad_e_precision
-    from dist_utils import failures, run_group
+    from support import grad_e_precision
+    from support.process_groups import failures, run_group
 
     results = run_group(grad_e_precision.cuda_worker, world, 900, backend="nccl", timeout_s=300)
     bad = failures(results)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from reference import rel_err
+from support.reference import rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 from vocab_parallel_cce.backends.triton import hopper
 

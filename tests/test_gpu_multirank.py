@@ -75,8 +75,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_group
-from reference import rel_err
+from support.process_groups import run_group
+from support.reference import rel_err
 
 CPU_SWITCH = "VPCCE_TEST_MULTIRANK_CPU"
 PROCESSES = 4
@@ -482,13 +482,13 @@ def _megatron_skip() -> str | None:
 @contextlib.contextmanager
 def _megatron_parallel_state(device: str, all_ranks):
     """Megatron's model-parallel state with tensor-parallel groups of 2 over the 4 processes ([0, 1]
-    and [2, 3]: both pairs run every case); on CPU with tests/megatron_fixtures.py's stand-ins for
+    and [2, 3]: both pairs run every case); on CPU with tests/support/megatron_cpu.py's stand-ins for
     the CUDA calls megatron-core makes."""
     from megatron.core import parallel_state
 
     dist.barrier(group=all_ranks)  # the ranks left idle by the smaller groups catch up here
     if device == "cpu":
-        from megatron_fixtures import cpu_megatron
+        from support.megatron_cpu import cpu_megatron
 
         shims = cpu_megatron()
     else:

@@ -1,7 +1,7 @@
 """grad_in_forward=True's token-chunked path (gradients computed during the forward; forced here by
 `Tuning(fast_chunk_tokens=7)`) against the float64 reference, on impl="torch" (reduction "none"
 with an upstream gradient uniform over the non-ignored tokens, and the NaN it gives otherwise,
-included); the Triton row kernels of this mode are tested in test_triton_interpreter.py, the
+included); the Triton row kernels of this mode are tested in test_interpreter.py, the
 vocabulary-parallel combination in test_distributed.py. The one-chunk held-logits path (any upstream
 gradient): test_held_logits.py."""
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import reference_loss, rel_err
-from test_torch_path import OPTIONS, TOL, make_inputs, split_options
+from support.inputs import OPTIONS, TOL, make_inputs, split_options
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
 

@@ -13,16 +13,15 @@ budget. Multi-rank: test_distributed.py ("held/..." cases); real sizes: test_gpu
 
 from __future__ import annotations
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
-from fast_mode import CountFast
-from reference import reference_loss, rel_err
+from support import interpreter
+from support.fast_mode import CountFast
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 # ‖out − ref‖/‖ref‖ bounds (loss, gradients). bf16 on the Triton backend: the interpreter truncates
 # the downcast of the written-back logits (the GPU rounds), which biases the loss: 3e-3 there.
@@ -144,7 +143,7 @@ def test_bf16_gradients_are_rounded_once_at_a_non_power_of_two_upstream(impl, re
     e, c = leaves[:2]
     g32 = _unfused_logit_grad(e, c, t, k)
     # on the interpreter the kernels' downcast truncates (the GPU rounds to nearest): so does the reference's
-    to_bf16 = triton_interpreter.kernel_bf16 if impl == "triton" else (lambda x: x.to(torch.bfloat16))
+    to_bf16 = interpreter.kernel_bf16 if impl == "triton" else (lambda x: x.to(torch.bfloat16))
     g_ref = to_bf16(g32)
     de_ref, dc_ref = torch.mm(g_ref, c.detach()), torch.mm(g_ref.T, e.detach())
     _, (de64, dc64) = _ref_grads([e, c], t, k, reduction=reduction)

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from fast_mode import fast_path_of
+from support.fast_mode import fast_path_of
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 from vocab_parallel_cce.backends import torch_backend
 from vocab_parallel_cce.plan import Plan
@@ -93,8 +93,6 @@ def test_logits_dtype_is_what_logits_and_stats_stores(name, dtype, exact, monkey
     if name == "torch":
         backend = torch_backend
     else:
-        import triton_interpreter  # noqa: F401  (conftest turned the interpreter on)
-
         from vocab_parallel_cce.backends import triton as backend
     e, c, t = _inputs(5, 16, 16, dtype, requires_grad=False)
     plan, _ = plan_cross_entropy(e, c, t, impl=name, grad_in_forward=True)

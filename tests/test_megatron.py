@@ -1,6 +1,6 @@
 """patch_gpt_model against megatron-core's native output layer + vocab_parallel_cross_entropy (CPU, gloo).
 
-Each test forks 1-2 ranks (tests/megatron_fixtures.py); megatron-core is imported once per pytest
+Each test forks 1-2 ranks (tests/support/megatron_cpu.py); megatron-core is imported once per pytest
 process, so a test costs a second or two after the first.
 """
 
@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
 
-from megatron_fixtures import (  # noqa: E402
+from support.megatron_cpu import (  # noqa: E402
     HIDDEN,
     SEQ,
     VOCAB,

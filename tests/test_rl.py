@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
-
 import pytest
 import torch
 
-from reference import reference_log_probs, rel_err
+from support import interpreter
+from support.reference import reference_log_probs, rel_err
 from vocab_parallel_cce import Tuning, linear_log_probs
 
 INTERPRETER = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="run with TRITON_INTERPRET=1 in its own process")
 if INTERPRETER:
-    triton_interpreter.patch_bf16_dot()
+    interpreter.patch_bf16_dot()
 
 
 def _inputs(lead, d, v, dtype, bias=False, scale=2.0, ignore_every=5):

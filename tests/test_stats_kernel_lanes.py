@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import itertools
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
-triton_interpreter.on_cpu_only()
+from support import interpreter
+
+interpreter.on_cpu_only()
 
 import triton  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""impl="torch" against the float64 materialised-logits reference (tests/reference.py)."""
+"""impl="torch" against the float64 materialised-logits reference (tests/support/reference.py)."""
 
 from __future__ import annotations
 
@@ -7,51 +7,9 @@ import math
 import pytest
 import torch
 
-from reference import reference_loss, rel_err
+from support.inputs import IGNORE, OPTIONS, TOL, make_inputs, split_options
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import LinearCrossEntropy, Tuning, linear_cross_entropy
-
-IGNORE = -100
-
-# (loss tolerance, gradient tolerance), relative. The loss is computed in float32 (float64 for
-# float64 inputs) from the given values, so it is accurate for every dtype; gradients are stored
-# in the input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-6, 2e-5),
-    torch.bfloat16: (2e-6, 1.2e-2),
-    torch.float16: (2e-6, 2e-3),
-}
-
-OPTIONS = {
-    "plain": {},
-    "bias": {"bias": True},
-    "softcap": {"softcap": 2.5},
-    "label_smoothing": {"label_smoothing": 0.15},
-    "z_loss": {"z_loss": 1e-2},
-    "all": {"bias": True, "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 2e-3},
-}
-
-
-def make_inputs(n, d, v, dtype, *, bias=False, ignore_frac=0.2, lead=None, scale=2.0):
-    """Leaf tensors in `dtype` with logits of standard deviation about `scale`."""
-    shape = (n,) if lead is None else tuple(lead)
-    e = torch.randn(*shape, d, dtype=torch.float64)
-    c = torch.randn(v, d, dtype=torch.float64) * (scale / math.sqrt(d))
-    b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
-    targets = torch.randint(0, v, shape)
-    if ignore_frac:
-        targets[torch.rand(shape) < ignore_frac] = IGNORE
-    e = e.to(dtype).requires_grad_()
-    c = c.to(dtype).requires_grad_()
-    if b is not None:
-        b = b.to(dtype).requires_grad_()
-    return e, c, targets, b
-
-
-def split_options(opts):
-    opts = dict(opts)
-    want_bias = opts.pop("bias", False)
-    return want_bias, opts
 
 
 def scalarise(loss, weights):

@@ -271,7 +271,7 @@ def test_transformers_is_optional(monkeypatch):
 
 
 def _tp_worker(rank: int, world: int):
-    """Yields (case, ok, message) for dist_utils.run_group; runs inside an initialised gloo group."""
+    """Yields (case, ok, message) for process_groups.run_group; runs inside an initialised gloo group."""
     import traceback
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -308,7 +308,7 @@ def test_tensor_parallel_dtensor_lm_head():
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    from dist_utils import failures, run_group
+    from support.process_groups import failures, run_group
 
     results = run_group(_tp_worker, 2, timeout_s=300)
     assert not failures(results), "\n".join(failures(results))

@@ -6,15 +6,14 @@ the interpreter's 16-wide blocks, so every masked edge of the kernels is exercis
 
 from __future__ import annotations
 
-import triton_interpreter  # first: conftest has turned the interpreter on before triton is imported
-
 import pytest
 import torch
 
-from reference import reference_loss, rel_err
+from support import interpreter
+from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 # Tolerances on ‖out − ref‖/‖ref‖: 16-bit gradients are stored in their dtype (G, dE, dC).
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3), torch.bfloat16: (1e-5, 2e-2)}
@@ -280,7 +279,7 @@ def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
     grads = torch.autograd.grad(loss * k, (e, c, b))
     loss1 = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="sum", tuning=chunks)
     grads1 = torch.autograd.grad(loss1, (e, c, b))
-    to_bf16 = triton_interpreter.kernel_bf16  # the interpreter's downcast truncates
+    to_bf16 = interpreter.kernel_bf16  # the interpreter's downcast truncates
     for g, g1 in zip(grads, grads1):
         expect = to_bf16(g1.float() * k)
         assert not torch.equal(expect, to_bf16(g1.float() * k_rounded))  # so the check below can fail
@@ -394,7 +393,7 @@ def test_auto_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
     ("none" with per-token upstream gradients too), the token-chunked path beyond that for
     "mean"/"sum" only (per-token upstream gradients then take the memory-first mode) — and the
     memory-first mode for return_lse, the torch backend, while torch.compile traces, and without autograd."""
-    from fast_mode import fast_path_of
+    from support.fast_mode import fast_path_of
 
     e, c, _ = _inputs(12, 16, 40, torch.float32)
     t = torch.randint(0, 40, (12,))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-import triton_interpreter  # noqa: F401  (turns the interpreter on before triton is imported)
-
 import pytest
 import torch
 

@@ -176,9 +176,9 @@ def run_case(name: str, impl: str = "triton", **extra) -> dict:
 
 
 def main(detail: bool, general: bool) -> None:
-    import triton_interpreter
+    from support import interpreter
 
-    triton_interpreter.patch_bf16_dot()
+    interpreter.patch_bf16_dot()
     if general:
         import vocab_parallel_cce.triton_backend as tb
 

@@ -115,7 +115,18 @@ def run_group(fn, world_size: int, *args, env: dict | None = None, timeout_s: fl
     return results
 
 
+def record(results: list, name: str, fn) -> None:
+    """Inside a rank: run the check `fn` (it returns a list of problems, empty when it passes) and
+    append (name, ok, message) to `results`; an exception becomes a failing entry with its traceback."""
+    try:
+        problems = fn()
+        results.append((name, not problems, "; ".join(problems)))
+    except Exception:  # noqa: BLE001
+        results.append((name, False, traceback.format_exc()))
+
+
 def failures(results: dict) -> list[str]:
+    """Every failing entry of run_group's {rank: results}, as "[rank r] name: message" lines."""
     out = []
     for rank in sorted(results):
         for name, ok, msg in results[rank]:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import join_group, start_ranks
+from support.process_groups import join_group, start_ranks
 
 VOCAB = 1000  # "true" vocabulary; Megatron pads it to a multiple of 128 * tp
 SEQ = 32
@@ -57,7 +57,7 @@ def spawn(fn, world: int, *args):
     with tempfile.TemporaryDirectory() as d:
         # fork: the parent has imported megatron-core once (slow); children start in milliseconds.
         ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        port_q = ctx.Queue()  # rank 0 hosts the rendezvous and passes its port on (dist_utils.join_group)
+        port_q = ctx.Queue()  # rank 0 hosts the rendezvous and passes its port on (process_groups.join_group)
         procs = [ctx.Process(target=_worker, args=(r, world, port_q, fn, args, d)) for r in range(world)]
         start_ranks(procs)
         for p in procs:

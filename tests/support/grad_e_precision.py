@@ -1,4 +1,4 @@
-"""dE under vocabulary parallelism is as close to float64 as at tp=1 (issue 12, item 5).
+"""dE under vocabulary parallelism is as close to float64 as at tp=1.
 
 Each rank's partial dE_r = G_r·C_r must be summed over the group in float32 and rounded to the
 input dtype once, after the sum: rounding every partial first made the error grow with the group
@@ -18,12 +18,11 @@ memory-first mode (impl="torch"; impl="triton" under the Triton interpreter at s
     the old one (up to float32 summation order at tp=3 under sequence parallelism, which uses the
     first 510 of the 512 tokens).
 
-These cases run inside the groups tests/test_distributed.py starts anyway: `worker_results` from
-its `_world_worker` (tp = 2, 3, 4; impl="torch") and its `_triton_worker` (tp = 2 under
-TRITON_INTERPRET=1; impl="triton");
-tests/test_gpu.py runs them all over NCCL on 2 and 3 GPUs (`cuda_worker`, compiled kernels).
-`python tests/grad_e_precision.py` prints the errors at tp = 1, 2, 3, 4 (DESIGN.md's table in
-"dE under tensor parallelism").
+These cases run inside the groups tests/distributed/test_vocab_parallel.py starts anyway:
+`worker_results` from its `_world_worker` (tp = 2, 3, 4; impl="torch") and its `_triton_worker`
+(tp = 2 under TRITON_INTERPRET=1; impl="triton"); tests/gpu/test_gpu.py runs them all over NCCL on
+2 and 3 GPUs (`cuda_worker`, compiled kernels). `python tests/support/grad_e_precision.py` prints
+the errors at tp = 1, 2, 3, 4 (DESIGN.md's table in "dE under tensor parallelism").
 """
 
 from __future__ import annotations
@@ -36,9 +35,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_utils import run_group  # noqa: E402
-from reference import reference_log_probs, reference_loss, rel_err  # noqa: E402
+if __name__ == "__main__":  # a script: `support` from tests/, not this folder's modules as top-level ones
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.process_groups import run_group  # noqa: E402
+from support.reference import reference_log_probs, reference_loss, rel_err  # noqa: E402
 
 RATIO = 1.1  # allowed dE error at tp=W relative to tp=1
 # allowed ‖dE_W − dE_1‖ relative to tp=1's error: summed in float32, the two differ by float32
@@ -175,9 +175,9 @@ def worker_results(rank: int, world: int, base_seed: int, torch_cases: bool = Tr
     import traceback
 
     if triton and device == "cpu":
-        import triton_interpreter
+        from support import interpreter
 
-        triton_interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap
+        interpreter.patch_bf16_dot()  # test set-up: the interpreter's bf16 tl.dot gap
     results = []
     for i, (impl, mode, size) in enumerate(_plan(torch_cases, triton)):
         uneven = impl == "triton" or world > 2
@@ -198,7 +198,7 @@ def _table_worker(rank, world, base_seed, triton):
 
 
 def cuda_worker(rank, world, base_seed):
-    """Every case on an NCCL group, one GPU per rank, at N=512, D=256, V=8192 (tests/test_gpu.py)."""
+    """Every case on an NCCL group, one GPU per rank, at N=512, D=256, V=8192 (tests/gpu/test_gpu.py)."""
     return worker_results(rank, world, base_seed, True, True, device="cuda")
 
 
