@@ -11,6 +11,7 @@ from support.reference import rel_err
 from vocab_parallel_cce import Tuning, torch_backend
 from vocab_parallel_cce.backends.protocol import Backend
 from vocab_parallel_cce.plan import Plan
+from vocab_parallel_cce.planning import plan_cross_entropy
 
 interpreter.on_cpu_only(patch_dot=False)
 
@@ -90,6 +91,22 @@ def test_backend_follows_the_contract(name, seed):
     expect = h.double() * 0.3
     backend.scale_in_place(h, k)  # (its float32 arithmetic: test_triton_interpreter, test_grad_in_forward)
     assert rel_err(h.double(), expect) < 2**-8
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,exact", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),
+                                         (torch.float32, False)])
+def test_logits_dtype_is_what_logits_and_stats_stores(name, dtype, exact, monkeypatch):
+    """Each backend's storage rule (`logits_dtype`, the contract's) is the dtype of the Z its
+    logits_and_stats returns."""
+    backend = _backend(name)
+    g = torch.Generator().manual_seed(5016)
+    e, c = torch.randn(5, 16, generator=g).to(dtype), torch.randn(16, 16, generator=g).to(dtype)
+    t = torch.randint(0, 16, (5,), generator=g)
+    plan, _ = plan_cross_entropy(e, c, t, impl=name, grad_in_forward=True)
+    plan = Plan(**{**plan.__dict__, "exact": exact, "backend": backend, "path": "held"})
+    z = backend.logits_and_stats(e, c, None, t, plan)[0]
+    assert z.dtype == backend.logits_dtype(dtype, exact)
 
 
 def _fast_plan(backend, weights, exact) -> Plan:

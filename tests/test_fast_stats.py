@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from support import interpreter
-from support.fast_mode import CountFast
 from support.inputs import weighted_inputs
 from support.reference import reference_argmax, rel_err
 from vocab_parallel_cce import CrossEntropyOutput, Tuning, linear_cross_entropy
@@ -32,8 +31,6 @@ FLAGS = dict(return_z_loss=True, return_token_accuracy=True, return_predicted_to
 # of the written-back logits (the GPU rounds), which biases the bf16 loss: 2e-3 there.
 TOL = {torch.float64: (1e-12, 1e-11), torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3),
        torch.bfloat16: (2e-3, 2e-2)}
-
-
 
 
 def _oracle(leaves, t, w, reduction, ls=0.0, zl=0.0, softcap=None, vocab=None):
@@ -316,26 +313,3 @@ def test_a_gradient_through_the_z_loss_output(impl, reduction, seed):
     assert torch.isfinite(torch.autograd.grad(slow.z_loss.sum(), leaves[0])[0]).all()
 
 
-def test_auto_selects_the_fast_mode_for_these_options(seed, monkeypatch):
-    fast = CountFast(monkeypatch)
-    leaves, t, w = weighted_inputs(12, 16, 40, torch.float32)
-    e, c = leaves[:2]
-    flags = {k: v for k, v in FLAGS.items() if k != "return_z_loss"}
-    cases = ({"return_token_accuracy": True}, {"return_predicted_tokens": True},
-             {"class_weights": w.float(), "label_smoothing": 0.1},
-             {"class_weights": w.float(), "z_loss": 1e-2}, {**flags, "class_weights": w.float(), "z_loss": 1e-2,
-                                                          "label_smoothing": 0.1, "reduction": "sum"})
-    for kw in cases:
-        for tuning, path in ((None, "held"), (CHUNKS, "chunked")):
-            fast.clear()
-            linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", tuning=tuning, **kw)
-            assert fast.paths == [path], kw
-    # return_z_loss (an output with a gradient of its own) and "none" (per-token upstream
-    # gradients): the fast mode only where it holds the logits (one chunk), else memory-first
-    for kw in ({"return_z_loss": True, "z_loss": 1e-2}, {"reduction": "none", **FLAGS}):
-        for tuning, paths in ((None, ["held"]), (CHUNKS, [])):
-            fast.clear()
-            out = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="auto", tuning=tuning, **kw)
-            assert fast.paths == paths, (kw, tuning)
-            if "z_loss" in kw:
-                assert torch.isfinite(torch.autograd.grad(out.z_loss, e)[0]).all()

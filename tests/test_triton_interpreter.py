@@ -387,37 +387,3 @@ def test_skip_policy_reads_a_measurement_only_once_its_event_has_completed(monke
     assert policy.decide(key, tuning) == (False, True)  # every skip_remeasure_every calls while dense
 
 
-def test_auto_mode_is_the_fast_one_where_it_is_exact(seed, monkeypatch):
-    """The default is grad_in_forward="auto": the fast mode with grads on
-    the triton backend — the held-logits path when the logits fit one chunk, for every reduction
-    ("none" with per-token upstream gradients too), the token-chunked path beyond that for
-    "mean"/"sum" only (per-token upstream gradients then take the memory-first mode) — and the
-    memory-first mode for return_lse, the torch backend, while torch.compile traces, and without autograd."""
-    from support.fast_mode import fast_path_of
-
-    e, c, _ = _inputs(12, 16, 40, torch.float32)
-    t = torch.randint(0, 40, (12,))
-
-    def mode(**kw):
-        out = linear_cross_entropy(e, c, t, **{"impl": "triton", "grad_in_forward": "auto", **kw})
-        return fast_path_of(out[0] if isinstance(out, tuple) else out)
-
-    tiny = Tuning(fast_logits_bytes=64 * 40 * 4)  # chunks of 128 tokens (the least): 12 fit, 300 do not
-    assert fast_path_of(linear_cross_entropy(e, c, t, impl="triton")) == "held"  # the default is "auto"
-    assert mode() == "held" and mode(reduction="sum") == "held" and mode(reduction="none") == "held"
-    assert mode(tuning=tiny) == "held" and mode(tuning=Tuning(fast_chunk_tokens=5)) == "chunked"
-    assert mode(tuning=Tuning(fast_chunk_tokens=5), reduction="none") == "memory-first"
-    big_e = torch.randn(300, 16, requires_grad=True)
-    big_t = torch.randint(0, 40, (300,))
-    for red, expect in (("mean", "chunked"), ("none", "memory-first")):
-        out = linear_cross_entropy(big_e, c, big_t, impl="triton", grad_in_forward="auto", reduction=red, tuning=tiny)
-        assert fast_path_of(out) == expect, red
-    assert mode(return_lse=True) == "memory-first"
-    assert mode(impl="torch") == "memory-first"
-    assert mode(grad_in_forward=False) == "memory-first"
-    with torch.no_grad():
-        assert mode() == "no autograd"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert mode() == "memory-first"
-    with pytest.raises(TypeError, match="^grad_in_forward: expected True, False or 'auto'"):
-        linear_cross_entropy(e, c, t, impl="triton", grad_in_forward="yes")

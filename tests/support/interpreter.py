@@ -24,6 +24,19 @@ def on_cpu_only(patch_dot: bool = True) -> None:
         patch_bf16_dot()
 
 
+def required():
+    """on_cpu_only's rule as a mark, for a single test that runs the kernels on CPU tensors in a
+    module that does not need the interpreter otherwise: skipped on a GPU machine unless
+    TRITON_INTERPRET=1 was set for this pytest process."""
+    import os
+
+    import pytest
+    import torch
+
+    return pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                              reason="on a GPU machine run this with TRITON_INTERPRET=1 in its own pytest process")
+
+
 def patch_bf16_dot() -> None:
     import numpy as np
     import triton.language as tl

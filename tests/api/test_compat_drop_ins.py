@@ -1,7 +1,7 @@
 """Drop-ins: PyTorch 2.13's torch.nn.functional.linear_cross_entropy (compared with the real one)
 and Apple CCE's API (positional order, LinearCrossEntropyImpl, the cce_kahan* names, filter_*_grad,
 the module's positional constructor, VocabParallelOptions.from_vocab). Multi-rank parts (Apple's
-group=None, DTensor classifiers): test_features_distributed.py."""
+group=None, DTensor classifiers): tests/distributed/test_vocab_parallel_options.py."""
 
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 the z-loss as a separate output (CrossEntropyOutput), as Liger-Kernel returns them.
 
 Exact ties come from duplicated classifier rows, placed in different vocabulary tiles and forward
-splits of the Triton kernel (and, in test_features_distributed.py, on different ranks). Their inputs
-are small integers (e) and multiples of 1/8 (c): every product and partial sum is exact in float64,
-float32 and bfloat16, so duplicated rows give bit-equal logits in any order of summation, whatever
-BLAS or thread count computes the reference's product (random floats do not: a BLAS may sum one
-column in another order than its copy, 1e-15 apart, and the reference's argmax then moves).
+splits of the Triton kernel (and, in tests/distributed/test_vocab_parallel_options.py, on different
+ranks). Their inputs are small integers (e) and multiples of 1/8 (c): every product and partial sum
+is exact in float64, float32 and bfloat16, so duplicated rows give bit-equal logits in any order of
+summation, whatever BLAS or thread count computes the reference's product (random floats do not: a
+BLAS may sum one column in another order than its copy, 1e-15 apart, and the reference's argmax
+then moves).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _check(e, c, t, reduction="mean", shift=0, **kw):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_torch_path(reduction, seed):
+def test_torch_backend_outputs_with_ties(reduction, seed):
     e, c, t = _exact_inputs((3, 11), 12, 40, {5: [17, 33]})
     t[0, :6] = 5  # targets equal to the tie's smallest id: counted as hits
     out, pred = _check(e, c, t, reduction, shift=1, impl="torch")
@@ -125,7 +126,7 @@ def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
     """Interpreter tiles are 16 wide: rows 3, 19, 60 lie in different tiles (and splits)."""
     e, c, t = _exact_inputs((37,), 24, 70, {19: [3, 60]}, dtype)
     t[:10] = 3
-    # the memory-first kernels' tiles and splits (the fast mode's ties: test_fast_stats.py)
+    # the memory-first kernels' tiles and splits (the fast mode's ties: tests/paths/test_fast_statistics.py)
     out, pred = _check(e, c, t, "none", impl="triton", tuning=tuning, softcap=20.0, grad_in_forward=False)
     assert (pred == 3).sum() > 10
 
@@ -133,7 +134,8 @@ def test_triton_ties_across_tiles_and_splits(tuning, dtype, seed):
 def test_fast_mode_runs_with_these_outputs(monkeypatch, seed):
     """No fallback: grad_in_forward=True and "auto" run the fast mode with each of the outputs (the
     held-logits path: one chunk; "auto" takes return_z_loss only there, whose output has a gradient
-    of its own), and give the memory-first mode's values (test_fast_stats.py checks them in depth)."""
+    of its own), and give the memory-first mode's values (tests/paths/test_fast_statistics.py checks
+    them in depth)."""
     fast = CountFast(monkeypatch)
     e, c, t = _inputs((21,), 16, 30, torch.float32)
     flags = ({"return_token_accuracy": True}, {"return_predicted_tokens": True}, {"return_z_loss": True})

@@ -3,8 +3,8 @@
 The oracle is F.cross_entropy itself on float64 materialised logits (and tests/support/reference.py, which
 adds the z-loss, checked against F.cross_entropy here). Torch path in float64, Triton kernels under
 the interpreter in both modes (weighted smoothing and the weighted "mean" with a z-loss included),
-padded vocabularies, bad arguments. Multi-rank: test_features_distributed.py. The fast mode's new
-statistics in depth: test_fast_stats.py.
+padded vocabularies, bad arguments. Multi-rank: tests/distributed/test_vocab_parallel_options.py. The
+fast mode's statistics in depth: tests/paths/test_fast_statistics.py.
 """
 
 from __future__ import annotations
