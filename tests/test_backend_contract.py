@@ -89,7 +89,7 @@ def test_backend_follows_the_contract(name, seed):
     h = torch.randn(5, 7).to(torch.bfloat16)
     k = torch.tensor(0.3)
     expect = h.double() * 0.3
-    backend.scale_in_place(h, k)  # (its float32 arithmetic: test_triton_interpreter, test_grad_in_forward)
+    backend.scale_in_place(h, k)  # (its float32 arithmetic: tests/backends/test_triton_kernels.py)
     assert rel_err(h.double(), expect) < 2**-8
 
 

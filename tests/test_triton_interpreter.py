@@ -268,7 +268,7 @@ def test_grad_in_forward_bf16_loss_is_the_unfused_bf16_layers(seed):
 def test_grad_in_forward_scales_by_the_upstream_gradient_in_float32(seed):
     """The token-chunked fast mode's backward multiplies the stored 16-bit gradients by the
     upstream gradient in float32 (scale_kernel): the factor itself is never rounded to bfloat16.
-    (The held-logits path puts the factor into G instead: test_held_logits.py.)"""
+    (The held-logits path puts the factor into G instead: tests/paths/test_held.py.)"""
     e, c, b = _inputs(13, 16, 29, torch.bfloat16, bias=True)
     t = torch.randint(0, 29, (13,))
     k = 1.0 + 2.0**-7 + 2.0**-9  # bfloat16 would round it to 1 + 2**-7

@@ -1,4 +1,4 @@
-"""Launch count (CPU; tests/test_fewer_launches.py bounds it): how many small aten ops the default
+"""Launch count (CPU; tests/paths/test_held_plain_route.py bounds it): how many small aten ops the default
 call launches, forward + backward.
 
 On a GPU every aten op that computes something is one kernel launch; on [N]-sized vectors those

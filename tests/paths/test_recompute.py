@@ -1,4 +1,7 @@
-"""impl="torch" against the float64 materialised-logits reference (tests/support/reference.py)."""
+"""The memory-first (recompute) path on the torch backend (impl="torch", whose default it is) against
+the float64 materialised-logits reference (tests/support/reference.py): every reduction, option set
+and dtype, odd sizes, the backend's tiling, layouts, autocast, the module, invalid targets, padded
+vocabularies, torch.compile. The same path on the Triton kernels: tests/backends/test_triton_kernels.py."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ for "mean"/"sum", label smoothing, z-loss, class weights, softcap, bias, ignore_
 ignored, padded vocabulary rows; the bf16 single rounding of dE and dC against an unfused bf16
 layer built here; `dc_accumulate_into` (a float32 target accumulated straight from the product,
 no dC returned); loss_mask; retain_graph; torch.compile; the token-chunked fallback over the
-budget. Multi-rank: test_distributed.py ("held/..." cases); real sizes: test_gpu.py.
+budget; a second backward refused on the torch backend, return_lse refused, the same loss as
+the memory-first mode and without autograd. Multi-rank: tests/distributed/test_vocab_parallel.py
+("held/..." cases); real sizes: tests/gpu/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from support import interpreter
 from support.fast_mode import CountFast
+from support.inputs import make_inputs
 from support.reference import reference_loss, rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 
@@ -287,17 +290,24 @@ def test_backward_runs_once(seed):
         loss.sum().backward()
 
 
-def test_default_backward_twice_names_the_way_out(seed):
-    """The default ("auto") is the fast mode on the Triton backend: a second backward is refused with
-    the argument that allows it, and grad_in_forward=False does allow it."""
-    leaves, t = _inputs(8, 4, 9, torch.float32)
-    loss = linear_cross_entropy(*leaves[:2], t, impl="triton")
+def test_backward_runs_once_and_bad_options_raise(seed):
+    e, c, t, _ = make_inputs(8, 4, 9, torch.float32)
+    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="default 'auto'.*pass grad_in_forward=False"):
+    with pytest.raises(RuntimeError, match="grad_in_forward=True.*only once"):
         loss.backward()
-    loss = linear_cross_entropy(*leaves[:2], t, impl="triton", grad_in_forward=False)
-    loss.backward(retain_graph=True)
-    loss.backward()
+    with pytest.raises(ValueError, match=r"^grad_in_forward: needs return_lse=False"):
+        linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, return_lse=True)
+
+
+def test_same_loss_as_the_default_path_and_forward_only_use(seed):
+    e, c, t, b = make_inputs(20, 8, 25, torch.float32, bias=True)
+    default = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3)
+    mode = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True)
+    assert torch.allclose(default, mode, rtol=1e-6)
+    with torch.no_grad():  # nothing to differentiate: the default path runs, same value
+        assert torch.allclose(linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True),
+                              default, rtol=1e-6)
 
 
 def test_over_the_budget_the_token_chunked_path_runs(seed, monkeypatch):

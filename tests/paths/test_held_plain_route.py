@@ -27,7 +27,7 @@ from vocab_parallel_cce import linear_cross_entropy, torch_backend
 
 interpreter.on_cpu_only()
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "experiments")
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "experiments")
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,8 @@ def test_fused_route_agrees_with_memory_first(monkeypatch):
     fused = _call(monkeypatch, False, **kw)
     first = _call(monkeypatch, False, grad_in_forward=False, **kw)
     # bf16 stored logits (fast) against the recomputing float32 path; the interpreter truncates the
-    # kernel's bf16 downcasts: tolerances as test_held_logits' for bf16 on the triton backend
+    # kernel's bf16 downcasts: tolerances as tests/paths/test_held.py's for bf16 on the triton
+    # backend
     assert rel_err(fused["loss"], first["loss"]) < 3e-3
     for name in ("de", "dc"):
         assert rel_err(fused[name], first[name]) < 2e-2

@@ -1,9 +1,9 @@
-"""grad_in_forward=True's token-chunked path (gradients computed during the forward; forced here by
+"""The fast mode's token-chunked path (gradients computed during the forward; forced here by
 `Tuning(fast_chunk_tokens=7)`) against the float64 reference, on impl="torch" (reduction "none"
 with an upstream gradient uniform over the non-ignored tokens, and the NaN it gives otherwise,
-included); the Triton row kernels of this mode are tested in test_interpreter.py, the
-vocabulary-parallel combination in test_distributed.py. The one-chunk held-logits path (any upstream
-gradient): test_held_logits.py."""
+included). The Triton row kernels of this path: tests/backends/test_triton_kernels.py; under
+vocabulary parallelism: tests/distributed/test_vocab_parallel.py; the one-chunk held-logits path
+(any upstream gradient): tests/paths/test_held.py."""
 
 from __future__ import annotations
 
@@ -76,16 +76,6 @@ def test_out_of_range_target_is_nan(seed, chunk):
     assert torch.isnan(loss)
 
 
-def test_same_loss_as_the_default_path_and_forward_only_use(seed):
-    e, c, t, b = make_inputs(20, 8, 25, torch.float32, bias=True)
-    default = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3)
-    mode = linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True)
-    assert torch.allclose(default, mode, rtol=1e-6)
-    with torch.no_grad():  # nothing to differentiate: the default path runs, same value
-        assert torch.allclose(linear_cross_entropy(e, c, t, b, impl="torch", z_loss=1e-3, grad_in_forward=True),
-                              default, rtol=1e-6)
-
-
 def test_only_some_inputs_require_grad(seed, chunk):
     e, c, t, b = make_inputs(16, 8, 21, torch.float32, bias=True)
     e.requires_grad_(False)
@@ -94,16 +84,6 @@ def test_only_some_inputs_require_grad(seed, chunk):
     ref_c = c.detach().double().requires_grad_()
     ref = reference_loss(e.double(), ref_c, t, b.detach().double())
     assert rel_err(gc.double(), torch.autograd.grad(ref, ref_c)[0]) < 2e-5
-
-
-def test_backward_runs_once_and_bad_options_raise(seed):
-    e, c, t, _ = make_inputs(8, 4, 9, torch.float32)
-    loss = linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="grad_in_forward=True.*only once"):
-        loss.backward()
-    with pytest.raises(ValueError, match=r"^grad_in_forward: needs return_lse=False"):
-        linear_cross_entropy(e, c, t, impl="torch", grad_in_forward=True, return_lse=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -133,7 +113,7 @@ def test_none_with_a_uniform_upstream_gradient(seed, chunk, dtype, option):
 
 def test_none_with_a_non_uniform_upstream_gradient_gives_nan_in_token_chunks(seed, chunk):
     """The token-chunked path (logits over the one-chunk budget) needs a uniform upstream gradient;
-    the held-logits path takes any (test_held_logits.py)."""
+    the held-logits path takes any (tests/paths/test_held.py)."""
     e, c, t, b = make_inputs(10, 6, 13, torch.float32, bias=True, ignore_frac=0.0)
     loss = linear_cross_entropy(e, c, t, b, impl="torch", grad_in_forward=True, reduction="none", tuning=chunk)
     w = torch.ones(10)

@@ -1,4 +1,4 @@
-"""The fast mode's (grad_in_forward=True) optional statistics, issue 13: class-weighted label
+"""The fast mode's (grad_in_forward=True) optional statistics: class-weighted label
 smoothing (s = Σ_j w_j z_j), max / argmax (token accuracy, predicted tokens), the z-loss part as its
 own output, and the class-weighted "mean" with a z-loss (two divisors).
 
@@ -9,7 +9,7 @@ take the float32-logits kernels, bf16 the stored-logits kernel, with write-back 
 every reduction, several token chunks, odd sizes, N=1, all tokens ignored, padded vocabulary rows.
 Exact argmax ties come from inputs whose logits are exact in every dtype (small integers times 1/8):
 every ordering of the dot products gives the same values, so ties are ties everywhere.
-Multi-rank: test_features_distributed.py; real sizes: test_gpu.py.
+Multi-rank: tests/distributed/test_vocab_parallel_options.py; real sizes: tests/gpu/test_gpu.py.
 """
 
 from __future__ import annotations
