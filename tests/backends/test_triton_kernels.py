@@ -1,4 +1,6 @@
-"""The Triton kernels on CPU under TRITON_INTERPRET=1, through the public API, against float64.
+"""The Triton kernels on CPU under TRITON_INTERPRET=1, through the public API, against float64: the
+memory-first mode's kernels on both load paths (TMA descriptors and pointer loads), its dC tile
+filter and the adaptive skip policy, G's chunks in dC's storage, and the fast mode's row kernels.
 
 Sizes are small (the interpreter runs each program in numpy) but deliberately not multiples of
 the interpreter's 16-wide blocks, so every masked edge of the kernels is exercised.

@@ -1,5 +1,6 @@
-"""Both backends implement backend.Backend, with the same meaning: each function against the
-formulas of backends/protocol.py in float64 (the triton backend under TRITON_INTERPRET=1 on CPU)."""
+"""Both backends implement backends.protocol.Backend, with the same meaning: each function against
+the formulas of backends/protocol.py in float64, and the storage rule `logits_dtype` (the triton
+backend under TRITON_INTERPRET=1 on CPU)."""
 
 from __future__ import annotations
 
