@@ -1,13 +1,15 @@
-"""Issue 13's features under vocabulary parallelism, on real gloo groups of 2 and 3 CPU ranks.
+"""The options and outputs beyond the plain loss under vocabulary parallelism, on real gloo groups
+of 2 and 3 CPU ranks.
 
 Every rank builds the same full inputs from a shared seed, runs on its shard (uneven, reordered,
 padded shards; sequence parallel) and compares with the float64 reference on the FULL classifier:
 linear_log_probs (log-probs and entropy, random upstream gradients), class weights, token
 accuracy / predicted tokens with exact ties on different ranks, the z-loss output, exactly one
 statistics all-gather per call (per token chunk in the fast mode, whose weighted smoothing, z-loss
-output, accuracy and predicted tokens also equal one process's), Apple CCE's VocabParallelOptions with group=None (the default
-group) and from_vocab, and a DTensor classifier sharded along the vocabulary. Where the Triton
-interpreter is on (CPU machines: tests/conftest.py), the 2-rank group also runs the kernels.
+output, accuracy and predicted tokens also equal one process's), Apple CCE's VocabParallelOptions
+with group=None (the default group) and from_vocab, and a DTensor classifier sharded along the
+vocabulary. Where the Triton interpreter is on (CPU machines: tests/conftest.py), the 2-rank group
+also runs the kernels.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every rank builds the SAME full inputs from a shared seed, runs `linear_cross_en
 shard of the classifier, and compares loss and gradients with the float64 reference computed on
 the FULL classifier in the same process. Many cases run inside one group per world size; the
 ranks stay in lock-step because each case
-runs every collective before it checks anything. The groups also run tests/grad_e_precision.py's
+runs every collective before it checks anything. The groups also run tests/support/grad_e_precision.py's
 cases: bf16 dE under tensor parallelism at the tp=1 error against float64.
 """
 
@@ -446,7 +446,7 @@ def _world_worker(rank: int, world: int, base_seed: int):
     world_group = dist.group.WORLD
     for i, case in enumerate(_cases(world)):
         record(results, case.name, lambda: _run_case(case, base_seed + i, world_group, rank, world))
-    # bf16 dE at the tp=1 error (all-reduce and reduce-scatter in float32): tests/grad_e_precision.py
+    # bf16 dE at the tp=1 error (all-reduce and reduce-scatter in float32): tests/support/grad_e_precision.py
     results += grad_e_precision.worker_results(rank, world, base_seed + 500)
 
     # group=None and groups of one rank behave like a single device

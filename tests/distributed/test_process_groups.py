@@ -1,4 +1,4 @@
-"""The test suite's process-group starter (process_groups.run_group) itself."""
+"""The test suite's process-group starter (tests/support/process_groups.py's run_group) itself."""
 
 from __future__ import annotations
 
