@@ -3,7 +3,8 @@
 The torch path in float64 (exact to ~1e-12), the Triton kernels under TRITON_INTERPRET=1 in
 float32 / float16 / bfloat16, random upstream gradients on both outputs (an RL loss weights every
 token differently), odd sizes, one token, all ignored, shift, 3-D inputs, padding rows, bad
-arguments. Vocabulary-parallel and sequence-parallel runs: tests/test_features_distributed.py.
+arguments. Vocabulary-parallel and sequence-parallel runs:
+tests/distributed/test_vocab_parallel_options.py.
 """
 
 from __future__ import annotations
