@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("matplotlib")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch")
 TRAIN = os.path.join(LAUNCH, "train_gpt.py")
 TIMEOUT = 900  # generous: a loaded 2-core machine imports megatron-core slowly
