@@ -42,7 +42,7 @@ if TESTS_DIR not in sys.path:
 def pytest_collection_modifyitems(config, items):
     gpu = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords and not gpu:
+        if item.get_closest_marker("gpu") is not None and not gpu:  # a mark, not a name: tests/gpu/ is one
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 

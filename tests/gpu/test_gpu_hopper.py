@@ -1,7 +1,7 @@
 """GPU tests of the Hopper (Gluon) kernels (skipped without an sm_90 GPU and a Triton they are
 tested on): the same calls with `Tuning(use_gluon=True)` and `use_gluon=False` (the portable
 Triton kernels and cuBLAS), each against float64, at real and odd sizes, in both modes. Run
-them in their own pytest process, as tests/test_gpu.py."""
+them in their own pytest process, as tests/gpu/test_gpu.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """GPU tests (skipped without CUDA): Triton path at real sizes against float64, torch.compile,
-CUDA-graph capture, autocast. Run them in their own pytest process (`pytest tests/test_gpu.py`):
-the interpreter tests switch TRITON_INTERPRET on for the process that imports them.
+CUDA-graph capture, autocast. Run them in their own pytest process
+(`pytest tests/gpu/test_gpu.py`): the interpreter tests switch TRITON_INTERPRET on for the process
+that imports them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def _compiled_kernels():
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 in this process: run tests/test_gpu.py on its own")
+        pytest.skip("TRITON_INTERPRET=1 in this process: run tests/gpu/test_gpu.py on its own")
 
 
 def _inputs(n, d, v, dtype, kind, seed):
@@ -261,7 +262,7 @@ def test_fast_gradients_are_as_close_as_the_unfused_layers(kind):
         assert errs[0] < 1.25 * base[0] and errs[1] < 1.25 * base[1], (errs, base)
 
 
-# ---- issue 13: log-probs and entropy, class weights, token accuracy / predicted tokens, z-loss output
+# ---- log-probs and entropy, class weights, token accuracy / predicted tokens, z-loss output
 
 
 def _reference_rl(e, c, t, bias=None, softcap=None, temperature=1.0):
@@ -396,18 +397,17 @@ def test_torch_compile_log_probs():
         assert torch.equal(a, b) or rel_err(a.double(), b.double()) < 1e-6
 
 
-# Issue 13's speed bar (fwd+bwd of log-probs and entropy at 8192×4096×128256 bf16 within 1.1× our
-# loss's memory-first mode, verl alongside) is measured, not asserted here (benchmarks, not timed
-# tests): `python3 benchmarks/run.py rl` (benchmarks/rl_suite.py, documented in benchmarks/README.md).
-# That test timed only (it checked nothing else); linear_log_probs' correctness on the GPU is
-# test_log_probs_and_entropy_match_float64 above, and the suite reports its errors against float64
-# at the benchmark sizes.
+# The speed of log-probs and entropy (fwd+bwd at 8192×4096×128256 bf16 against our loss's
+# memory-first mode, verl alongside) is measured, not asserted here (benchmarks, not timed tests):
+# `python3 benchmarks/run.py rl` (benchmarks/rl_suite.py, documented in benchmarks/README.md), which
+# also reports its errors against float64 at the benchmark sizes; linear_log_probs' correctness on
+# the GPU is test_log_probs_and_entropy_match_float64 above.
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_grad_e_under_tensor_parallelism_over_nccl(world):
-    """tests/grad_e_precision.py's cases on an NCCL group of `world` GPUs (bf16, N=512, D=256,
-    V=8192, compiled kernels): dE at tp=1's error and the same on every rank, which checks what
+    """tests/support/grad_e_precision.py's cases on an NCCL group of `world` GPUs (bf16, N=512,
+    D=256, V=8192, compiled kernels): dE at tp=1's error and the same on every rank, which checks what
     the CPU's gloo runs cannot: NCCL's in-place reduce-scatter and all-gather into dE's own
     storage (tp=2; tp=3 takes the float32 all-reduce, 512 tokens not being a multiple of 3), the
     triton backend's float32 dE, and the fast mode's cuBLAS float32-output dE product."""
@@ -422,7 +422,7 @@ def test_grad_e_under_tensor_parallelism_over_nccl(world):
     assert all(len(r) == 12 for r in results.values()), {k: len(r) for k, r in results.items()}
 
 
-# ---- issue 13 in the fast mode: class-weighted smoothing, z-loss output, accuracy / predicted tokens
+# ---- the fast mode's statistics: class-weighted smoothing, z-loss output, accuracy / predicted tokens
 
 
 FAST_STATS_CASES = [

@@ -4,9 +4,9 @@ Four spawned processes all use cuda:0 and talk over gloo groups of 2, 3 and 4 of
 size where the Triton kernels take their real tile paths: N = 4096 tokens, D = 4096,
 V = 128256 rows in bf16. This checks the vocabulary-parallel GPU path (shards, statistics
 combined across ranks, dE summed or reduce-scattered, sequence parallelism, the Megatron adapter)
-without a multi-GPU machine; the NCCL tests in tests/test_gpu.py cover NCCL itself. Every process
-spawns with its own CUDA context (~0.5 GB); each holds the full bf16 classifier (1 GB) for the
-one-rank reference, so the run peaks at about 4 × 5 GB of GPU memory.
+without a multi-GPU machine; the NCCL tests in tests/gpu/test_gpu.py cover NCCL itself. Every
+process spawns with its own CUDA context (~0.5 GB); each holds the full bf16 classifier (1 GB) for
+the one-rank reference, so the run peaks at about 4 × 5 GB of GPU memory.
 
 Every rank draws the SAME full e, c, bias, targets from one seed and slices its shard. Each case
 checks, on every rank taking part, the loss, dE (this rank's rows under sequence parallelism),
@@ -16,7 +16,7 @@ this rank's dC shard and dbias against
       combined in float32), 1e-4 for the fast mode's per-token losses (its bf16 logits come from a
       product of another shape, which may round a logit to the neighbouring bf16 value);
   (b) float64 from the definition: the loss of all tokens, dE on 256 of this rank's tokens, dC and
-      dbias on 256 rows of this rank's shard (from all tokens), within tests/test_gpu.py's
+      dbias on 256 rows of this rank's shard (from all tokens), within tests/gpu/test_gpu.py's
       tolerances (bf16 gradients 1.5e-2); padding rows get exactly zero gradient.
 The cases: even shards over 2 and 4 ranks; uneven shards over 3 ranks (the last rank holding
 the first rows; N = 4096 is not a multiple of 3, so dE takes the float32 all-reduce); a padded
@@ -29,8 +29,8 @@ ColumnParallelLinear (tensor-parallel groups of 2 from `parallel_state.initializ
 over the 4 processes) against Megatron's own `vocab_parallel_cross_entropy` on the same layer,
 with and without sequence parallelism, and with gradient-accumulation fusion (dC added into a
 float32 `main_grad`). The adapter's other half, patching a whole GPTModel, is left to
-tests/test_megatron.py (CPU): a GPTModel at this size would not fit the time budget, and its
-hidden states would not be the test's choice.
+tests/integrations/test_megatron.py (CPU): a GPTModel at this size would not fit the time budget,
+and its hidden states would not be the test's choice.
 
 What gloo does with CUDA tensors (torch's ProcessGroupGloo): it copies them to pinned host
 memory, runs the collective on the CPU and copies the result back (no GPU reduction):
@@ -55,9 +55,9 @@ a time limit on every rank (CASE_LIMIT_S), the whole run a hang guard (RUN_LIMIT
 
 On CPU: VPCCE_TEST_MULTIRANK_CPU=1 runs the same rank functions on CPU tensors (impl="torch",
 N=64, D=32, V=1000), which checks the slicing, references and comparisons without a GPU:
-    VPCCE_TEST_MULTIRANK_CPU=1 pytest tests/test_gpu_multirank.py
-Run the GPU items in their own pytest process (like tests/test_gpu.py): TRITON_INTERPRET=1 in
-the process skips them, and a spawned rank would inherit it.
+    VPCCE_TEST_MULTIRANK_CPU=1 pytest tests/gpu/test_gpu_multirank.py
+Run the GPU items in their own pytest process (like tests/gpu/test_gpu.py): TRITON_INTERPRET=1
+in the process skips them, and a spawned rank would inherit it.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ GROUP_TIMEOUT_S = 180  # a case's group: a rank may wait there while the others 
 CASE_LIMIT_S = 60  # one case on one rank, first-call kernel compilation included
 RUN_LIMIT_S = 480  # the whole spawned run: a hang guard
 IGNORE = -100
-BF16_GRAD_TOL = 1.5e-2  # bf16 gradients against float64 (tests/test_gpu.py's)
+BF16_GRAD_TOL = 1.5e-2  # bf16 gradients against float64 (tests/gpu/test_gpu.py's)
 ONE_RANK_GRAD_TOL = 5e-3  # bf16 gradients, several ranks against one
 FALLBACK_WARNING = "using the exact torch path"
 
@@ -573,7 +573,7 @@ DEVICES = [
 @pytest.fixture(autouse=True)
 def _compiled_kernels(request):
     if request.node.callspec.params["device"] == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 in this process: run tests/test_gpu_multirank.py on its own")
+        pytest.skip("TRITON_INTERPRET=1 in this process: run tests/gpu/test_gpu_multirank.py on its own")
 
 
 @pytest.mark.xdist_group("gpu_multirank")
