@@ -361,7 +361,7 @@ def test_predicted_tokens_and_accuracy(dtype):
     assert rel_err(out.z_loss.double(), torch.where(valid, 1e-4 * lse**2, 0.0)) < 1e-4
 
 
-def test_no_host_sync_with_the_new_options():
+def test_no_host_sync_with_log_probs_weights_and_optional_outputs():
     from vocab_parallel_cce import linear_log_probs
 
     e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=47)
@@ -436,7 +436,7 @@ FAST_STATS_CASES = [
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", FAST_STATS_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}")
-def test_fast_mode_new_statistics_match_float64(case, reduction):
+def test_fast_mode_statistics_match_float64(case, reduction):
     """grad_in_forward=True with class weights, label smoothing and a z-loss ("mean": two divisors),
     the z-loss output, token accuracy and predicted tokens, in several token chunks, against float64
     F.cross_entropy(weight=, label_smoothing=) on materialised logits."""
@@ -534,7 +534,7 @@ def test_fast_mode_predicted_tokens_and_ties(dtype, with_bias):
     (out.loss * valid).sum().backward()  # a uniform upstream gradient: the fast mode's backward
 
 
-def test_no_host_sync_in_the_fast_mode_with_the_new_options():
+def test_no_host_sync_in_the_fast_mode_with_its_statistics():
     e, c, t = _inputs(1024, 512, 20000, torch.bfloat16, "random", seed=71)
     e, c = e.requires_grad_(), c.requires_grad_()
     w = torch.rand(20000, device="cuda") + 0.5
