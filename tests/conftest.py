@@ -1,6 +1,9 @@
 """Shared pytest set-up: tests/ on sys.path (for the `support` package, also in spawned ranks), each
 xdist worker's thread count, the Triton interpreter on machines without a GPU, the same start for
-every test, and the `gpu` marker's skip without CUDA (the markers are listed in pyproject.toml)."""
+every test, and the `gpu` marker's skip without CUDA (the markers are listed in pyproject.toml).
+
+The test folders (api, paths, backends, distributed, integrations, launch, gpu) are not packages:
+pytest imports each test module by its file name, so those names are unique across tests/."""
 
 from __future__ import annotations
 
