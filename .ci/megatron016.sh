@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run tests/test_megatron.py against megatron-core 0.16.x (the last release for Python 3.11),
+# Run tests/integrations/test_megatron.py against megatron-core 0.16.x (the last release for Python 3.11),
 # in its own virtualenv built from nothing: .venv-mcore016 (override with VENV=...).
 #   .ci/megatron016.sh            # create the venv if missing, then run the tests
 #   FRESH=1 .ci/megatron016.sh    # rebuild the venv first
@@ -22,5 +22,5 @@ fi
 # an existing venv with other versions is brought back to the specs
 pins_ensure "$VENV/bin/python" megatron016 "$TORCH_SPEC" "$MCORE_SPEC"
 echo "megatron016: $(pins_show "$VENV/bin/python" megatron-core torch) (pinned: $MCORE_SPEC $TORCH_SPEC)"
-"$VENV/bin/python" -m pytest tests/test_megatron.py -q -p no:cacheprovider -n "${WORKERS:-2}" "$@"
+"$VENV/bin/python" -m pytest tests/integrations/test_megatron.py -q -p no:cacheprovider -n "${WORKERS:-2}" "$@"
 echo "megatron016: $(( $(date +%s) - start )) s in all"

@@ -16,7 +16,7 @@ Suites:
   gpt             Megatron GPT training steps, our loss vs Megatron's fused CE (launch/train_gpt.py)
   fidelity        training curves, each fused mode vs native over seeds and corpora (launch/train_gpt.py)
   hf              Hugging Face Llama-shaped training step (bench_transformers.py)
-  tests           pytest tests/test_gpu.py, output saved
+  tests           pytest tests/gpu/test_gpu.py, output saved
   chart FILE.json...   redraw the chart of saved results (several files of one suite: merged)
   merge FILE.json...   merge saved results of one suite (e.g. the loss suite run kind by kind)
 

@@ -22,7 +22,7 @@ import zlib
 os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))  # triton_interpreter: the interpreter's bf16 products
+sys.path.insert(0, os.path.join(REPO, "tests"))  # support.interpreter: the interpreter's bf16 products
 
 import torch  # noqa: E402
 
@@ -107,9 +107,9 @@ def _case(impl, dtype, shape, reduction, opt, upstream):
 
 def save(path: str, only: str = "") -> int:
     """Runs every case (whose key contains `only`) and saves {key: {name: tensor}} to `path`."""
-    import triton_interpreter
+    from support import interpreter
 
-    triton_interpreter.patch_bf16_dot()
+    interpreter.patch_bf16_dot()
     results = {}
     for impl, shape, reduction, opt, up in itertools.product(("triton", "torch"), SHAPES, ("mean", "sum", "none"),
                                                             OPTIONS, (3.7,)):

@@ -1,6 +1,6 @@
 """The runner's suites that drive other programs: vocab_parallel (torchrun bench_vocab_parallel.py),
 gpt and fidelity (torchrun launch/train_gpt.py, through its command line only), hf
-(bench_transformers.py) and tests (pytest tests/test_gpu.py). Each class is one suite:
+(bench_transformers.py) and tests (pytest tests/gpu/test_gpu.py). Each class is one suite:
 add_args, run(args, out) → document, markdown(document), chart(document, png) or None.
 """
 
@@ -670,11 +670,11 @@ class HF:
 
 # ----------------------------------------------------------------------------------------------
 class Tests:
-    """pytest tests/test_gpu.py (or --pytest-args), its output saved and its counts tabulated."""
+    """pytest tests/gpu/test_gpu.py (or --pytest-args), its output saved and its counts tabulated."""
 
     @staticmethod
     def add_args(p):
-        p.add_argument("--pytest-args", default="tests/test_gpu.py -q", help="arguments of pytest, one string")
+        p.add_argument("--pytest-args", default="tests/gpu/test_gpu.py -q", help="arguments of pytest, one string")
         p.add_argument("--timeout-s", type=float, default=480.0)
 
     @staticmethod

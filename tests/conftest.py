@@ -1,5 +1,9 @@
-"""Shared pytest setup: tests/ on sys.path (for `reference`, `dist_utils`, also in spawned ranks), each
-xdist worker's thread count, the same start for every test, the `exact` marker."""
+"""Shared pytest set-up: tests/ on sys.path (for the `support` package, also in spawned ranks), each
+xdist worker's thread count, the Triton interpreter on machines without a GPU, the same start for
+every test, and the `gpu` marker's skip without CUDA (the markers are listed in pyproject.toml).
+
+The test folders (api, paths, backends, distributed, integrations, launch, gpu) are not packages:
+pytest imports each test module by its file name, so those names are unique across tests/."""
 
 from __future__ import annotations
 
@@ -38,16 +42,10 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "exact: asserts bit-equal results (exact ties, argmax, equal floats from two code paths); "
-                   ".ci/run runs these again under another BLAS code path and thread count")
-
-
 def pytest_collection_modifyitems(config, items):
     gpu = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords and not gpu:
+        if item.get_closest_marker("gpu") is not None and not gpu:  # a mark, not a name: tests/gpu/ is one
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
@@ -64,7 +62,7 @@ def _same_start_in_any_order(request):
     s = _seed_of(request)
     torch.manual_seed(s)
     random.seed(s)
-    backend = sys.modules.get("vocab_parallel_cce.triton_backend")
+    backend = sys.modules.get("vocab_parallel_cce.backends.triton")  # loaded without its former name too
     if backend is not None:
         backend.skip_policy.reset()
         backend.counters.clear()

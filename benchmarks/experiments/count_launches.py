@@ -1,4 +1,4 @@
-"""Launch count (CPU; tests/test_fewer_launches.py bounds it): how many small aten ops the default
+"""Launch count (CPU; tests/paths/test_held_plain_route.py bounds it): how many small aten ops the default
 call launches, forward + backward.
 
 On a GPU every aten op that computes something is one kernel launch; on [N]-sized vectors those
@@ -176,9 +176,9 @@ def run_case(name: str, impl: str = "triton", **extra) -> dict:
 
 
 def main(detail: bool, general: bool) -> None:
-    import triton_interpreter
+    from support import interpreter
 
-    triton_interpreter.patch_bf16_dot()
+    interpreter.patch_bf16_dot()
     if general:
         import vocab_parallel_cce.triton_backend as tb
 

@@ -1,0 +1,127 @@
+"""GPU tests of the Hopper (Gluon) kernels (skipped without an sm_90 GPU and a Triton with
+Gluon): the same calls with `Tuning(use_gluon=True)` and `use_gluon=False` (the portable
+Triton kernels and cuBLAS), each against float64, at real and odd sizes, in both modes. Run
+them in their own pytest process, as tests/gpu/test_gpu.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from support.reference import rel_err
+from vocab_parallel_cce import Tuning, linear_cross_entropy
+from vocab_parallel_cce.backends.triton import hopper
+
+pytestmark = pytest.mark.gpu
+
+GLUON = Tuning(use_gluon=True)
+PORTABLE = Tuning(use_gluon=False)
+
+
+@pytest.fixture(autouse=True)
+def _hopper_only():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: run the GPU tests on their own")
+    if not hopper.available(torch.device("cuda"), True):
+        pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
+
+
+def _inputs(n, d, v, kind, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    e = torch.randn(n, d, device="cuda", generator=g)
+    c = torch.randn(v, d, device="cuda", generator=g) * 2.0 / d**0.5
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    if kind == "confident":  # targets' logits raised by ~12: p_t near 1, a small loss
+        ct = c[t]
+        e = e + 12.0 * ct / (ct * ct).sum(1, keepdim=True)
+    return e.bfloat16(), c.bfloat16(), t
+
+
+def _reference(e, c, t, ls=0.0, vocab_size=None, reduction="mean"):
+    """float64 loss and (dE, dC) of the unfused layer; rows of c past vocab_size are padding."""
+    v = c.shape[0] if vocab_size is None else vocab_size
+    e64, c64 = (x.detach().double().requires_grad_() for x in (e, c))
+    z = e64 @ c64[:v].T
+    loss = torch.nn.functional.cross_entropy(z, t, label_smoothing=ls, ignore_index=-100, reduction="sum")
+    count = (t != -100).sum().clamp(min=1)
+    loss = loss / count if reduction == "mean" else loss
+    return loss.detach(), torch.autograd.grad(loss, (e64, c64))
+
+
+def _run(e, c, t, tuning, **kw):
+    leaves = [x.clone().requires_grad_() for x in (e, c)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], t, tuning=tuning, **kw)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+CASES = [  # n, d, v, kind
+    (4096, 4096, 32064, "random"),
+    (4096, 4096, 32064, "confident"),
+    (1000, 1000, 5003, "random"),  # nothing a multiple of the tiles
+    (777, 2304, 50001, "confident"),
+    (1, 256, 1, "random"),
+    (1, 4096, 16032, "random"),
+]
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
+@pytest.mark.parametrize("ls", [0.0, 0.1], ids=["plain", "smoothing"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:3])) + "-" + c[3])
+def test_gluon_matches_float64_as_closely_as_the_portable_kernels(case, ls, mode):
+    n, d, v, kind = case
+    e, c, t = _inputs(n, d, v, kind, seed=n + d + v)
+    if n > 1:
+        t[::7] = -100
+    ref, ref_grads = _reference(e, c, t, ls)
+    from vocab_parallel_cce import triton_backend
+
+    triton_backend.counters.clear()
+    gluon = _run(e, c, t, GLUON, grad_in_forward=mode, label_smoothing=ls)
+    assert triton_backend.counters["hopper_forward"] >= 1  # the Gluon kernels ran
+    portable = _run(e, c, t, PORTABLE, grad_in_forward=mode, label_smoothing=ls)
+    # the loss comes from the float32 products in both modes (the portable fast mode's from bf16 logits)
+    assert rel_err(gluon[0].double(), ref) < (1e-6 if n > 1 else 1e-5)
+    for g, p, r in zip(gluon[1:], portable[1:], ref_grads):
+        assert torch.isfinite(g).all()
+        assert rel_err(g.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-4
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
+def test_gluon_all_tokens_ignored(mode):
+    e, c, t = _inputs(300, 512, 4099, "random", seed=3)
+    t[:] = -100
+    loss, de, dc = _run(e, c, t, GLUON, grad_in_forward=mode)
+    assert loss.item() == 0.0
+    assert not de.any() and not dc.any()
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gluon_padded_vocabulary_and_reductions(mode, reduction):
+    """Rows of c past vocab_size (a padded shard) take no part, whatever their values."""
+    n, d, v, size = 2048, 1024, 32000, 31871
+    e, c, t = _inputs(n, d, v, "random", seed=11)
+    c[size:] = 50.0  # would dominate every softmax if it took part
+    t = t % size
+    loss_kw = dict(grad_in_forward=mode, vocab_size=size, reduction=reduction)
+    leaves = [x.clone().requires_grad_() for x in (e, c)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], t, tuning=GLUON, **loss_kw)
+    up = torch.rand_like(loss) if reduction == "none" else torch.tensor(0.37, device="cuda")
+    de, dc = torch.autograd.grad(loss, leaves, up)
+    e64, c64 = (x.detach().double().requires_grad_() for x in (e, c))
+    ref = torch.nn.functional.cross_entropy(e64 @ c64[:size].T, t, reduction=reduction)
+    rde, rdc = torch.autograd.grad(ref, (e64, c64), up.double())
+    assert rel_err(loss.double(), ref.detach()) < 1e-6
+    assert rel_err(de.double(), rde) < 1.5e-2 and rel_err(dc.double(), rdc) < 1.5e-2
+    assert not dc[size:].any()
+
+
+def test_gluon_and_portable_fast_gradients_agree_at_real_size():
+    """(8192, 4096, 128256): the gradient is the unfused layer's arithmetic on both paths."""
+    e, c, t = _inputs(8192, 4096, 128256, "confident", seed=5)
+    gluon = _run(e, c, t, GLUON)
+    portable = _run(e, c, t, PORTABLE)
+    for g, p in zip(gluon[1:], portable[1:]):
+        assert rel_err(g.double(), p.double()) < 5e-3
