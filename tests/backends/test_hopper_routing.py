@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triton_interpreter
-from dist_utils import run_group
-from reference import rel_err
+from support import interpreter
+from support.process_groups import run_group
+from support.reference import rel_err
 from vocab_parallel_cce import Tuning, linear_cross_entropy
 from vocab_parallel_cce.backends import triton as triton_backend
 from vocab_parallel_cce.backends.triton import hopper
 from vocab_parallel_cce.plan import Plan
 
-triton_interpreter.on_cpu_only()
+interpreter.on_cpu_only()
 
 GLUON, PORTABLE = Tuning(use_gluon=True), Tuning(use_gluon=False)
 
