@@ -17,7 +17,7 @@ import torch
 # Triton releases on which calls use these kernels by default. The kernels passed their float64
 # checks on an H100 with Triton 3.6 (benchmarks/results/h100/hopper.md), and the test suite
 # compiles them for sm_90a with the Triton it installs; the library's calls through them (their
-# routing, tests/gpu/test_hopper.py and the GPU suite) have not run on a GPU yet, so none: the
+# routing, tests/gpu/test_gpu_hopper.py and the GPU suite) have not run on a GPU yet, so none: the
 # kernels are opt-in (`Tuning(use_gluon=True)`, VPCCE_USE_GLUON=1) until those tests pass there.
 DEFAULT_TRITON: tuple[str, ...] = ()
 
