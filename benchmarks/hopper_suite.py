@@ -192,8 +192,8 @@ def run(args, out) -> dict:
 
 def markdown(doc: dict) -> str:
     m = doc.get("machine", {})
-    lines = [f"## hopper: the Gluon kernels alone ({m.get('device_name', '?')}, torch {m.get('torch', '?')}, "
-             f"Triton {m.get('triton', '?')}, {doc.get('date', '?')})", ""]
+    lines = [f"# hopper: {m.get('device_name', '?')}, {doc.get('date', '?')}", "",
+             f"The Gluon kernels alone; torch {m.get('torch', '?')}, triton {m.get('triton', '?')}.", ""]
     if doc.get("note"):
         lines += [doc["note"], ""]
     lines += ["Errors against float64 (‖x − ref‖/‖ref‖; first and last 128 rows; loss = lse − x per token):", ""]
