@@ -25,10 +25,10 @@ import charts
 import methods as M
 import tables as R
 from children import run_child
-from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes, softmax_stats
-from references import Reference, fraction_of_peak, fwd_bwd_flops, tflops
+from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes
+from references import Reference, case_checks, error_text, fraction_of_peak, fwd_bwd_flops, tflops
 from tables import fmt, short_error, shape_label
-from timing import CublasProducts, free_memory, is_oom, measure_matmul_peak, setup_device, sync, time_calls
+from timing import CublasProducts, free_memory, measure_matmul_peak, setup_device, sync, time_calls
 
 # Shapes (N×D×V): Llama-3 8B, Gemma-2 2B, Qwen-2 7B heads, fewer tokens, one rank of tp=4 / tp=8.
 ALL_SHAPES = ["8192x4096x128256", "8192x2304x256000", "8192x4096x151936", "4096x4096x128256",
@@ -99,10 +99,6 @@ def skip_policy_state(v: int, d: int, tuning=None) -> dict:
         return {"unavailable": "no policy state for this shape"}
     except Exception as err:  # noqa: BLE001
         return {"unavailable": f"library internals moved ({short_error(err, 120)})"}
-
-
-def error_text(err: BaseException) -> str:
-    return ("OOM: " if is_oom(err) else "") + short_error(err)
 
 
 def run_method(m, e, c, t, ref: Reference | None, args, device) -> dict:
@@ -236,20 +232,7 @@ def measure(args, kinds: list[str], deadline: float, save_part) -> None:
                 free_memory()
                 continue
             rows = reference_rows(e, c, args, specs)
-            if args.stats_tokens > 0:
-                try:
-                    entry["stats"] = softmax_stats(e, c, t, n_sub=args.stats_tokens)
-                except Exception as err:  # noqa: BLE001
-                    entry["stats_error"] = short_error(err)
-                free_memory()
-            ref = None
-            if not args.no_check:
-                try:
-                    ref = Reference.build(e, c, t, args.check_rows, args.check_dc, args.seed)
-                    entry["ref_loss"], entry["ref_seconds"] = ref.loss, ref.seconds
-                except Exception as err:  # noqa: BLE001
-                    entry["ref_error"] = error_text(err)
-                free_memory()
+            ref = case_checks(entry, e, c, t, args, args.check_dc)
             part["inputs"].append(entry)
             part["results"] += [{**base, **r} for r in rows]
             for r in rows:

@@ -27,10 +27,10 @@ import charts
 import methods as M
 import tables as R
 from children import run_child
-from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes, softmax_stats
-from references import Reference, fwd_bwd_flops, tflops
-from tables import fmt, label, md_table, num, shape_label, short_error, status
-from timing import (CublasProducts, free_memory, interleaved_rounds, is_oom, median_ms, paired_ratio, setup_device,
+from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes
+from references import Reference, case_checks, error_text, fwd_bwd_flops, tflops
+from tables import fmt, label, md_table, num, shape_label, status
+from timing import (CublasProducts, free_memory, interleaved_rounds, median_ms, paired_ratio, setup_device,
                     sync)
 
 # Llama-3 8B, Gemma-2 2B, one rank of tp=8 (V = 128256 / 8), long context, few tokens; `all` adds
@@ -97,10 +97,6 @@ def shape_name(shape) -> str:
     return shape_label(shape) + (f" ({note})" if note else "")
 
 
-def error_text(err: BaseException) -> str:
-    return ("OOM: " if is_oom(err) else "") + short_error(err)
-
-
 # ----------------------------------------------------------------------------------------------
 # measuring (child process)
 # ----------------------------------------------------------------------------------------------
@@ -152,20 +148,7 @@ def race_case(n, d, v, kind, methods, product_rows, args, device, deadline, case
         for r in rows.values():
             r["errors"]["inputs"] = entry["error"]
         return entry, list(rows.values())
-    if args.stats_tokens > 0:
-        try:
-            entry["stats"] = softmax_stats(e, c, t, n_sub=args.stats_tokens)
-        except Exception as err:  # noqa: BLE001
-            entry["stats_error"] = error_text(err)
-        free_memory()
-    ref = None
-    if not args.no_check:
-        try:
-            ref = Reference.build(e, c, t, args.check_rows, not args.no_check_dc, args.seed)
-            entry.update(ref_loss=ref.loss, ref_seconds=ref.seconds)
-        except Exception as err:  # noqa: BLE001
-            entry["ref_error"] = error_text(err)
-        free_memory()
+    ref = case_checks(entry, e, c, t, args, not args.no_check_dc)
 
     fns, call_s = {}, {}
     for m in methods:

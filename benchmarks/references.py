@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from timing import sync
+from inputs import softmax_stats
+from tables import short_error
+from timing import free_memory, is_oom, sync
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,3 +158,30 @@ class Reference:
         if self.dc is not None:
             out["dc_rel_err"] = rel_err(dc, self.dc)
         return out
+
+
+def error_text(err: BaseException) -> str:
+    """An exception as one table cell, "OOM: " first when it was one."""
+    return ("OOM: " if is_oom(err) else "") + short_error(err)
+
+
+def case_checks(entry: dict, e, c, t, args, check_dc: bool) -> "Reference | None":
+    """A case's input statistics (entry["stats"], --stats-tokens) and its float64 reference
+    (entry's ref_loss, ref_seconds; None with --no-check); a failure of either is recorded in the
+    entry ("stats_error", "ref_error") and the case goes on."""
+    if args.stats_tokens > 0:
+        try:
+            entry["stats"] = softmax_stats(e, c, t, n_sub=args.stats_tokens)
+        except Exception as err:  # noqa: BLE001
+            entry["stats_error"] = error_text(err)
+        free_memory()
+    if args.no_check:
+        return None
+    try:
+        ref = Reference.build(e, c, t, args.check_rows, check_dc, args.seed)
+        entry.update(ref_loss=ref.loss, ref_seconds=ref.seconds)
+    except Exception as err:  # noqa: BLE001
+        entry["ref_error"] = error_text(err)
+        ref = None
+    free_memory()
+    return ref
