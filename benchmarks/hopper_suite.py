@@ -12,7 +12,7 @@ portable kernels they replace, each kernel alone, same process.
        the logits kernel alone;
      memory-first forward: portable (`tl` statistics kernel) vs Hopper (statistics kernel + merge);
      memory-first logit gradient over the full vocabulary: Hopper (grad kernel).
-   `--config 'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS,POLY'` adds a kernel configuration as a row.
+   `--config 'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS'` adds a kernel configuration as a row.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ CHECK_SHAPES = [(1, 256, 1, False), (1000, 1000, 5003, False), (300, 2304, 50001
 def add_args(p):
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of NxDxV")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--config", action="append", default=[], metavar="'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS,POLY'",
+    p.add_argument("--config", action="append", default=[], metavar="'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS'",
                    help="also time the logits kernel (fast forward) in this configuration")
     p.add_argument("--no-check", action="store_true")
 
@@ -167,9 +167,9 @@ def _configs(items: list[str]) -> dict:
     for item in items:
         name, _, spec = item.partition("=")
         vals = [int(x) for x in spec.split(",")]
-        if not name or len(vals) != 8:
-            raise SystemExit(f"--config: expected NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS,POLY, got {item!r}")
-        out[name] = tuple(vals[:7]) + (bool(vals[7]),)
+        if not name or len(vals) != 7:
+            raise SystemExit(f"--config: expected NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS, got {item!r}")
+        out[name] = tuple(vals)
     return out
 
 

@@ -98,12 +98,10 @@ def _split_columns(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _row_stats(part, z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, POLY: gl.constexpr):
-    """Per row of a float32 tile `part` (z: the same, −inf at invalid columns): (m, s, s̃, Σz) as
-    in the module docstring, s̃ from z_rounded = bf16(part if POLY else z) (MODE_LOGITS), Σz only with NEED_SUM
-    (0 stands in for those left out). m is finite: every tile holds a valid column. POLY: s̃ as
-    Σ p·exp(d), d = bf16(z) − z (|d| ≤ 2^-9·|z|), exp(d) by its Taylor polynomial to d⁴ (FMA
-    units) instead of a second exp (the special-function unit, the epilogue's bottleneck)."""
+def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr):
+    """Per row of a float32 tile z (−inf at invalid columns): (m, s, s̃, Σz) as in the module
+    docstring, s̃ from z_rounded = bf16(z) (MODE_LOGITS), Σz only with NEED_SUM (0 stands in for
+    those left out). m is finite: every tile holds a valid column."""
     m = gl.max(z, axis=1)
     total = gl.zeros_like(m)
     if NEED_SUM:
@@ -113,11 +111,7 @@ def _row_stats(part, z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.const
     s = gl.sum(p, axis=1)
     s_rounded = gl.zeros_like(s)
     if MODE == MODE_LOGITS:
-        if POLY:
-            d = z_rounded.to(gl.float32) - part
-            s_rounded = gl.sum(p + p * d * (1.0 + d * (0.5 + d * (0.16666667 + d * 0.041666668))), axis=1)
-        else:
-            s_rounded = gl.sum(gl.exp2(z_rounded.to(gl.float32) * LOG2E - m_log2), axis=1)
+        s_rounded = gl.sum(gl.exp2(z_rounded.to(gl.float32) * LOG2E - m_log2), axis=1)
     return m, s, s_rounded, total
 
 
@@ -166,7 +160,7 @@ def _logit_grad(acc, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coe
 @gluon.jit
 def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
               n_rows, n_cols, n_tiles, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
-              SPLIT: gl.constexpr, POLY: gl.constexpr, LAYOUT: gl.constexpr):
+              SPLIT: gl.constexpr, LAYOUT: gl.constexpr):
     """The tile's epilogue (module docstring), over SPLIT column slices of the accumulator; each
     bf16 slice leaves through out_smem and a TMA store that is waited for only at the next store."""
     BM: gl.constexpr = acc.shape[0]
@@ -185,8 +179,8 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
             valid = gl.expand_dims(cols < n_cols, 0)
             z = gl.where(valid, part, float("-inf"))
             # the store clips the columns past n_cols; the exp of bf16(−inf) is 0 there
-            out = part.to(gl.bfloat16) if POLY else z.to(gl.bfloat16)
-            here = _row_stats(part, z, out, valid, MODE, NEED_SUM, POLY)
+            out = z.to(gl.bfloat16)
+            here = _row_stats(z, out, valid, MODE, NEED_SUM)
             if i == 0:
                 stats = here
             else:
@@ -203,7 +197,7 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
 @gluon.jit
 def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
-                   SPLIT: gl.constexpr, POLY: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+                   SPLIT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """The consumer warpgroups: wgmma over the ring (one group in flight), then the epilogue."""
     BM: gl.constexpr = e_bufs.shape[1]
     BN: gl.constexpr = c_bufs.shape[1]
@@ -226,14 +220,14 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, l
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((count + S - 1) % S))
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                  n_rows, n_cols, n_n, col_base, MODE, NEED_SUM, SPLIT, POLY, LAYOUT)
+                  n_rows, n_cols, n_n, col_base, MODE, NEED_SUM, SPLIT, LAYOUT)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base,
                   MODE: gl.constexpr, NEED_SUM: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                  POLY: gl.constexpr, GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
     MODE. e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
     out_desc: the bf16 output (z or G) [n_rows, ·] blocks [BM, BN / SPLIT] (unused in MODE_STATS);
@@ -251,20 +245,20 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                          n_rows, n_cols, k_dim, col_base, MODE, NEED_SUM, SPLIT, POLY, GROUP_M, num_warps)),
+                          n_rows, n_cols, k_dim, col_base, MODE, NEED_SUM, SPLIT, GROUP_M, num_warps)),
         (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
     ], [1], [LOADER_REGS])
 
 
 # ---- launcher ----------------------------------------------------------------------------------
 
-# (BM, BN, BK, NUM_STAGES, SPLIT, GROUP_M, num_warps, POLY) per mode: 128×256×64 tiles on two
+# (BM, BN, BK, NUM_STAGES, SPLIT, GROUP_M, num_warps) per mode: 128×256×64 tiles on two
 # consumer warpgroups, three ring slots of 48 KB, the output tile through one [BM, BN / SPLIT]
 # staging buffer.
 CONFIGS = {
-    MODE_LOGITS.value: (128, 256, 64, 3, 1, 16, 8, False),
-    MODE_STATS.value: (128, 256, 64, 3, 1, 16, 8, False),
-    MODE_GRAD.value: (128, 256, 64, 3, 1, 16, 8, False),
+    MODE_LOGITS.value: (128, 256, 64, 3, 1, 16, 8),
+    MODE_STATS.value: (128, 256, 64, 3, 1, 16, 8),
+    MODE_GRAD.value: (128, 256, 64, 3, 1, 16, 8),
 }
 MAXNREG, LOADER_REGS = 168, 24  # 8 consumer warps + the loader (padded to 4): 240 / 24 registers after setmaxnreg
 
@@ -291,7 +285,7 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     int64 in c's row numbering + col_base). partials: float32 [partial_rows(mode, need_sum),
     cdiv(n_cols, BN), N] contiguous. `warmup` compiles without running (returns the compiled
     kernel; the tensors may be stand-ins)."""
-    bm, bn, bk, stages, split, group_m, warps, poly = config or CONFIGS[mode]
+    bm, bn, bk, stages, split, group_m, warps = config or CONFIGS[mode]
     n, d = e.shape
     e_desc = _descriptor(e, (n, d), (bm, bk))
     c_desc = _descriptor(c, (c.shape[0], d), (bn, bk))
@@ -304,7 +298,7 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     grid = (max(1, min(num_sms, tiles)),)
     args = (e_desc, c_desc, out_desc, part, lse if lse is not None else part, coef if coef is not None else part,
             t if t is not None else part, n, n_cols, d, col_base)
-    kw = dict(MODE=mode, NEED_SUM=need_sum, NUM_STAGES=stages, SPLIT=split, POLY=poly, GROUP_M=group_m,
+    kw = dict(MODE=mode, NEED_SUM=need_sum, NUM_STAGES=stages, SPLIT=split, GROUP_M=group_m,
               LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
     if warmup:
         return logits_kernel.warmup(*args, grid=grid, **kw)
