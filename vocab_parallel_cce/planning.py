@@ -480,10 +480,13 @@ def plan_log_probs(e, c, targets, temperature=1.0, bias=None, softcap=None, igno
     temperature = check_temperature(temperature)
     layout = vocab_layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel)
     backend, exact = choose_backend(impl, e)
+    tuning = Tuning.from_env() if tuning is None else tuning
+    hopper = uses_hopper(backend, exact, e.dtype, e.device, tuning, has_bias=bias is not None, softcap=softcap,
+                         weighted_sum=False, need_argmax=False)
     plan = Plan(
         reduction="none", ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0,
         softcap=None if softcap is None else float(softcap), **layout, backend=backend, exact=exact,
-        filter_eps=None, adaptive_filter=False, path="recompute",
-        tuning=Tuning.from_env() if tuning is None else tuning, temperature=temperature, need_entropy=True,
+        filter_eps=None, adaptive_filter=False, path="recompute", tuning=tuning, temperature=temperature,
+        need_entropy=True, hopper=hopper,
     )
     return plan, Call(e, c, targets, bias, shift)

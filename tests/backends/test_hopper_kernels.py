@@ -17,11 +17,11 @@ from vocab_parallel_cce.backends.triton.hopper import partials
 gluon_missing = not hopper._has_gluon()
 
 
-def _tile_partials(z: torch.Tensor, block: int, rounded: bool, need_sum: bool) -> torch.Tensor:
+def _tile_partials(z: torch.Tensor, block: int, rounded: bool, need_sum: bool, need_pz: bool = False) -> torch.Tensor:
     """What the logits kernel writes for logits z [N, V] (float64) in column tiles of `block`."""
     n, v = z.shape
     tiles = -(-v // block)
-    rows = [torch.empty(tiles, n, dtype=torch.float64) for _ in range(2 + rounded + need_sum)]
+    rows = [torch.empty(tiles, n, dtype=torch.float64) for _ in range(2 + rounded + need_sum + need_pz)]
     z_rounded = z.to(torch.bfloat16).double()
     for k in range(tiles):
         part = z[:, k * block:(k + 1) * block]
@@ -33,6 +33,9 @@ def _tile_partials(z: torch.Tensor, block: int, rounded: bool, need_sum: bool) -
             i += 1
         if need_sum:
             rows[i][k] = part.sum(1)
+            i += 1
+        if need_pz:
+            rows[i][k] = (torch.exp(part - m[:, None]) * part).sum(1)
     return torch.stack(rows).float()
 
 
@@ -60,10 +63,27 @@ def test_merge_partials_against_float64(n, d, v, block, rounded, need_sum, seed)
         assert (out[3].double() - lse_rounded).abs().max() <= tol
 
 
+@pytest.mark.parametrize("n,d,v,block", [(1, 16, 1, 16), (37, 40, 203, 32), (5, 8, 300, 16)])
+@pytest.mark.parametrize("inv_temp", [1.0, 1 / 0.7])
+def test_merge_partials_entropy_statistic(n, d, v, block, inv_temp, seed):
+    """pz = Σ_j p_j z_j from the per-tile q, and x with the temperature (z = e·cᵀ / T)."""
+    e = torch.randn(n, d).bfloat16()
+    c = (torch.randn(v, d) * 2).bfloat16()
+    t = torch.randint(-1, v, (n,))
+    z = (e.double() @ c.double().T) * inv_temp
+    out = partials.merge(_tile_partials(z, block, False, True, True), e, c, t, v, False, True, True, inv_temp)
+    p = torch.softmax(z, 1)
+    tol = 2e-6 * (1 + z.abs().max().item())
+    assert (out[4].double() - (p * z).sum(1)).abs().max() <= tol
+    x = torch.where(t >= 0, z.gather(1, t.clamp(0)[:, None])[:, 0], 0.0)
+    assert (out[1].double() - x).abs().max() <= tol
+    assert (out[0].double() - torch.logsumexp(z, 1)).abs().max() <= tol
+
+
 def test_merge_partials_no_rows():
     e, c = torch.randn(0, 8).bfloat16(), torch.randn(4, 8).bfloat16()
     out = partials.merge(torch.empty(2, 1, 0), e, c, torch.empty(0, dtype=torch.long), 4, False, False)
-    assert out.shape == (4, 0)
+    assert out.shape == (5, 0)
 
 
 @pytest.mark.skipif(gluon_missing, reason="this Triton has no Gluon")
@@ -75,7 +95,8 @@ def test_every_gluon_kernel_compiles_for_sm90a():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     built = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert {b["name"] for b in built} == {"logits", "logits+sum", "stats", "stats+sum", "grad"}
+    assert {b["name"] for b in built} == {"logits", "logits+sum", "stats", "stats+sum", "stats+entropy", "grad",
+                                          "grad+entropy"}
     for b in built:
         assert b["shared"] <= 232448, b  # sm_90's per-block limit
         assert b["wgmma"] and 240 in b["setmaxnreg"], b

@@ -40,16 +40,21 @@ def fake_stored_logits_and_stats(e, c, z, t_local, n_valid, need_sum):
     return _stats(z64, z[:, :n_valid], t_local, n_valid, need_sum)
 
 
-def fake_shard_stats(e, c, t_local, n_valid, need_sum):
-    z64 = _logits(e, c, n_valid)
-    return _stats(z64, z64, t_local, n_valid, need_sum)
+def fake_shard_stats(e, c, t_local, n_valid, need_sum, need_pz=False, inv_temp=1.0):
+    z64 = _logits(e, c, n_valid) * inv_temp
+    pz = (torch.softmax(z64, 1) * z64).sum(1) if need_pz else torch.zeros(e.shape[0], dtype=torch.float64)
+    return torch.cat([_stats(z64, z64, t_local, n_valid, need_sum), pz.float()[None]])
 
 
-def fake_logit_grad_chunk(e, c_chunk, width, g, lse, coef, t_local, col_base):
-    z = _logits(e, c_chunk, width)
+def fake_logit_grad_chunk(e, c_chunk, width, g, lse, coef, t_local, col_base, inv_temp=1.0):
+    z = _logits(e, c_chunk, width) * inv_temp
     hit = (torch.arange(width)[None, :] + col_base) == t_local[:, None]
-    a, b, u = (q.double()[:, None] for q in coef)
-    g[:, :width] = (a * torch.exp(z - lse.double()[:, None]) + torch.where(hit, b, 0.0) + u).to(g.dtype)
+    a, b, u = (q.double()[:, None] for q in coef[:3])
+    p = torch.exp(z - lse.double()[:, None])
+    grad = a * p + torch.where(hit, b, 0.0) + u
+    if coef.shape[0] == 5:
+        grad = grad + coef[3].double()[:, None] * p * (z - coef[4].double()[:, None])
+    g[:, :width] = (grad * inv_temp).to(g.dtype)
     return True
 
 
@@ -154,6 +159,39 @@ def test_kernel_that_cannot_run_falls_back(monkeypatch):
         portable = _run(e, c, t, PORTABLE, grad_in_forward=gif)
         for q, p in zip(routed, portable):
             assert torch.equal(q, p)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_routed_match_float64_and_the_portable_kernels(temperature, monkeypatch):
+    """linear_log_probs (log-probs and entropy, an upstream gradient on each) through the kernels'
+    entropy statistic and gradient term."""
+    from vocab_parallel_cce import linear_log_probs
+
+    open_hopper(monkeypatch)
+    e, c, t = _inputs(40, 24, 300, seed=13)
+
+    def run(tuning):
+        leaves = [x.clone().requires_grad_() for x in (e, c)]
+        lp, ent = linear_log_probs(leaves[0], leaves[1], t, temperature=temperature, impl="triton", tuning=tuning)
+        up = torch.linspace(-1.0, 1.0, lp.numel()), torch.linspace(0.3, 0.9, lp.numel())
+        return (lp.detach(), ent.detach(), *torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), leaves))
+
+    triton_backend.counters.clear()
+    routed = run(GLUON)
+    assert triton_backend.counters["hopper_forward"] >= 1 and triton_backend.counters["hopper_grad"] >= 1
+    portable = run(PORTABLE)
+    e64, c64 = (x.double().requires_grad_() for x in (e, c))
+    z = (e64 @ c64.T) / temperature
+    logp = torch.log_softmax(z, 1)
+    valid = t != -100
+    lp = torch.where(valid, logp.gather(1, t.clamp(0)[:, None])[:, 0], 0.0)
+    ent = torch.where(valid, -(logp.exp() * logp).sum(1), 0.0)
+    up = torch.linspace(-1.0, 1.0, lp.numel(), dtype=torch.float64), torch.linspace(0.3, 0.9, lp.numel(),
+                                                                                     dtype=torch.float64)
+    ref = (lp.detach(), ent.detach(), *torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), (e64, c64)))
+    assert rel_err(routed[0].double(), ref[0]) < 1e-6 and rel_err(routed[1].double(), ref[1]) < 1e-6
+    for g, p, r in zip(routed[2:], portable[2:], ref[2:]):
+        assert rel_err(g.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-3
 
 
 def _ranks_routed(rank, world, e, c, t, size):

@@ -125,3 +125,39 @@ def test_gluon_and_portable_fast_gradients_agree_at_real_size():
     portable = _run(e, c, t, PORTABLE)
     for g, p in zip(gluon[1:], portable[1:]):
         assert rel_err(g.double(), p.double()) < 5e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("case", [(4096, 4096, 32064), (777, 2304, 50001), (1, 256, 1)], ids=lambda c: "x".join(map(str, c)))
+def test_gluon_log_probs_match_float64_as_closely_as_the_portable_kernels(case, temperature):
+    """linear_log_probs: the entropy statistic and gradient term of the kernels, any upstream gradient."""
+    from vocab_parallel_cce import linear_log_probs, triton_backend
+
+    n, d, v = case
+    e, c, t = _inputs(n, d, v, "random", seed=n + v)
+    if n > 1:
+        t[::7] = -100
+    g = torch.Generator(device="cuda").manual_seed(1)
+    up = (torch.randn(n, device="cuda", generator=g), torch.rand(n, device="cuda", generator=g))
+
+    def run(tuning):
+        leaves = [x.clone().requires_grad_() for x in (e, c)]
+        lp, ent = linear_log_probs(leaves[0], leaves[1], t, temperature=temperature, tuning=tuning)
+        return (lp.detach(), ent.detach(), *torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), leaves))
+
+    triton_backend.counters.clear()
+    gluon = run(GLUON)
+    assert triton_backend.counters["hopper_forward"] >= 1 and triton_backend.counters["hopper_grad"] >= 1
+    portable = run(PORTABLE)
+    e64, c64 = (x.detach().double().requires_grad_() for x in (e, c))
+    logp = torch.log_softmax((e64 @ c64.T) / temperature, 1)
+    valid = t != -100
+    lp = torch.where(valid, logp.gather(1, t.clamp(0)[:, None])[:, 0], 0.0)
+    ent = torch.where(valid, -(logp.exp() * logp).sum(1), 0.0)
+    ref = (lp.detach(), ent.detach(),
+           *torch.autograd.grad((lp * up[0].double() + ent * up[1].double()).sum(), (e64, c64)))
+    for out, r in zip(gluon[:2], ref[:2]):
+        assert rel_err(out.double(), r) < 1e-5
+    for q, p, r in zip(gluon[2:], portable[2:], ref[2:]):
+        assert torch.isfinite(q).all()
+        assert rel_err(q.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-4

@@ -269,7 +269,7 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     """The shard's statistics, k float32 [N], `stats.names(need_pz, need_argmax)` (lse, x, s,
     then pz, then max, argmax); softcap 0 = none; sum_weights [n_valid] float32: s = Σ_j w_j z_j;
     inv_temp 1 = no temperature; tuning_code: Tuning.encode(); hopper: the Hopper kernels may
-    compute them (`Plan.hopper`: none of the options above but need_sum)."""
+    compute them (`Plan.hopper`: none of the options above but need_sum, need_pz, inv_temp)."""
     tuning = Tuning.decode(tuning_code)
     n, d = e.shape
     names = stats.names(need_pz, need_argmax)
@@ -280,10 +280,10 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     if hopper:
         from . import hopper as hopper_kernels
 
-        out = hopper_kernels.shard_stats(e, c, t, n_valid, need_sum)
+        out = hopper_kernels.shard_stats(e, c, t, n_valid, need_sum, need_pz, inv_temp)
         if out is not None:
             counters["hopper_forward"] += 1
-            return [out[0].clone(), out[1].clone(), out[2].clone()]
+            return [out[k].clone() for k in ((0, 1, 2, 4) if need_pz else (0, 1, 2))]
     e_arg, c_arg, tma = tma_operands(e, c, block_n, block_v, block_d, tuning)
     # Enough programs for ~4 waves; each walks `tiles_per_split` consecutive vocabulary tiles.
     splits = tuning.forward_splits or max(1, min(v_tiles, triton.cdiv(4 * num_sms(e.device), n_tiles), 128))
@@ -401,13 +401,14 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     flags = torch.ones(n_tiles, triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8, device=dev)
     e_arg, c_arg, tma = tma_operands(e, c, block_n, block_v, block_d, tuning)
     precision = dot_precision(e.dtype, exact)
-    hopper_grad = hopper and not flagging and coef.shape[0] == 3
+    hopper_grad = hopper and not flagging and sum_weights is None
     if hopper_grad:
         from . import hopper as hopper_kernels
 
     for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc else None, g_dtype, block_v, tuning):
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
-        if hopper_grad and hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin):
+        if hopper_grad and hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin,
+                                                           inv_temp):
             counters["hopper_grad"] += 1
         else:
             logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](

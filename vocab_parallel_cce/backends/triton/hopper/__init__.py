@@ -88,7 +88,7 @@ def _run(mode: int, e, c, n_cols: int, **kw) -> bool:
     """Launch the logits kernel in `mode` unless its configuration failed to build."""
     from . import logits
 
-    key = ("logits", mode, bool(kw.get("need_sum")))
+    key = ("logits", mode, bool(kw.get("need_sum")), bool(kw.get("need_pz")), kw.get("inv_temp", 1.0) != 1.0)
     args = dict(kw, num_sms=_num_sms(e.device))
     if not build_ok(key, lambda: logits.launch(e, c, n_cols, mode, warmup=True, **args)):
         return False
@@ -96,11 +96,11 @@ def _run(mode: int, e, c, n_cols: int, **kw) -> bool:
     return True
 
 
-def _partials(e, n_cols: int, mode: int, need_sum: bool) -> torch.Tensor:
+def _partials(e, n_cols: int, mode: int, need_sum: bool, need_pz: bool = False) -> torch.Tensor:
     from . import logits
 
     block_n = logits.CONFIGS[mode][1]
-    rows = logits.partial_rows(mode, need_sum)
+    rows = logits.partial_rows(mode, need_sum, need_pz)
     return torch.empty(rows, -(-n_cols // block_n), e.shape[0], dtype=torch.float32, device=e.device)
 
 
@@ -115,28 +115,32 @@ def stored_logits_and_stats(e, c, z, t_local, n_valid: int, need_sum: bool) -> t
     part = _partials(e, n_valid, logits.MODE_LOGITS.value, need_sum)
     if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, need_sum=need_sum):
         return None
-    return partials.merge(part, e, c, t_local, n_valid, True, need_sum)
+    return partials.merge(part, e, c, t_local, n_valid, True, need_sum)[:4]
 
 
-def shard_stats(e, c, t_local, n_valid: int, need_sum: bool) -> torch.Tensor | None:
-    """The memory-first forward: float32 [4, N] rows (lse, x, Σz, -) of e·c[:n_valid]ᵀ, nothing
-    stored; None where the kernel cannot run."""
+def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = False,
+                inv_temp: float = 1.0) -> torch.Tensor | None:
+    """The memory-first forward: float32 [5, N] rows (lse, x, Σz, -, pz) of z = (e·c[:n_valid]ᵀ)·inv_temp,
+    nothing stored (pz = Σ_j p_j z_j, the entropy's, with need_pz); None where the kernel cannot run."""
     from . import logits, partials
 
     if e.shape[0] == 0 or not aligned_for_tma(e, c):
         return None
-    part = _partials(e, n_valid, logits.MODE_STATS.value, need_sum)
-    if not _run(logits.MODE_STATS.value, e, c, n_valid, partials=part, need_sum=need_sum):
+    mode = logits.MODE_STATS.value
+    part = _partials(e, n_valid, mode, need_sum, need_pz)
+    if not _run(mode, e, c, n_valid, partials=part, need_sum=need_sum, need_pz=need_pz, inv_temp=inv_temp):
         return None
-    return partials.merge(part, e, c, t_local, n_valid, False, need_sum)
+    return partials.merge(part, e, c, t_local, n_valid, False, need_sum, need_pz, inv_temp)
 
 
-def logit_grad_chunk(e, c_chunk, width: int, g, lse, coef, t_local, col_base: int) -> bool:
-    """The memory-first backward's chunk: g[:, :width] = bf16(a·exp(z − lse) + b·[j = t] + u) for
-    z = e·c_chunk[:width]ᵀ, columns numbered from col_base (t_local's numbering); lse [N], coef
-    [3, N] float32 contiguous. False where the kernel cannot run (then nothing was written)."""
+def logit_grad_chunk(e, c_chunk, width: int, g, lse, coef, t_local, col_base: int, inv_temp: float = 1.0) -> bool:
+    """The memory-first backward's chunk: g[:, :width] = bf16((a·p + b·[j = t] + u [+ q·p·(z − pz)])·inv_temp)
+    with p = exp(z − lse), z = (e·c_chunk[:width]ᵀ)·inv_temp, columns numbered from col_base
+    (t_local's numbering); lse [N], coef [3, N] float32 contiguous (a, b, u), or [5, N] with the
+    entropy's (q, pz). False where the kernel cannot run (then nothing was written)."""
     from . import logits
 
     if e.shape[0] == 0 or width == 0 or not aligned_for_tma(e, c_chunk, g):
         return False
-    return _run(logits.MODE_GRAD.value, e, c_chunk, width, out=g, lse=lse, coef=coef, t=t_local, col_base=col_base)
+    return _run(logits.MODE_GRAD.value, e, c_chunk, width, out=g, lse=lse, coef=coef, t=t_local, col_base=col_base,
+                need_pz=coef.shape[0] == 5, inv_temp=inv_temp)

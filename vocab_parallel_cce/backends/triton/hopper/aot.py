@@ -107,13 +107,17 @@ def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
     with hopper_target():
         e, c = stand_in("bfloat16", (n, d)), stand_in("bfloat16", (v, d))
         z = stand_in("bfloat16", (n, v))
-        vec, t = stand_in("float32", (3, n)), stand_in("int64", (n,))
-        for mode, name in ((L.MODE_LOGITS.value, "logits"), (L.MODE_STATS.value, "stats"),
-                           (L.MODE_GRAD.value, "grad")):
-            for need_sum in ((False, True) if mode != L.MODE_GRAD.value else (False,)):
-                k = L.launch(e, c, v, mode, out=z, partials=vec, need_sum=need_sum, lse=vec, coef=vec, t=t,
-                             warmup=True)
-                built.append(Built(f"{name}{'+sum' if need_sum else ''}", k.metadata.shared, k))
+        vec, t = stand_in("float32", (5, n)), stand_in("int64", (n,))
+        # (mode, name, need_sum, need_pz with a temperature): the loss's and linear_log_probs'
+        variants = [(L.MODE_LOGITS.value, "logits", False, False), (L.MODE_LOGITS.value, "logits", True, False),
+                    (L.MODE_STATS.value, "stats", False, False), (L.MODE_STATS.value, "stats", True, False),
+                    (L.MODE_STATS.value, "stats", False, True), (L.MODE_GRAD.value, "grad", False, False),
+                    (L.MODE_GRAD.value, "grad", False, True)]
+        for mode, name, need_sum, entropy in variants:
+            k = L.launch(e, c, v, mode, out=z, partials=vec, need_sum=need_sum, need_pz=entropy,
+                         inv_temp=0.5 if entropy else 1.0, lse=vec, coef=vec, t=t, warmup=True)
+            built.append(Built(f"{name}{'+sum' if need_sum else ''}{'+entropy' if entropy else ''}",
+                               k.metadata.shared, k))
     return built
 
 

@@ -12,9 +12,12 @@ then the tile's epilogue, one of
                    m = max_j z_j,  s = Σ_j exp(z_j − m),  s̃ = Σ_j exp(bf16(z_j) − m)  [, Σ_j z_j]
                (s gives the loss's lse, exact to float32; s̃ the lse of the stored logits, which
                the gradient p_ij = exp(bf16(z_ij) − lsẽ_i) needs, as the unfused layer's);
-  MODE_STATS   (memory-first forward): m, s [, Σ_j z_j]; nothing is stored;
-  MODE_GRAD    (memory-first backward): G_ij = a_i·exp(z_ij − lse_i) + b_i·[j = t_i] + u_i is
-               stored in bf16 (the chunk of logit gradients the dE and dC products read).
+  MODE_STATS   (memory-first forward): m, s [, Σ_j z_j] [, q = Σ_j exp(z_j − m)·z_j]; nothing is
+               stored (q: the entropy's pz = Σ_j p_j z_j after the merge);
+  MODE_GRAD    (memory-first backward): G_ij = a_i·p_ij + b_i·[j = t_i] + u_i [+ q_i·p_ij·(z_ij − pz_i)]
+               with p_ij = exp(z_ij − lse_i), stored in bf16 (the chunk of logit gradients the dE
+               and dC products read).
+With a temperature, z = (E·C_rᵀ)·inv_temp throughout and G carries the factor inv_temp.
 
 Statistics go to float32 partials [k, T, N] (T = column tiles), merged per row by
 `partials.merge` (lse = M + log Σ_T s·exp(m − M)). Columns ≥ `n_cols` (the shard's padding and
@@ -98,10 +101,10 @@ def _split_columns(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr):
-    """Per row of a float32 tile z (−inf at invalid columns): (m, s, s̃, Σz) as in the module
-    docstring, s̃ from z_rounded = bf16(z) (MODE_LOGITS), Σz only with NEED_SUM (0 stands in for
-    those left out). m is finite: every tile holds a valid column."""
+def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr):
+    """Per row of a float32 tile z (−inf at invalid columns): (m, s, s̃, Σz, q) as in the module
+    docstring, s̃ from z_rounded = bf16(z) (MODE_LOGITS), Σz only with NEED_SUM, q only with
+    NEED_PZ (0 stands in for those left out). m is finite: every tile holds a valid column."""
     m = gl.max(z, axis=1)
     total = gl.zeros_like(m)
     if NEED_SUM:
@@ -112,22 +115,26 @@ def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr):
     s_rounded = gl.zeros_like(s)
     if MODE == MODE_LOGITS:
         s_rounded = gl.sum(gl.exp2(z_rounded.to(gl.float32) * LOG2E - m_log2), axis=1)
-    return m, s, s_rounded, total
+    q = gl.zeros_like(s)
+    if NEED_PZ:  # p is 0 at invalid columns (z = −inf): their z is never multiplied in
+        q = gl.sum(p * gl.where(valid, z, 0.0), axis=1)
+    return m, s, s_rounded, total, q
 
 
 @gluon.jit
 def _merge_halves(a, b):
-    """(m, s, s̃, Σz) of two column ranges of the same rows → of their union."""
+    """(m, s, s̃, Σz, q) of two column ranges of the same rows → of their union."""
     m = gl.maximum(a[0], b[0])
     wa = gl.exp2((a[0] - m) * LOG2E)
     wb = gl.exp2((b[0] - m) * LOG2E)
-    return m, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb, a[3] + b[3]
+    return m, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb, a[3] + b[3], a[4] * wa + b[4] * wb
 
 
 @gluon.jit
-def _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE: gl.constexpr, NEED_SUM: gl.constexpr):
+def _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
+                    NEED_PZ: gl.constexpr):
     """Row statistics of column tile pid_n into part_ptr [k, n_tiles, n_rows]: m, s, then s̃
-    (MODE_LOGITS), then Σz (NEED_SUM)."""
+    (MODE_LOGITS), then Σz (NEED_SUM), then q (NEED_PZ)."""
     plane = n_tiles * n_rows
     offs = pid_n * n_rows + rows
     ok = rows < n_rows
@@ -139,12 +146,15 @@ def _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE: gl.cons
         k += 1
     if NEED_SUM:
         gl.store(part_ptr + k * plane + offs, stats[3], mask=ok)
+        k += 1
+    if NEED_PZ:
+        gl.store(part_ptr + k * plane + offs, stats[4], mask=ok)
 
 
 @gluon.jit
-def _logit_grad(acc, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coef_stride):
-    """G = a·exp(z − lse) + b·[j = t] + u over a float32 tile; cols count from C's row 0, t from
-    col_base (its column)."""
+def _logit_grad(z, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coef_stride, HAS_PZ: gl.constexpr):
+    """G = a·p + b·[j = t] + u [+ q·p·(z − pz)], p = exp(z − lse), over a float32 tile z; cols
+    count from C's row 0, t from col_base (its column)."""
     ok = rows < n_rows
     lse = gl.load(lse_ptr + rows, mask=ok, other=0.0)
     a = gl.load(coef_ptr + rows, mask=ok, other=0.0)
@@ -152,15 +162,20 @@ def _logit_grad(acc, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coe
     u = gl.load(coef_ptr + 2 * coef_stride + rows, mask=ok, other=0.0)
     # t − col_base in int32: one compare per element (t outside the chunk can match no column)
     t = gl.minimum(gl.maximum(gl.load(t_ptr + rows, mask=ok, other=-1) - col_base, -1), 1 << 30).to(gl.int32)
-    p = gl.exp2(acc * LOG2E - gl.expand_dims(lse * LOG2E, 1))
+    p = gl.exp2(z * LOG2E - gl.expand_dims(lse * LOG2E, 1))
     hit = gl.expand_dims(cols, 0) == gl.expand_dims(t, 1)
-    return gl.expand_dims(a, 1) * p + gl.where(hit, gl.expand_dims(b, 1), 0.0) + gl.expand_dims(u, 1)
+    g = gl.expand_dims(a, 1) * p + gl.where(hit, gl.expand_dims(b, 1), 0.0) + gl.expand_dims(u, 1)
+    if HAS_PZ:  # the entropy's term, z − pz formed first (no cancellation of two large products)
+        q = gl.load(coef_ptr + 3 * coef_stride + rows, mask=ok, other=0.0)
+        pz = gl.load(coef_ptr + 4 * coef_stride + rows, mask=ok, other=0.0)
+        g += gl.expand_dims(q, 1) * p * (z - gl.expand_dims(pz, 1))
+    return g
 
 
 @gluon.jit
 def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-              n_rows, n_cols, n_tiles, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
-              SPLIT: gl.constexpr, LAYOUT: gl.constexpr):
+              n_rows, n_cols, n_tiles, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
+              NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, LAYOUT: gl.constexpr):
     """The tile's epilogue (module docstring), over SPLIT column slices of the accumulator; each
     bf16 slice leaves through out_smem and a TMA store that is waited for only at the next store."""
     BM: gl.constexpr = acc.shape[0]
@@ -169,18 +184,23 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
     SLICE_LAYOUT: gl.constexpr = accumulator_layout(BM, SLICE, LAYOUT.warps_per_cta[0])
     rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, SLICE_LAYOUT))
     parts = _split_columns(acc, SPLIT)
-    stats = (0.0, 0.0, 0.0, 0.0)
+    stats = (0.0, 0.0, 0.0, 0.0, 0.0)
     for i in gl.static_range(SPLIT):
         part = gl.convert_layout(parts[i], SLICE_LAYOUT, assert_trivial=True)
+        if HAS_TEMP:
+            part = part * inv_temp
         cols = pid_n * BN + i * SLICE + gl.arange(0, SLICE, layout=gl.SliceLayout(0, SLICE_LAYOUT))
         if MODE == MODE_GRAD:
-            out = _logit_grad(part, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, n_rows).to(gl.bfloat16)
+            g = _logit_grad(part, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, n_rows, NEED_PZ)
+            if HAS_TEMP:
+                g = g * inv_temp
+            out = g.to(gl.bfloat16)
         else:
             valid = gl.expand_dims(cols < n_cols, 0)
             z = gl.where(valid, part, float("-inf"))
             # the store clips the columns past n_cols; the exp of bf16(−inf) is 0 there
             out = z.to(gl.bfloat16)
-            here = _row_stats(z, out, valid, MODE, NEED_SUM)
+            here = _row_stats(z, out, valid, MODE, NEED_SUM, NEED_PZ)
             if i == 0:
                 stats = here
             else:
@@ -191,13 +211,14 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [pid_m * BM, pid_n * BN + i * SLICE], out_smem)
     if MODE != MODE_GRAD:
-        _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE, NEED_SUM)
+        _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE, NEED_SUM, NEED_PZ)
 
 
 @gluon.jit
 def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                   n_rows, n_cols, k_dim, col_base, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
-                   SPLIT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+                   n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
+                   NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
+                   num_warps: gl.constexpr):
     """The consumer warpgroups: wgmma over the ring (one group in flight), then the epilogue."""
     BM: gl.constexpr = e_bufs.shape[1]
     BN: gl.constexpr = c_bufs.shape[1]
@@ -220,20 +241,22 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, l
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((count + S - 1) % S))
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                  n_rows, n_cols, n_n, col_base, MODE, NEED_SUM, SPLIT, LAYOUT)
+                  n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base,
-                  MODE: gl.constexpr, NEED_SUM: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                  inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr,
+                  HAS_TEMP: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
                   GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
     MODE. e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
     out_desc: the bf16 output (z or G) [n_rows, ·] blocks [BM, BN / SPLIT] (unused in MODE_STATS);
     part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
-    lse_ptr [n_rows], coef_ptr [3, n_rows] (a, b, u), t_ptr [n_rows] int64 (MODE_GRAD: target
-    ids in C's numbering plus col_base, the column of C's row 0)."""
+    lse_ptr [n_rows], coef_ptr [3 or 5, n_rows] (a, b, u[, q, pz] with NEED_PZ), t_ptr [n_rows] int64
+    (MODE_GRAD: target ids in C's numbering plus col_base, the column of C's row 0); inv_temp: the
+    logits' factor (HAS_TEMP)."""
     dtype: gl.constexpr = e_desc.dtype
     e_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + e_desc.block_type.shape, e_desc.layout)
     c_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + c_desc.block_type.shape, c_desc.layout)
@@ -245,7 +268,8 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                          n_rows, n_cols, k_dim, col_base, MODE, NEED_SUM, SPLIT, GROUP_M, num_warps)),
+                          n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT,
+                          GROUP_M, num_warps)),
         (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
     ], [1], [LOADER_REGS])
 
@@ -260,12 +284,15 @@ CONFIGS = {
     MODE_STATS.value: (128, 256, 64, 3, 1, 16, 8),
     MODE_GRAD.value: (128, 256, 64, 3, 1, 16, 8),
 }
+# The entropy's gradient holds z, p and G at once: four column slices keep it in registers.
+ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
 MAXNREG, LOADER_REGS = 168, 24  # 8 consumer warps + the loader (padded to 4): 240 / 24 registers after setmaxnreg
 
 
-def partial_rows(mode: int, need_sum: bool) -> int:
-    """k of the partials [k, T, N] a mode writes: m, s, (s̃ in MODE_LOGITS), (Σz with need_sum)."""
-    return 2 + (mode == MODE_LOGITS.value) + bool(need_sum)
+def partial_rows(mode: int, need_sum: bool, need_pz: bool = False) -> int:
+    """k of the partials [k, T, N] a mode writes: m, s, (s̃ in MODE_LOGITS), (Σz with need_sum),
+    (q with need_pz)."""
+    return 2 + (mode == MODE_LOGITS.value) + bool(need_sum) + bool(need_pz)
 
 
 def _descriptor(t, shape, block):
@@ -275,17 +302,20 @@ def _descriptor(t, shape, block):
     return TensorDescriptor(t, list(shape), [t.stride()[0], 1], list(block), layout)
 
 
-def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False, lse=None,
-           coef=None, t=None, col_base: int = 0, num_sms: int = 132, config=None, warmup: bool = False):
+def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False,
+           need_pz: bool = False, inv_temp: float = 1.0, lse=None, coef=None, t=None, col_base: int = 0,
+           num_sms: int = 132, config=None, warmup: bool = False):
     """Run `logits_kernel` over z = e·c[:n_cols]ᵀ.
 
     e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows. MODE_LOGITS
     writes z into out [N, ≥ n_cols] (bf16, unit last stride) and the partials; MODE_STATS the
-    partials only; MODE_GRAD writes G into out (lse [N], coef [3, N] float32 contiguous, t [N]
-    int64 in c's row numbering + col_base). partials: float32 [partial_rows(mode, need_sum),
-    cdiv(n_cols, BN), N] contiguous. `warmup` compiles without running (returns the compiled
+    partials only; MODE_GRAD writes G into out (lse [N], coef [3, N] float32 contiguous, or
+    [5, N] with need_pz, t [N] int64 in c's row numbering + col_base). partials: float32
+    [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous. need_pz: the
+    entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature. `warmup` compiles without running (returns the compiled
     kernel; the tensors may be stand-ins)."""
-    bm, bn, bk, stages, split, group_m, warps = config or CONFIGS[mode]
+    default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
+    bm, bn, bk, stages, split, group_m, warps = config or default
     n, d = e.shape
     e_desc = _descriptor(e, (n, d), (bm, bk))
     c_desc = _descriptor(c, (c.shape[0], d), (bn, bk))
@@ -297,8 +327,8 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     tiles = -(-n // bm) * -(-n_cols // bn)
     grid = (max(1, min(num_sms, tiles)),)
     args = (e_desc, c_desc, out_desc, part, lse if lse is not None else part, coef if coef is not None else part,
-            t if t is not None else part, n, n_cols, d, col_base)
-    kw = dict(MODE=mode, NEED_SUM=need_sum, NUM_STAGES=stages, SPLIT=split, GROUP_M=group_m,
+            t if t is not None else part, n, n_cols, d, col_base, float(inv_temp))
+    kw = dict(MODE=mode, NEED_SUM=need_sum, NEED_PZ=need_pz, HAS_TEMP=inv_temp != 1.0, NUM_STAGES=stages, SPLIT=split, GROUP_M=group_m,
               LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
     if warmup:
         return logits_kernel.warmup(*args, grid=grid, **kw)
