@@ -82,6 +82,13 @@ def test_backend_follows_the_contract(name, seed):
     assert rel_err(dc[:N_VALID].double(), g.T @ e64) < 1e-5 and not dc[N_VALID:].any()
     assert rel_err(db[:N_VALID].double(), g.sum(0)) < 1e-5 and not db[N_VALID:].any()
     assert backend.backward(e, c, b, t, lse.float(), *coef, plan, False, True, False)[::2] == (None, None)
+    # dc_into: dC added into it (rows ≥ n_valid untouched), none returned; dE and dbias as before
+    into = torch.randn(V_LOCAL, D)
+    before = into.clone()
+    de2, dc2, db2 = backend.backward(e, c, b, t, lse.float(), *coef, plan, True, True, True, dc_into=into)
+    assert dc2 is None and torch.equal(into[N_VALID:], before[N_VALID:])
+    assert rel_err((into - before)[:N_VALID].double(), g.T @ e64) < 1e-5
+    assert rel_err(de2.double(), g @ c64) < 1e-5 and rel_err(db2[:N_VALID].double(), g.sum(0)) < 1e-5
 
     out = torch.full((D, D), float("nan"))
     backend.product_fp32(out, e.T, e, plan, accumulate=False)  # overwrites, NaN and all

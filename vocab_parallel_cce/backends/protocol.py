@@ -58,12 +58,17 @@ class Backend(Protocol):
     def backward(self, e: Tensor, c: Tensor, bias: Optional[Tensor], t_local: Tensor, lse: Tensor,
                  coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, plan: Plan,
                  need_de: bool, need_dc: bool, need_db: bool,
-                 coef_q: Optional[Tensor] = None, mean_z: Optional[Tensor] = None, de_fp32: bool = False
-                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                 coef_q: Optional[Tensor] = None, mean_z: Optional[Tensor] = None, de_fp32: bool = False,
+                 dc_into: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """(dE [N, D], dC [V_local, D], dbias [V_local]) from the global lse [N] and the
         coefficients (a, b, u) [N] (and the entropy's q with the global pz, [N] each); rows ≥
         n_valid of dC and dbias are 0. de_fp32 (16-bit inputs, when dE's partial sums are summed
-        across ranks next): dE is returned in float32, contiguous, not rounded to e's dtype."""
+        across ranks next): dE is returned in float32, contiguous, not rounded to e's dtype.
+        dc_into (a contiguous floating-point tensor of c's shape; used when need_dc): dC is ADDED
+        into it instead of being returned (dC comes back None), rows ≥ n_valid untouched. dC is
+        added chunk by chunk as computed in float32 (float64 for float64 inputs), with no
+        [V_local, D] dC tensor formed: by the torch backend always, by the triton backend for a
+        float32 target outside grad mode (otherwise it forms dC and adds it)."""
 
     # ---- the fast mode's paths (paths/held.py, paths/chunked.py), per token chunk [n, D]
 

@@ -113,14 +113,18 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False):
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False,
+             dc_into=None):
     """dE [N, D], dC [V_local, D], dbias [V_local] in the inputs' dtypes (see protocol.py); de_fp32:
-    dE in the compute dtype (float32 for 16-bit inputs), not rounded."""
+    dE in the compute dtype (float32 for 16-bit inputs), not rounded. dc_into: each block of dC
+    rows, in the compute dtype, is added into its rows (rounded once, to the target's dtype), and
+    None is returned for dC."""
     n, d = e.shape
     v, v_all = plan.n_valid, c.shape[0]
     cdt = _compute_dtype(e)
+    into = dc_into if need_dc else None
     de = torch.zeros(n, d, dtype=cdt, device=e.device) if need_de else None
-    dc = torch.zeros_like(c) if need_dc else None
+    dc = torch.zeros_like(c) if need_dc and into is None else None
     db = torch.zeros(v_all, dtype=cdt, device=e.device) if need_db else None
     lse, coef_p, coef_t, coef_u = (t.to(cdt) for t in (lse, coef_p, coef_t, coef_u))
     if coef_q is not None:
@@ -146,7 +150,9 @@ def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
                 dc_blk += g.T @ e_blk
             if need_db:
                 db[v0:v1] += g.sum(dim=0)
-        if need_dc:
+        if into is not None:
+            into[v0:v1] += dc_blk
+        elif need_dc:
             dc[v0:v1] = dc_blk.to(c.dtype)
     return (
         None if de is None else de if de_fp32 else de.to(e.dtype),

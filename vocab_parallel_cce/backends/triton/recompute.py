@@ -8,9 +8,10 @@ Forward (`forward_stats`, custom op `triton_forward_stats`): `forward_kernel`, o
 split's vocabulary tiles (online log-sum-exp, no N×V writes) → [3, splits, N] partials, merged
 over the splits (a few floats per token).
 
-Backward (`backward`, custom op `triton_backward`), per chunk of vocabulary rows (G lives in dC's
-not-yet-written rows while it fits there, `_g_inside_dc`; then in a workspace of `width` columns
-from `_chunk_bytes`, at least `tuning.min_chunk_columns`):
+Backward (`backward`, custom op `triton_backward`, or `triton_backward_into` for a float32
+`dc_accumulate_into` target), per chunk of vocabulary rows (G lives in dC's not-yet-written rows
+while it fits there, `_g_inside_dc`; then, and always when there is no dC, in a workspace of
+`width` columns from `_chunk_bytes`, at least `tuning.min_chunk_columns`):
   1. `logit_grad_kernel` recomputes the chunk's logits and writes G = a·p + b·[j = t] + u
      (× (1 − tanh²) when softcapped) and a per-tile keep flag (some softmax value reaches
      `filter_eps`, or the tile holds a target);
@@ -19,11 +20,14 @@ from `_chunk_bytes`, at least `tuning.min_chunk_columns`):
      sum follows: `de_fp32`);
   3. dC_chunk = Gᵀ · E, complete over all tokens, stored straight in c's dtype (no fp32 dC): one
      cuBLAS GEMM, or, when skipping, `products.sparse_matmul_kernel` visiting only the kept token
-     tiles.
+     tiles. With a float32 target (Megatron's main_grad) the chunk is added into the target's rows
+     instead, by one float32-output product with beta = 1 (`float32_product`; the block-sparse
+     kernel accumulating when skipping): no dC tensor exists and nothing is rounded to 16 bits
+     before the add.
 Skipping (dC only; dE is never filtered, DESIGN.md) is adaptive under filter_eps "auto"
 (`skip_policy`). The vocabulary is visited in id order.
 
-Both custom ops are opaque to torch.compile and free of host synchronisation (no .item() /
+The custom ops are opaque to torch.compile and free of host synchronisation (no .item() /
 .nonzero()), so they also run under CUDA-graph capture. Custom ops take scalars only: the plan's
 fields cross as scalars, its Tuning as a string (`Tuning.encode`).
 """
@@ -368,22 +372,20 @@ def _g_chunks(n: int, n_valid: int, c: torch.Tensor, dc: torch.Tensor | None, g_
         v_begin += w
 
 
-@torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
-def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
-                 lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
-                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str,
-                 sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False,
-                 hopper: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u), or [5, N] with the
-    entropy's (q, pz); softcap 0 = none; filter_eps 0 = no skipping; tuning_code: Tuning.encode();
-    sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature; de_fp32: dE
-    is the float32 accumulator itself, not narrowed (a cross-rank sum follows); hopper: the
-    Hopper kernel may recompute the chunks of G (`Plan.hopper`), where no tile is flagged."""
-    tuning = Tuning.decode(tuning_code)
+def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps: float, adaptive: bool,
+              exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning: Tuning, sum_weights,
+              inv_temp: float, de_fp32: bool, hopper: bool, dc_into: Optional[torch.Tensor]):
+    """What both backward custom ops compute: (dE, dC, dbias), empty where not needed; with dc_into
+    (float32, c's shape) each chunk's Gᵀ·E is added into its rows [v_begin, v_begin + w) by one
+    float32-output product and dC is empty (no [V, D] tensor: G takes the workspace)."""
     n, d = e.shape
     dev = e.device
     de_acc = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_de else None
-    dc = torch.empty_like(c) if need_dc else c.new_empty(0)
+    into = need_dc and dc_into is not None
+    dc = torch.empty_like(c) if need_dc and not into else c.new_empty(0)
+    dc_out = dc_into if into else dc  # where each chunk's Gᵀ·E goes (accumulated into dc_into)
+    if into:
+        counters["dc_into_direct"] += 1
     db = torch.zeros(c.shape[0], dtype=torch.float32, device=dev) if need_db else None
     # flags are computed whenever filter_eps > 0 (the adaptive policy measures them even when it
     # runs dense); tiles are skipped when `filtering`.
@@ -405,7 +407,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     if hopper_grad:
         from . import hopper as hopper_kernels
 
-    for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc else None, g_dtype, block_v, tuning):
+    for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc and not into else None, g_dtype, block_v, tuning):
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
         if hopper_grad and hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin,
                                                            inv_temp):
@@ -425,11 +427,13 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
         g_chunk = g[:, :w]
         if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
             float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, True, tuning)
-        if need_dc and filtering:  # dC_chunk = Gᵀ · E, skipping tiles whose softmax is negligible
+        if need_dc and filtering:  # dC_chunk (+)= Gᵀ · E, skipping tiles whose softmax is negligible
             counters["sparse_dc"] += 1
             list_v, count_v = tile_lists(chunk_flags[:, : triton.cdiv(w, block_v)].T)
-            sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc[v_begin:], dc.stride(), w, d, n, tuning,
-                          list_v, count_v, block_v, block_n, exact=exact)
+            sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc_out[v_begin:], dc_out.stride(), w, d, n, tuning,
+                          list_v, count_v, block_v, block_n, accumulate=into, exact=exact)
+        elif into:  # dc_into[chunk] += Gᵀ · E: one float32-output product, beta = 1
+            float32_product(dc_into[v_begin:v_begin + w], g_chunk.T, e, exact, True, tuning)
         elif need_dc:  # dC_chunk = Gᵀ · E, complete over tokens: one GEMM straight into dC
             if dev.type == "cuda" and g_dtype == e.dtype:
                 torch.mm(g_chunk.T, e, out=dc[v_begin:v_begin + w])
@@ -439,7 +443,7 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
         if need_db:
             db[v_begin:v_begin + w] += g_chunk.sum(dim=0, dtype=torch.float32)
 
-    if need_dc:  # padding rows (after the loop: G may have lived in them); all rows without tokens
+    if need_dc and not into:  # padding rows (after the loop: G may have lived in them); all rows without tokens
         dc[n_valid if n > 0 else 0:].zero_()
     if flagging and adaptive:
         skip_policy.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
@@ -450,11 +454,47 @@ def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
     return de, dc, (db.to(bias.dtype) if need_db else e.new_empty(0))
 
 
+@torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
+def _backward_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
+                 lse: torch.Tensor, coef: torch.Tensor, n_valid: int, softcap: float, filter_eps: float,
+                 adaptive: bool, exact: bool, need_de: bool, need_dc: bool, need_db: bool, tuning_code: str,
+                 sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False,
+                 hopper: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dE, dC, dbias) (empty where not needed); coef [3, N] = (a, b, u), or [5, N] with the
+    entropy's (q, pz); softcap 0 = none; filter_eps 0 = no skipping; tuning_code: Tuning.encode();
+    sum_weights [n_valid] float32: the u term is u·w_j; inv_temp 1 = no temperature; de_fp32: dE
+    is the float32 accumulator itself, not narrowed (a cross-rank sum follows); hopper: the
+    Hopper kernel may recompute the chunks of G (`Plan.hopper`), where no tile is flagged."""
+    return _backward(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc,
+                     need_db, Tuning.decode(tuning_code), sum_weights, inv_temp, de_fp32, hopper, None)
+
+
 @_backward_op.register_fake
 def _(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_dc, need_db,
       tuning_code, sum_weights, inv_temp, de_fp32=False, hopper=False):
     return (torch.empty_like(e, dtype=torch.float32 if de_fp32 else e.dtype) if need_de else e.new_empty(0),
             torch.empty_like(c) if need_dc else c.new_empty(0),
+            bias.new_empty(bias.shape) if need_db else e.new_empty(0))
+
+
+@torch.library.custom_op("vocab_parallel_cce::triton_backward_into", mutates_args=("dc_into",))
+def _backward_into_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
+                      lse: torch.Tensor, coef: torch.Tensor, dc_into: torch.Tensor, n_valid: int, softcap: float,
+                      filter_eps: float, adaptive: bool, exact: bool, need_de: bool, need_db: bool,
+                      tuning_code: str, sum_weights: Optional[torch.Tensor], inv_temp: float, de_fp32: bool = False,
+                      hopper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`triton_backward` with c's gradient ADDED into dc_into (float32, c's shape, contiguous):
+    rows [0, n_valid) each get their chunk's Gᵀ·E from one float32-output product (beta = 1), rows
+    ≥ n_valid nothing; no dC tensor is formed. Returns (dE, dbias), empty where not needed."""
+    de, _, db = _backward(e, c, bias, t, lse, coef, n_valid, softcap, filter_eps, adaptive, exact, need_de, True,
+                          need_db, Tuning.decode(tuning_code), sum_weights, inv_temp, de_fp32, hopper, dc_into)
+    return de, db
+
+
+@_backward_into_op.register_fake
+def _(e, c, bias, t, lse, coef, dc_into, n_valid, softcap, filter_eps, adaptive, exact, need_de, need_db,
+      tuning_code, sum_weights, inv_temp, de_fp32=False, hopper=False):
+    return (torch.empty_like(e, dtype=torch.float32 if de_fp32 else e.dtype) if need_de else e.new_empty(0),
             bias.new_empty(bias.shape) if need_db else e.new_empty(0))
 
 
@@ -466,7 +506,9 @@ def _no_double_backward(ctx, *grads):
 
 
 # What a second differentiation through the memory-first backward meets: this error, not PyTorch's
-# "no autograd formula" (the first backward under create_graph=True still runs).
+# "no autograd formula" (the first backward under create_graph=True still runs). A custom op that
+# mutates an argument takes no autograd formula, so `backward` calls `triton_backward_into` only
+# with grad mode off.
 _backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
@@ -479,13 +521,25 @@ def forward_stats(e, c, bias, t_local, plan: Plan):
 
 
 def backward(e, c, bias, t_local, lse, coef_p, coef_t, coef_u, plan: Plan,
-             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False):
+             need_de: bool, need_dc: bool, need_db: bool, coef_q=None, mean_z=None, de_fp32: bool = False,
+             dc_into=None):
     """See protocol.py. Skips dC tiles per plan.filter_eps (None, e.g. with label smoothing, whose
-    u ≠ 0 makes every tile matter: never). de_fp32: dE is the float32 accumulator, not narrowed."""
+    u ≠ 0 makes every tile matter: never). de_fp32: dE is the float32 accumulator, not narrowed.
+    dc_into: c's gradient is added into it and None returned for dC; a float32 target takes each
+    chunk's product straight (`triton_backward_into`), any other target, or grad mode on (a
+    backward with create_graph=True: the op that mutates has no double-backward error), gets dC
+    formed and added."""
     rows = [coef_p, coef_t, coef_u] + ([] if coef_q is None else [coef_q, mean_z])
     coef = torch.stack(rows).float().contiguous()
-    de, dc, db = _backward_op(e, c, bias, t_local, lse.float().contiguous(), coef, plan.n_valid,
-                              plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact,
-                              need_de, need_dc, need_db, plan.tuning.encode(), float32_sum_weights(plan),
-                              1.0 / plan.temperature, de_fp32, plan.hopper)
-    return (de if need_de else None, dc if need_dc else None, db if need_db else None)
+    args = (plan.softcap or 0.0, plan.filter_eps or 0.0, plan.adaptive_filter, plan.exact)
+    more = (plan.tuning.encode(), float32_sum_weights(plan), 1.0 / plan.temperature, de_fp32, plan.hopper)
+    lse = lse.float().contiguous()
+    into = dc_into if need_dc else None
+    if into is not None and into.dtype == torch.float32 and not torch.is_grad_enabled():
+        de, db = _backward_into_op(e, c, bias, t_local, lse, coef, into, plan.n_valid, *args, need_de, need_db,
+                                   *more)
+        return (de if need_de else None, None, db if need_db else None)
+    de, dc, db = _backward_op(e, c, bias, t_local, lse, coef, plan.n_valid, *args, need_de, need_dc, need_db, *more)
+    if into is not None:
+        into.add_(dc)
+    return (de if need_de else None, dc if need_dc and into is None else None, db if need_db else None)
