@@ -11,7 +11,7 @@ import torch
 
 from . import distributed as vp
 from .paths import chunked, held
-from .paths.recompute import ShardStats
+from .paths.recompute import shard_stats
 from .paths.shared import accumulate_grad_into
 from .plan import Plan
 from .planning import Call, autocast_enabled
@@ -121,12 +121,12 @@ def run_loss(plan: Plan, call: Call) -> Result:
     ("recompute"), or one of the fast mode's Functions, which reduce themselves ("held",
     "chunked"). call.dc_into: c's gradient is added into it (none is returned)."""
     c = call.c
-    if call.dc_into is not None and plan.path != "held":  # c's gradient formed as a tensor: added into dc_into
+    if call.dc_into is not None and plan.path == "chunked":  # c's gradient formed as a tensor: added into dc_into
         c = accumulate_grad_into(c, call.dc_into)
     p = prepare(plan, call.e, c, call.targets, call.bias, call.shift, call.loss_mask)
     with torch.autocast(p.e.device.type, enabled=False):
         if plan.path == "recompute":
-            return _recompute(plan, p, call.shift)
+            return _recompute(plan, p, call.shift, call.dc_into)
         # the Function reduces (both of "mean"'s divisors known here, as device scalars) and hands
         # back the z-loss part and the argmax when asked for
         dens = plan.mean_denominators(p.t) if plan.reduction == "mean" else None
@@ -139,10 +139,11 @@ def run_loss(plan: Plan, call: Call) -> Result:
     return Result(loss, None, outs[1] if want_z else None, outs[-1] if plan.need_argmax else None, p.t, p.out_shape)
 
 
-def _recompute(plan: Plan, p: Prepared, shift: int) -> Result:
-    """The memory-first path: the global statistics (`ShardStats`), the per-token loss from them
-    (`Plan.token_loss_parts`), reduced."""
-    stats = ShardStats.apply(p.e, p.c, p.bias, p.t - plan.vocab_start, plan)
+def _recompute(plan: Plan, p: Prepared, shift: int, dc_into=None) -> Result:
+    """The memory-first path: the global statistics (`ShardStats`, whose backward adds c's
+    gradient into dc_into when given), the per-token loss from them (`Plan.token_loss_parts`),
+    reduced."""
+    stats = shard_stats(p.e, p.c, p.bias, p.t - plan.vocab_start, plan, dc_into)
     lse, x, s = stats[:3]
     ce, zl = plan.token_loss_parts(lse, x, s, p.t)
     argmax = stats[plan.stat_names.index("argmax")] if plan.need_argmax else None

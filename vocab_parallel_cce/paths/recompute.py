@@ -8,6 +8,12 @@ vocabulary-parallel group. Everything built on them (label smoothing, z-loss, ig
 reductions, return_lse) is ordinary PyTorch on [N] vectors, so its gradient reaches the backward
 below as three per-token coefficients:
     ∂L/∂z_ij = (∂L/∂lse_i)·p_ij + (∂L/∂x_i)·[j = t_i] + (∂L/∂s_i).
+
+With `dc_accumulate_into` (Megatron's float32 main_grad) the backward adds c's gradient into that
+tensor chunk by chunk as the backend computes it (the triton backend, for a float32 target: each
+vocabulary chunk's Gᵀ·E by one float32-output product with beta = 1), so no dC tensor is formed,
+nothing is rounded to c's dtype before the add, the padding rows get nothing, and c gets no
+gradient.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ class ShardStats(torch.autograd.Function):
     (∂L/∂pz)·p_j·(z_j − pz) (kept as z − pz: no cancellation between two large terms)."""
 
     @staticmethod
-    def forward(ctx, e, c, bias, t_local, plan: Plan):
+    def forward(ctx, e, c, bias, t_local, plan: Plan, dc_into=None):
         """e [N, D] (sequence parallel: this rank's [N/W, D], gathered here), c [V_local, D], bias
-        [V_local] or None, t_local [N] int64 → k × float32 [N] (float64 for float64 inputs)."""
+        [V_local] or None, t_local [N] int64 → k × float32 [N] (float64 for float64 inputs).
+        dc_into: None, or a tensor of c's shape into which c's gradient is added in the backward
+        (rows ≥ n_valid untouched) instead of being returned."""
         e = gather_tokens(e, plan)  # saved gathered, as the gather's output was before
         names = plan.stat_names
         stats = global_stats(plan.backend.forward_stats(e, c, bias, t_local, plan), plan)
         stats = [q.clone() if q._base is not None else q for q in stats]  # no views as outputs
         ctx.save_for_backward(e, c, bias, t_local, stats[0], stats[3] if plan.need_entropy else None)
         save_plan(ctx, plan)
+        ctx.dc_into = dc_into
         frozen = ([] if plan.need_sum else [stats[2]]) + [stats[names.index(k)] for k in ("max", "argmax")
                                                           if k in names]
         ctx.mark_non_differentiable(*frozen)
@@ -56,6 +65,19 @@ class ShardStats(torch.autograd.Function):
             extra = dict(coef_q=q, mean_z=pz)
         de, dc, db = plan.backend.backward(
             e, c, bias, t_local, lse, *coef, plan, need_de, need_dc, need_db and bias is not None, **extra,
-            de_fp32=grad_e_fp32(e, plan, need_de),
+            de_fp32=grad_e_fp32(e, plan, need_de), dc_into=ctx.dc_into if need_dc else None,
         )
-        return sum_grad_e(de, e.dtype, plan), dc, db, None, None
+        return sum_grad_e(de, e.dtype, plan), dc, db, None, None, None
+
+
+def shard_stats(e, c, bias, t_local, plan: Plan, dc_into=None) -> tuple:
+    """`ShardStats.apply`; with dc_into, eagerly under torch.compile (a graph break, as the held
+    path's): its backward writes into a tensor that is not a graph input."""
+    if dc_into is None:
+        return ShardStats.apply(e, c, bias, t_local, plan)
+    return _shard_stats_into(e, c, bias, t_local, plan, dc_into)
+
+
+@torch.compiler.disable
+def _shard_stats_into(e, c, bias, t_local, plan: Plan, dc_into) -> tuple:
+    return ShardStats.apply(e, c, bias, t_local, plan, dc_into)

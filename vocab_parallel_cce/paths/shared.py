@@ -116,8 +116,8 @@ def fast_outputs(ctx, loss, z_part, argmax, acc_dtype):
 
 class AccumulateGradInto(torch.autograd.Function):
     """Identity on c whose backward adds c's gradient into `target` and hands none on (the
-    `dc_accumulate_into` option on the paths that form dC as a tensor: memory-first, and the fast
-    mode's token chunks)."""
+    `dc_accumulate_into` option on the one path that forms dC as a tensor: the fast mode's token
+    chunks; the memory-first and held-logits paths add into the target themselves)."""
 
     @staticmethod
     def forward(ctx, c, target):
