@@ -223,8 +223,10 @@ def test_dc_accumulates_straight_into_a_float32_target(impl, dtype, seed, monkey
 
 @pytest.mark.parametrize("mode", ["memory-first", "chunked"])
 def test_dc_accumulate_into_on_the_other_paths(mode, seed):
-    """The memory-first mode and the token-chunked fast mode form dC as a tensor; with a target it is
-    added there (and none returned), the same numbers as c.grad without one."""
+    """The memory-first mode (its backward adds dC block by block) and the token-chunked fast mode
+    (dC formed, then added): with a target c's gradient goes there (and none is returned), the same
+    numbers as c.grad without one (tests/paths/test_recompute_dc_into.py: the memory-first mode's
+    own tests)."""
     leaves, t = _inputs(19, 8, 30, torch.float32, bias=True)
     e, c, b = leaves
     kw = dict(impl="torch", reduction="sum", z_loss=1e-3,
