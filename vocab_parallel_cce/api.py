@@ -191,10 +191,13 @@ def linear_cross_entropy(
             `Tuning`); None reads them from the VPCCE_* environment variables (`Tuning.from_env`).
         dc_accumulate_into: None, or a contiguous floating-point tensor of c's shape (Megatron's
             float32 `weight.main_grad`; a float32 master gradient under autocast) into which c's
-            gradient is ADDED in the backward; c then gets no gradient (c.grad stays None). On the
-            fast mode's held-logits path with a float32 target (float64 for float64 inputs) dC =
-            Gᵀ·E is accumulated straight into it by one float32-output product: no dC tensor is
-            formed. Elsewhere dC is formed as before and added into it.
+            gradient is ADDED in the backward; c then gets no gradient (c.grad stays None), and
+            rows past the vocabulary (padding) get nothing. The memory-first mode adds dC = Gᵀ·E
+            chunk by chunk of vocabulary rows as its backward computes them (on the Triton backend
+            one float32-output product per chunk into a float32 target), and the fast mode's
+            held-logits path with a float32 target (float64 for float64 inputs) accumulates it by
+            one float32-output product: no dC tensor is formed and nothing is rounded to c's dtype
+            before the add. The token-chunked path forms dC and adds it.
 
     Returns:
         The loss (a scalar, or per token for "none"), float32 (float64 for float64 inputs); with
