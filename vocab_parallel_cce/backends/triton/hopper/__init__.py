@@ -96,6 +96,14 @@ def _run(mode: int, e, c, n_cols: int, **kw) -> bool:
     return True
 
 
+def _stats_rows(e) -> torch.Tensor:
+    """float32 [5, N] for (lse, x, Σz, lsẽ, pz), x zeroed: the kernel writes only the rows whose
+    target is one of its columns."""
+    out = torch.empty(5, e.shape[0], dtype=torch.float32, device=e.device)
+    out[1].zero_()
+    return out
+
+
 def _partials(e, n_cols: int, mode: int, need_sum: bool, need_pz: bool = False) -> torch.Tensor:
     from . import logits
 
@@ -113,9 +121,11 @@ def stored_logits_and_stats(e, c, z, t_local, n_valid: int, need_sum: bool) -> t
     if e.shape[0] == 0 or not aligned_for_tma(e, c, z):
         return None
     part = _partials(e, n_valid, logits.MODE_LOGITS.value, need_sum)
-    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, need_sum=need_sum):
+    out = _stats_rows(e)
+    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, x=out[1], t=t_local,
+                need_sum=need_sum):
         return None
-    return partials.merge(part, e, c, t_local, n_valid, True, need_sum)[:4]
+    return partials.merge(part, out, True, need_sum)[:4]
 
 
 def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = False,
@@ -128,9 +138,11 @@ def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = Fal
         return None
     mode = logits.MODE_STATS.value
     part = _partials(e, n_valid, mode, need_sum, need_pz)
-    if not _run(mode, e, c, n_valid, partials=part, need_sum=need_sum, need_pz=need_pz, inv_temp=inv_temp):
+    out = _stats_rows(e)
+    if not _run(mode, e, c, n_valid, partials=part, x=out[1], t=t_local, need_sum=need_sum, need_pz=need_pz,
+                inv_temp=inv_temp):
         return None
-    return partials.merge(part, e, c, t_local, n_valid, False, need_sum, need_pz, inv_temp)
+    return partials.merge(part, out, False, need_sum, need_pz)
 
 
 def logit_grad_chunk(e, c_chunk, width: int, g, lse, coef, t_local, col_base: int, inv_temp: float = 1.0) -> bool:
