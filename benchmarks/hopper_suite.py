@@ -64,25 +64,22 @@ class Runner:
         self.L, self.P, self.bf16, self.recompute = _kernels()
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
 
-    def logits(self, e, c, v, mode, t, config=None, need_sum=False, **kw):
-        """(partials, float32 [5, N] rows whose row 1 holds x) of one launch (MODE_GRAD: None, None)."""
+    def logits(self, e, c, v, mode, config=None, need_sum=False, **kw):
         bn = (config or self.L.CONFIGS[mode])[1]
-        part = rows = None
+        part = None
         if mode != self.L.MODE_GRAD.value:
             part = torch.empty(self.L.partial_rows(mode, need_sum), -(-v // bn), e.shape[0], device=e.device)
-            rows = torch.zeros(5, e.shape[0], device=e.device)
-        self.L.launch(e, c, v, mode, t=t, partials=part, x=None if rows is None else rows[1], need_sum=need_sum,
-                      num_sms=self.sms, config=config, **kw)
-        return part, rows
+        self.L.launch(e, c, v, mode, partials=part, need_sum=need_sum, num_sms=self.sms, config=config, **kw)
+        return part
 
     def fast_forward(self, e, c, t, v, config=None, need_sum=False):
         z = torch.empty(e.shape[0], -(-v // 8) * 8, device=e.device, dtype=torch.bfloat16)
-        part, rows = self.logits(e, c, v, self.L.MODE_LOGITS.value, t, config, need_sum, out=z)
-        return z, self.P.merge(part, rows, True, need_sum)
+        part = self.logits(e, c, v, self.L.MODE_LOGITS.value, config, need_sum, out=z)
+        return z, self.P.merge(part, e, c, t, v, True, need_sum)
 
     def memory_forward(self, e, c, t, v, config=None, need_sum=False):
-        part, rows = self.logits(e, c, v, self.L.MODE_STATS.value, t, config, need_sum)
-        return self.P.merge(part, rows, False, need_sum)
+        part = self.logits(e, c, v, self.L.MODE_STATS.value, config, need_sum)
+        return self.P.merge(part, e, c, t, v, False, need_sum)
 
     def portable_fast_forward(self, e, c, t, v):
         """cuBLAS bf16 logits, then the statistics pass (the fast mode's portable forward)."""
@@ -122,7 +119,7 @@ def check(k: Runner, n, d, v, confident) -> dict:
     w = v - v0
     coef = torch.randn(3, n, device=e.device)
     g = torch.full((n, -(-w // 8) * 8), float("nan"), device=e.device, dtype=torch.bfloat16)
-    k.logits(e, c[v0:], w, k.L.MODE_GRAD.value, t, out=g, lse=st[0].contiguous(), coef=coef, col_base=v0)
+    k.logits(e, c[v0:], w, k.L.MODE_GRAD.value, out=g, lse=st[0].contiguous(), coef=coef, t=t, col_base=v0)
     p = torch.exp(z64[:, v0:] - st[0, rows, None].double())
     hit = (torch.arange(v0, v, device=e.device)[None, :] == t[rows, None]).double()
     cr = coef[:, rows].double()
@@ -148,10 +145,10 @@ def timings(k: Runner, n, d, v, rounds: int, configs: dict) -> list[dict]:
         "cuBLAS Gᵀ·E": lambda: torch.mm(g.T, e),
         "fast forward, portable": lambda: k.portable_fast_forward(e, c, t, v),
         "fast forward, Hopper": lambda: k.fast_forward(e, c, t, v),
-        "logits kernel alone": lambda: k.logits(e, c, v, L.MODE_LOGITS.value, t, out=z),
+        "logits kernel alone": lambda: k.logits(e, c, v, L.MODE_LOGITS.value, out=z),
         "memory-first forward, portable": lambda: k.portable_memory_forward(e, c, t, v),
         "memory-first forward, Hopper": lambda: k.memory_forward(e, c, t, v),
-        "memory-first G, Hopper": lambda: k.logits(e, c, v, L.MODE_GRAD.value, t, out=g, lse=lse, coef=coef),
+        "memory-first G, Hopper": lambda: k.logits(e, c, v, L.MODE_GRAD.value, out=g, lse=lse, coef=coef, t=t),
     }
     for name, cfg in configs.items():
         fns[f"fast forward, Hopper [{name}]"] = lambda cfg=cfg: k.fast_forward(e, c, t, v, config=cfg)

@@ -81,27 +81,33 @@ def test_gluon_matches_float64_as_closely_as_the_portable_kernels(case, ls, mode
     gluon = _run(e, c, t, GLUON, grad_in_forward=mode, label_smoothing=ls)
     assert triton_backend.counters["hopper_forward"] >= 1  # the Gluon kernels ran
     portable = _run(e, c, t, PORTABLE, grad_in_forward=mode, label_smoothing=ls)
-    # the loss comes from the float32 products in both modes (the portable fast mode's from bf16 logits),
-    # x from the same float32 tile as lse: no cancellation error where p_t is near 1
-    assert rel_err(gluon[0].double(), ref) < (2e-6 if n > 1 else 1e-5)
+    # the loss comes from the float32 products in both modes, as accurate as the portable memory-first
+    # statistics (float32 products too; the portable fast mode's come from the bf16 logits)
+    products = portable if mode is False else _run(e, c, t, PORTABLE, grad_in_forward=False, label_smoothing=ls)
+    assert rel_err(gluon[0].double(), ref) <= 2 * rel_err(products[0].double(), ref) + 2e-7
     for g, p, r in zip(gluon[1:], portable[1:], ref_grads):
         assert torch.isfinite(g).all()
         assert rel_err(g.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-4
 
 
 @pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
-def test_gluon_per_token_loss_is_float32_exact(mode):
-    """reduction="none": every token's loss within float32 rounding of the products (the portable
-    fast mode's per-token loss carries the bf16 rounding of the logits, ~2^-9·|z|)."""
+def test_gluon_per_token_loss_has_the_products_accuracy(mode):
+    """reduction="none": every token's loss as close to float64 as the float32 products allow (the
+    portable memory-first statistics), far closer than the bf16 logits' (the portable fast mode's)."""
     e, c, t = _inputs(4096, 4096, 32064, "confident", seed=17)
     t[::5] = -100
-    loss = linear_cross_entropy(e, c, t, reduction="none", grad_in_forward=mode, tuning=GLUON)
     z = e.double() @ c.double().T
     valid = t != -100
     ref = torch.where(valid, torch.logsumexp(z, 1) - z.gather(1, t.clamp(0)[:, None])[:, 0], 0.0)
-    err = ((loss.double() - ref).abs() / ref.abs().clamp_min(1e-3))[valid]
-    assert err.max().item() < 2e-5
-    assert (loss[~valid] == 0).all()
+
+    def worst(tuning, gif):
+        loss = linear_cross_entropy(e, c, t, reduction="none", grad_in_forward=gif, tuning=tuning)
+        assert (loss[~valid] == 0).all()
+        return ((loss.double() - ref).abs() / ref.abs().clamp_min(1e-3))[valid].max().item()
+
+    gluon, products, rounded = worst(GLUON, mode), worst(PORTABLE, False), worst(PORTABLE, True)
+    assert gluon <= 2 * products + 1e-6
+    assert gluon < rounded / 10
 
 
 @pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])

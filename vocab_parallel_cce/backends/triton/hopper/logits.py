@@ -20,9 +20,7 @@ then the tile's epilogue, one of
 With a temperature, z = (E·C_rᵀ)·inv_temp throughout and G carries the factor inv_temp.
 
 Statistics go to float32 partials [k, T, N] (T = column tiles), merged per row by
-`partials.merge` (lse = M + log Σ_T s·exp(m − M)); the correct logit x_i = z_{i, t_i} is taken from
-the float32 tile that holds column t_i (MODE_LOGITS, MODE_STATS), so lse − x, the loss, loses no
-accuracy to cancellation where p_t is near 1 (z_t's rounding enters both). Columns ≥ `n_cols` (the shard's padding and
+`partials.merge` (lse = M + log Σ_T s·exp(m − M)). Columns ≥ `n_cols` (the shard's padding and
 what lies past C's rows) take no part; rows ≥ N are never stored.
 """
 
@@ -39,8 +37,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E = gl.constexpr(1.4426950408889634)
-# z at columns past n_cols: exp(z − m) is 0 and, unlike −inf, 0·z is 0 (the entropy's Σ p·z)
-NOT_A_COLUMN = gl.constexpr(-1.0e30)
 MODE_LOGITS = gl.constexpr(0)
 MODE_STATS = gl.constexpr(1)
 MODE_GRAD = gl.constexpr(2)
@@ -106,7 +102,7 @@ def _split_columns(x, PARTS: gl.constexpr):
 
 @gluon.jit
 def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr):
-    """Per row of a float32 tile z (NOT_A_COLUMN at invalid columns): (m, s, s̃, Σz, q) as in the module
+    """Per row of a float32 tile z (−inf at invalid columns): (m, s, s̃, Σz, q) as in the module
     docstring, s̃ from z_rounded = bf16(z) (MODE_LOGITS), Σz only with NEED_SUM, q only with
     NEED_PZ (0 stands in for those left out). m is finite: every tile holds a valid column."""
     m = gl.max(z, axis=1)
@@ -120,8 +116,8 @@ def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, 
     if MODE == MODE_LOGITS:
         s_rounded = gl.sum(gl.exp2(z_rounded.to(gl.float32) * LOG2E - m_log2), axis=1)
     q = gl.zeros_like(s)
-    if NEED_PZ:  # p·z is 0 at invalid columns
-        q = gl.sum(p * z, axis=1)
+    if NEED_PZ:  # p is 0 at invalid columns (z = −inf): their z is never multiplied in
+        q = gl.sum(p * gl.where(valid, z, 0.0), axis=1)
     return m, s, s_rounded, total, q
 
 
@@ -165,7 +161,7 @@ def _logit_grad(z, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coef_
     b = gl.load(coef_ptr + coef_stride + rows, mask=ok, other=0.0)
     u = gl.load(coef_ptr + 2 * coef_stride + rows, mask=ok, other=0.0)
     # t − col_base in int32: one compare per element (t outside the chunk can match no column)
-    t = _target_columns(rows, n_rows, col_base, t_ptr)
+    t = gl.minimum(gl.maximum(gl.load(t_ptr + rows, mask=ok, other=-1) - col_base, -1), 1 << 30).to(gl.int32)
     p = gl.exp2(z * LOG2E - gl.expand_dims(lse * LOG2E, 1))
     hit = gl.expand_dims(cols, 0) == gl.expand_dims(t, 1)
     g = gl.expand_dims(a, 1) * p + gl.where(hit, gl.expand_dims(b, 1), 0.0) + gl.expand_dims(u, 1)
@@ -177,14 +173,7 @@ def _logit_grad(z, rows, cols, n_rows, col_base, lse_ptr, coef_ptr, t_ptr, coef_
 
 
 @gluon.jit
-def _target_columns(rows, n_rows, col_base, t_ptr):
-    """Per row its target's column (t − col_base as int32; −1 below the range, 2^30 above it)."""
-    t = gl.load(t_ptr + rows, mask=rows < n_rows, other=-1) - col_base
-    return gl.minimum(gl.maximum(t, -1), 1 << 30).to(gl.int32)
-
-
-@gluon.jit
-def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, coef_ptr, t_ptr,
+def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
               n_rows, n_cols, n_tiles, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
               NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, LAYOUT: gl.constexpr):
     """The tile's epilogue (module docstring), over SPLIT column slices of the accumulator; each
@@ -196,9 +185,6 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, c
     rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, SLICE_LAYOUT))
     parts = _split_columns(acc, SPLIT)
     stats = (0.0, 0.0, 0.0, 0.0, 0.0)
-    if MODE != MODE_GRAD:
-        t_col = _target_columns(rows, n_rows, col_base, t_ptr)
-        x = gl.zeros([BM], gl.float32, gl.SliceLayout(1, SLICE_LAYOUT))
     for i in gl.static_range(SPLIT):
         part = gl.convert_layout(parts[i], SLICE_LAYOUT, assert_trivial=True)
         if HAS_TEMP:
@@ -211,9 +197,8 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, c
             out = g.to(gl.bfloat16)
         else:
             valid = gl.expand_dims(cols < n_cols, 0)
-            x += gl.sum(gl.where(gl.expand_dims(cols, 0) == gl.expand_dims(t_col, 1), part, 0.0), axis=1)
-            z = gl.where(valid, part, NOT_A_COLUMN)
-            # the store clips the columns past n_cols; the exp of bf16(NOT_A_COLUMN) is 0 there
+            z = gl.where(valid, part, float("-inf"))
+            # the store clips the columns past n_cols; the exp of bf16(−inf) is 0 there
             out = z.to(gl.bfloat16)
             here = _row_stats(z, out, valid, MODE, NEED_SUM, NEED_PZ)
             if i == 0:
@@ -227,13 +212,10 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, c
             tma.async_copy_shared_to_global(out_desc, [pid_m * BM, pid_n * BN + i * SLICE], out_smem)
     if MODE != MODE_GRAD:
         _store_partials(stats, rows, n_rows, pid_n, n_tiles, part_ptr, MODE, NEED_SUM, NEED_PZ)
-        # one tile holds each row's target column (none where it lies outside [0, n_cols))
-        here = (t_col >= pid_n * BN) & (t_col < gl.minimum(pid_n * BN + BN, n_cols))
-        gl.store(x_ptr + rows, x, mask=(rows < n_rows) & here)
 
 
 @gluon.jit
-def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, coef_ptr, t_ptr,
+def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
                    NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
                    num_warps: gl.constexpr):
@@ -258,22 +240,20 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, x
             count += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((count + S - 1) % S))
-        _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, coef_ptr, t_ptr,
+        _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                   n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def logits_kernel(e_desc, c_desc, out_desc, part_ptr, x_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim,
-                  col_base,
+def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base,
                   inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr,
                   HAS_TEMP: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
                   GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
     MODE. e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
     out_desc: the bf16 output (z or G) [n_rows, ·] blocks [BM, BN / SPLIT] (unused in MODE_STATS);
-    part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] and x_ptr [n_rows] float32, zeros, into which
-    each row's z_{i, t_i} is written where 0 ≤ t_i − col_base < n_cols (MODE_LOGITS, MODE_STATS);
+    part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
     lse_ptr [n_rows], coef_ptr [3 or 5, n_rows] (a, b, u[, q, pz] with NEED_PZ), t_ptr [n_rows] int64
     (MODE_GRAD: target ids in C's numbering plus col_base, the column of C's row 0); inv_temp: the
     logits' factor (HAS_TEMP)."""
@@ -287,7 +267,7 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, x_ptr, lse_ptr, coef_ptr, 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, x_ptr, lse_ptr, coef_ptr, t_ptr,
+        (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                           n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT,
                           GROUP_M, num_warps)),
         (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
@@ -322,19 +302,18 @@ def _descriptor(t, shape, block):
     return TensorDescriptor(t, list(shape), [t.stride()[0], 1], list(block), layout)
 
 
-def launch(e, c, n_cols: int, mode: int, *, t, out=None, partials=None, x=None, need_sum: bool = False,
-           need_pz: bool = False, inv_temp: float = 1.0, lse=None, coef=None, col_base: int = 0,
+def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False,
+           need_pz: bool = False, inv_temp: float = 1.0, lse=None, coef=None, t=None, col_base: int = 0,
            num_sms: int = 132, config=None, warmup: bool = False):
     """Run `logits_kernel` over z = e·c[:n_cols]ᵀ.
 
-    e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows; t [N] int64
-    target ids in c's row numbering + col_base. MODE_LOGITS writes z into out [N, ≥ n_cols] (bf16,
-    unit last stride), the partials and x; MODE_STATS the partials and x; MODE_GRAD writes G into
-    out (lse [N], coef [3, N] float32 contiguous, or [5, N] with need_pz). partials: float32
-    [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous; x: float32 [N] zeros,
-    z_{i, t_i} written where t_i is a column. need_pz: the entropy's statistic (MODE_STATS) or
-    gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature. `warmup` compiles without running
-    (returns the compiled kernel; the tensors may be stand-ins)."""
+    e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows. MODE_LOGITS
+    writes z into out [N, ≥ n_cols] (bf16, unit last stride) and the partials; MODE_STATS the
+    partials only; MODE_GRAD writes G into out (lse [N], coef [3, N] float32 contiguous, or
+    [5, N] with need_pz, t [N] int64 in c's row numbering + col_base). partials: float32
+    [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous. need_pz: the
+    entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
+    `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
     bm, bn, bk, stages, split, group_m, warps = config or default
     if split != 1 and mode != MODE_GRAD.value:
@@ -350,8 +329,8 @@ def launch(e, c, n_cols: int, mode: int, *, t, out=None, partials=None, x=None, 
     part = partials if partials is not None else e
     tiles = -(-n // bm) * -(-n_cols // bn)
     grid = (max(1, min(num_sms, tiles)),)
-    args = (e_desc, c_desc, out_desc, part, x if x is not None else part, lse if lse is not None else part,
-            coef if coef is not None else part, t, n, n_cols, d, col_base, float(inv_temp))
+    args = (e_desc, c_desc, out_desc, part, lse if lse is not None else part, coef if coef is not None else part,
+            t if t is not None else part, n, n_cols, d, col_base, float(inv_temp))
     kw = dict(MODE=mode, NEED_SUM=need_sum, NEED_PZ=need_pz, HAS_TEMP=inv_temp != 1.0, NUM_STAGES=stages,
               SPLIT=split, GROUP_M=group_m, LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
     if warmup:

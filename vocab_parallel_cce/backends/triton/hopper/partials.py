@@ -1,12 +1,15 @@
-"""Per-row statistics from the logits kernel's per-tile partials.
+"""Per-row statistics from the logits kernel's per-tile partials, and the correct logit.
 
 `logits.logits_kernel` writes, for each row i and column tile k, m_ik = max_j z_ij and
 s_ik = Σ_j exp(z_ij − m_ik) (and s̃_ik of the rounded logits, Σ_j z_ij and q_ik = Σ_j exp(z_ij − m_ik)·z_ij
-when asked), and the correct logit x_i itself. Per row:
+when asked). Per row:
 
     M_i = max_k m_ik,   lse_i = M_i + log Σ_k s_ik·exp(m_ik − M_i)   (lsẽ_i likewise from s̃),
-    Σ_j z_ij = Σ_k Σz_ik,   pz_i = Σ_j p_ij z_ij = Σ_k q_ik·exp(m_ik − M_i) / Σ_k s_ik·exp(m_ik − M_i).
+    Σ_j z_ij = Σ_k Σz_ik,   pz_i = Σ_j p_ij z_ij = Σ_k q_ik·exp(m_ik − M_i) / Σ_k s_ik·exp(m_ik − M_i),
+    x_i = (e_i·c_{t_i})·inv_temp in float32 (0 unless 0 ≤ t_i < n_cols).
 
+The correct logit is a dot product of two rows (D products, float32 sums) rather than a pick from
+the tiles: one gathered row of C per token instead of a compare and select on every logit.
 A plain Triton kernel: it runs anywhere Triton does, the interpreter included.
 """
 
@@ -18,10 +21,11 @@ import triton.language as tl
 
 
 @triton.jit
-def merge_partials_kernel(PART, n_tiles, N, OUT, HAS_ROUNDED: tl.constexpr, NEED_SUM: tl.constexpr,
-                          NEED_PZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-    """OUT [5, N]: lse, (x: not touched), Σz (0 without NEED_SUM), lsẽ (HAS_ROUNDED), pz (NEED_PZ)
-    of rows [pid·BLOCK_R, ...); PART [k, n_tiles, N] float32: m, s, then s̃ (HAS_ROUNDED), then Σz
+def merge_partials_kernel(PART, n_tiles, N, E, C, TGT, OUT, D, n_cols, stride_e, stride_c, inv_temp,
+                          HAS_ROUNDED: tl.constexpr, NEED_SUM: tl.constexpr, NEED_PZ: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT [5, N]: lse, x, Σz (0 without NEED_SUM), lsẽ (HAS_ROUNDED), pz (NEED_PZ) of rows
+    [pid·BLOCK_R, ...); PART [k, n_tiles, N] float32: m, s, then s̃ (HAS_ROUNDED), then Σz
     (NEED_SUM), then q (NEED_PZ)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok_r = rows < N
@@ -59,20 +63,34 @@ def merge_partials_kernel(PART, n_tiles, N, OUT, HAS_ROUNDED: tl.constexpr, NEED
     if NEED_PZ:
         tl.store(OUT + 4 * N + rows, q / tl.where(ok_r, s, 1.0), mask=ok_r)
 
+    tgt = tl.load(TGT + rows, mask=ok_r, other=-1)
+    has_t = ok_r & (tgt >= 0) & (tgt < n_cols)
+    c_rows = tl.where(has_t, tgt, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        ok = has_t[:, None] & (cols[None, :] < D)
+        ev = tl.load(E + rows[:, None].to(tl.int64) * stride_e + cols[None, :], mask=ok, other=0.0)
+        cv = tl.load(C + c_rows[:, None] * stride_c + cols[None, :], mask=ok, other=0.0)
+        acc += ev.to(tl.float32) * cv.to(tl.float32)
+    tl.store(OUT + N + rows, tl.sum(acc, axis=1) * inv_temp, mask=ok_r)
 
-def merge(partials: torch.Tensor, out: torch.Tensor, has_rounded: bool, need_sum: bool,
-          need_pz: bool = False) -> torch.Tensor:
-    """out float32 [5, N] (contiguous), rows 0 and 2-4 filled from partials [k, T, N] (module
-    docstring): (lse, ·, Σz, lsẽ, pz); row 1 (x, the logits kernel's) is left as it is. Row 2 is 0
-    unless need_sum; rows 3 and 4 are unset unless has_rounded / need_pz. Returns out."""
-    n = out.shape[1]
+
+def merge(partials: torch.Tensor, e: torch.Tensor, c: torch.Tensor, t_local: torch.Tensor, n_cols: int,
+          has_rounded: bool, need_sum: bool, need_pz: bool = False, inv_temp: float = 1.0) -> torch.Tensor:
+    """float32 [5, N]: (lse, x, Σz, lsẽ, pz) from partials [k, T, N] (module docstring); e [N, D],
+    c [≥ n_cols, D] with unit last stride, t_local [N] int64 in c's row numbering. Row 2 is 0 unless
+    need_sum; rows 3 and 4 are unset unless has_rounded / need_pz."""
+    n, d = e.shape
+    out = torch.empty(5, n, dtype=torch.float32, device=e.device)
     if n == 0:
         return out
-    interpreting = out.device.type == "cpu"
+    interpreting = e.device.type == "cpu"
     # 16 rows a program: N/16 programs fill the GPU (64-row programs ran 0.4 ms at N = 8192, V = 128256)
-    block_r, block_t = (16, 4) if interpreting else (16, 64)
+    block_r, block_t, block_d = (16, 4, 16) if interpreting else (16, 64, 128)
     merge_partials_kernel[(triton.cdiv(n, block_r),)](
-        partials, partials.shape[1], n, out, HAS_ROUNDED=has_rounded, NEED_SUM=need_sum, NEED_PZ=need_pz,
-        BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4,
+        partials, partials.shape[1], n, e, c, t_local, out, d, n_cols, e.stride(0), c.stride(0), float(inv_temp),
+        HAS_ROUNDED=has_rounded, NEED_SUM=need_sum, NEED_PZ=need_pz, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d,
+        num_warps=4,
     )
     return out
