@@ -14,12 +14,11 @@ import warnings
 
 import torch
 
-# Triton releases on which calls use these kernels by default. The kernels passed their float64
-# checks on an H100 with Triton 3.6 (benchmarks/results/h100/hopper.md), and the test suite
-# compiles them for sm_90a with the Triton it installs; the library's calls through them (their
-# routing, tests/gpu/test_gpu_hopper.py and the GPU suite) have not run on a GPU yet, so none: the
-# kernels are opt-in (`Tuning(use_gluon=True)`, VPCCE_USE_GLUON=1) until those tests pass there.
-DEFAULT_TRITON: tuple[str, ...] = ()
+# Triton releases on which calls use these kernels by default: those the GPU tests
+# (tests/gpu/test_gpu_hopper.py) and the benchmarks passed on (H100, Triton 3.6). Elsewhere they run
+# only when asked (`Tuning(use_gluon=True)`, VPCCE_USE_GLUON=1); the test suite compiles them for
+# sm_90a with the Triton it installs.
+DEFAULT_TRITON: tuple[str, ...] = ("3.6.",)
 
 _failed: set = set()  # kernel configurations whose build failed in this process
 _built: set = set()  # ... and those that built
@@ -54,9 +53,10 @@ def available(device: torch.device, use_gluon: bool | None) -> bool:
 
 
 def aligned_for_tma(*tensors: torch.Tensor) -> bool:
-    """Unit last stride, 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+    """bf16 (the kernels' operand and output type), unit last stride, 16-byte aligned base and row
+    stride (what a TMA descriptor needs)."""
     for t in tensors:
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        if t.dtype != torch.bfloat16 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
     return True
 
@@ -96,14 +96,6 @@ def _run(mode: int, e, c, n_cols: int, **kw) -> bool:
     return True
 
 
-def _stats_rows(e) -> torch.Tensor:
-    """float32 [5, N] for (lse, x, Σz, lsẽ, pz), x zeroed: the kernel writes only the rows whose
-    target is one of its columns."""
-    out = torch.empty(5, e.shape[0], dtype=torch.float32, device=e.device)
-    out[1].zero_()
-    return out
-
-
 def _partials(e, n_cols: int, mode: int, need_sum: bool, need_pz: bool = False) -> torch.Tensor:
     from . import logits
 
@@ -121,11 +113,9 @@ def stored_logits_and_stats(e, c, z, t_local, n_valid: int, need_sum: bool) -> t
     if e.shape[0] == 0 or not aligned_for_tma(e, c, z):
         return None
     part = _partials(e, n_valid, logits.MODE_LOGITS.value, need_sum)
-    out = _stats_rows(e)
-    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, x=out[1], t=t_local,
-                need_sum=need_sum):
+    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, need_sum=need_sum):
         return None
-    return partials.merge(part, out, True, need_sum)[:4]
+    return partials.merge(part, e, c, t_local, n_valid, True, need_sum)[:4]
 
 
 def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = False,
@@ -138,11 +128,9 @@ def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = Fal
         return None
     mode = logits.MODE_STATS.value
     part = _partials(e, n_valid, mode, need_sum, need_pz)
-    out = _stats_rows(e)
-    if not _run(mode, e, c, n_valid, partials=part, x=out[1], t=t_local, need_sum=need_sum, need_pz=need_pz,
-                inv_temp=inv_temp):
+    if not _run(mode, e, c, n_valid, partials=part, need_sum=need_sum, need_pz=need_pz, inv_temp=inv_temp):
         return None
-    return partials.merge(part, out, False, need_sum, need_pz)
+    return partials.merge(part, e, c, t_local, n_valid, False, need_sum, need_pz, inv_temp)
 
 
 def logit_grad_chunk(e, c_chunk, width: int, g, lse, coef, t_local, col_base: int, inv_temp: float = 1.0) -> bool:
