@@ -28,8 +28,8 @@ Gradients: the hidden-state gradient is all-reduced over the tensor-parallel gro
 ranks' partial sums are summed in float32 and rounded once (linear_cross_entropy's). The
 classifier's gradient goes to `weight.grad` and Megatron's DDP hook adds it to `main_grad`; when
 the output layer uses gradient-accumulation fusion and the weight has a `main_grad`, it is added
-into `main_grad` in backward instead, by the loss itself (`dc_accumulate_into`; the fast mode's
-held-logits path accumulates it there straight from a float32-output product, no dC tensor), and
+into `main_grad` in backward instead, by the loss itself (`dc_accumulate_into`; the held-logits
+and memory-first paths accumulate it there straight from float32-output products, no dC tensor), and
 `grad_added_to_main_grad` set, as Megatron's fused wgrad does. No parameter or module is replaced, so parameter names and checkpoints are unchanged.
 
 Pipeline parallelism: only the stage with `output_layer` (post_process) is changed; on other
@@ -219,8 +219,8 @@ def patch_gpt_model(
             else (no mask seen, or multi-token-prediction heads) `linear_cross_entropy`'s "auto":
             the fast mode where the logits fit one chunk on the Triton backend, else memory-first.
             With gradient-accumulation fusion (`weight.main_grad`) the classifier's gradient is
-            added into main_grad by the loss (`dc_accumulate_into`); on the held-logits path by
-            one float32-output product, with no bf16 dC tensor.
+            added into main_grad by the loss (`dc_accumulate_into`); on the held-logits and
+            memory-first paths by float32-output products, with no bf16 dC tensor.
         class_weights: per-class weights w [vocab] (the padded vocabulary or true_vocab_size
             entries; F.cross_entropy's `weight`): the per-token loss becomes w[label]·nll (with
             label smoothing, F.cross_entropy's weighted form). Megatron's loss function then

@@ -43,8 +43,8 @@ class MegatronLossOptions:
 class _WgradIntoMainGrad(torch.autograd.Function):
     """Identity on the weight; backward adds its gradient into `weight.main_grad` (fused-wgrad
     style). The loss gets `dc_accumulate_into=weight.main_grad` too, so it has already added the
-    classifier's gradient there (the fast mode's held-logits path straight from the product, with
-    no dC tensor) and hands this Function no gradient (None); one that does arrive is added."""
+    classifier's gradient there (the held-logits and memory-first paths straight from the products,
+    with no dC tensor) and hands this Function no gradient (None); one that does arrive is added."""
 
     @staticmethod
     def forward(ctx, weight):

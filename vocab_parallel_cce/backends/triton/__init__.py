@@ -9,7 +9,8 @@
 - skip_policy.py: the adaptive dC tile skipping (filter_eps "auto").
 
 `counters` counts the paths taken (TMA or pointer loads, where G lived, block-sparse dC products,
-skip measurements, bf16 stored logits), for tests and benchmarks; `counters.clear()` resets it.
+skip measurements, bf16 stored logits, the Hopper kernels, dC added straight into a target), for
+tests and benchmarks; `counters.clear()` resets it.
 """
 
 from .common import counters
