@@ -346,3 +346,33 @@ def test_torch_compile(seed):
         assert rel_err(g, w) < 2e-5
     # and eager gives the same value
     assert torch.allclose(loss, fn(e, c, targets, b), rtol=1e-6, atol=0)
+
+
+def _padding_shard_worker(rank: int, world: int, seed: int):
+    """Two ranks of 16 classifier rows with a vocabulary of 14: rank 1 holds only padding, so its
+    memory-first backward has no vocabulary chunk; its dE part must be 0, not the accumulator's
+    unwritten memory."""
+    import torch.distributed as dist
+
+    n, d, rows, vocab = 10, 16, 16, 14
+    g = torch.Generator().manual_seed(seed)
+    e_all = torch.randn(n, d, generator=g)
+    c_all = torch.randn(world * rows, d, generator=g) * 0.5
+    t = torch.randint(0, vocab, (n,), generator=g)
+    e = e_all.clone().requires_grad_()
+    c = c_all[rank * rows:(rank + 1) * rows].clone().requires_grad_()
+    loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, group=dist.group.WORLD,
+                                vocab_size=vocab)
+    loss.backward()
+    e64, c64 = e_all.double().requires_grad_(), c_all.double().requires_grad_()
+    de64, dc64 = torch.autograd.grad(reference_loss(e64, c64, t, vocab_size=vocab), (e64, c64))
+    errs = rel_err(e.grad, de64), rel_err(c.grad[: max(0, vocab - rank * rows)], dc64[rank * rows:vocab])
+    ok = errs[0] < 1e-5 and (rank == 0 and errs[1] < 1e-5 or rank == 1 and not c.grad.any())
+    return [("padding shard", ok, f"dE error {errs[0]}, dC error {errs[1]}, dC of padding {c.grad.abs().max()}")]
+
+
+def test_memory_first_with_a_shard_of_padding_only(seed):
+    from support.process_groups import failures, run_group
+
+    bad = failures(run_group(_padding_shard_worker, 2, seed))
+    assert not bad, "\n".join(bad)

@@ -380,7 +380,8 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
     float32-output product and dC is empty (no [V, D] tensor: G takes the workspace)."""
     n, d = e.shape
     dev = e.device
-    de_acc = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_de else None
+    de_acc = torch.empty(n, d, dtype=torch.float32, device=dev) if need_de else None
+    de_written = False  # the first chunk's product overwrites the accumulator (no zero fill, no read)
     into = need_dc and dc_into is not None
     dc = torch.empty_like(c) if need_dc and not into else c.new_empty(0)
     dc_out = dc_into if into else dc  # where each chunk's Gᵀ·E goes (accumulated into dc_into)
@@ -425,8 +426,9 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
                 num_warps=warps, num_stages=stages,
             )
         g_chunk = g[:, :w]
-        if need_de:  # dE += G · C_chunk, dense (skipping tiles here would bias dE coherently)
-            float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, True, tuning)
+        if need_de:  # dE (+)= G · C_chunk, dense (skipping tiles here would bias dE coherently)
+            float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, de_written, tuning)
+            de_written = True
         if need_dc and filtering:  # dC_chunk (+)= Gᵀ · E, skipping tiles whose softmax is negligible
             counters["sparse_dc"] += 1
             list_v, count_v = tile_lists(chunk_flags[:, : triton.cdiv(w, block_v)].T)
@@ -448,6 +450,8 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
     if flagging and adaptive:
         skip_policy.record(policy_key, flags.sum(dtype=torch.int32), flags.numel())
     if need_de:
+        if not de_written:  # no vocabulary chunk: dE is 0
+            de_acc.zero_()
         de = de_acc if e.dtype == torch.float32 or de_fp32 else narrow_in_place(de_acc, e.dtype)
     else:
         de = e.new_empty(0)
