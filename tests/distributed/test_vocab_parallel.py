@@ -352,9 +352,9 @@ def _single_device_equivalence(group, seed, expect_world) -> list[str]:
         ref = reference_loss(e, c, t, **kw)
         for name, got in (("group", grouped), ("group+sp", grouped_sp)):
             if not torch.equal(got, plain):
-                problems.append(f"{name} {kw}: differs from the single-device call")
+                problems.append(f"{name} {kw}: differs from the call without a group")
         if rel_err(plain, ref) > 1e-10:
-            problems.append(f"{kw}: single-device call differs from the reference")
+            problems.append(f"{kw}: the call without a group differs from the reference")
         ga = torch.autograd.grad(grouped.sum(), [e, c])
         gb = torch.autograd.grad(ref.sum(), [e, c])
         if any(rel_err(a, b) > 1e-10 for a, b in zip(ga, gb)):
