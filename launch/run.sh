@@ -22,7 +22,7 @@
 #   NNODES         nodes (default 1). With NNODES > 1 also set RDZV_ENDPOINT=host:port (a node
 #                  every node can reach) and the same RDZV_ID on every node; see launch/README.md
 #   RDZV_ID        rendezvous id (default vcce-gpt)      RDZV_TIMEOUT  seconds to wait for all nodes (300)
-#   OUT            output folder when no --out is given (default runs/gpt-<date>-<time>)
+#   RUN_DIR        output folder when no --out is given (default runs/gpt-<date>-<time>)
 #   SKIP_CHECK=1   do not validate the arguments before starting torchrun
 #   SETUP_ONLY=1   set up, print the versions, and exit (e.g. once on a cluster's shared filesystem)
 # Exit status: 0 success; 2 bad arguments (nothing started); 3 the nodes could not meet; else failure.
@@ -113,11 +113,11 @@ if [[ "${SETUP_ONLY:-0}" == 1 ]]; then
 fi
 
 # One output folder for the check and the run: the default goes first, so a later --out wins.
-if [[ -z "${OUT:-}" ]]; then
+if [[ -z "${RUN_DIR:-}" ]]; then
     mkdir -p runs
-    OUT="runs/gpt-$(date +%Y%m%d-%H%M%S)"
+    RUN_DIR="runs/gpt-$(date +%Y%m%d-%H%M%S)"
 fi
-ARGS=(--out "$OUT" "$@")
+ARGS=(--out "$RUN_DIR" "$@")
 
 # ---- validate before starting any process (clear message, nothing written) ------------------
 if [[ "${SKIP_CHECK:-0}" != 1 && "$NNODES" == 1 ]]; then

@@ -96,8 +96,8 @@ def run_dir(tmp_path_factory):
         pytest.skip("needs bash")
     out = tmp_path_factory.mktemp("launch") / "run"
     loss = "both" if fused_available() else "native"
-    # The output folder from OUT (run.sh's default for --out): the check and the run must agree on it.
-    proc = run_sh([*TINY, "--steps", str(STEPS), "--loss", loss], NPROC="2", OUT=str(out))
+    # The output folder from RUN_DIR (run.sh's default for --out): the check and the run must agree on it.
+    proc = run_sh([*TINY, "--steps", str(STEPS), "--loss", loss], NPROC="2", RUN_DIR=str(out))
     assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return out, proc
 
@@ -465,7 +465,7 @@ def test_run_sh_help_lists_options_and_variables():
     proc = run_sh(["--help"])
     assert proc.returncode == 0, proc.stderr
     assert "--fused-impl IMPL" in proc.stdout and "(default: None)" not in proc.stdout
-    for var in ("NPROC", "NNODES", "TORCH_SPEC", "TRITON_SPEC", "MCORE_SPEC", "RDZV_ENDPOINT", "OUT", "SETUP=0",
+    for var in ("NPROC", "NNODES", "TORCH_SPEC", "TRITON_SPEC", "MCORE_SPEC", "RDZV_ENDPOINT", "RUN_DIR", "SETUP=0",
                 "SKIP_CHECK=1", "SETUP_ONLY=1", "PYTHON"):
         assert re.search(rf"^\s+.*\b{re.escape(var)}\b", proc.stdout, re.M), var
     assert "#" not in proc.stdout.split("Environment:")[1]  # the comment marks are stripped
