@@ -41,13 +41,9 @@ BUDGET_SKIP = "not run: time budget (--budget-s)"
 
 
 def add_args(p):
-    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                   help=f"comma list of NxDxV, or 'all' ({','.join(ALL_SHAPES)})")
-    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma list of {KINDS}")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {M.known_names()}")
-    p.add_argument("--tuning", action="append", default=[], metavar="'FIELD=VALUE ...'",
-                   help="also run each selected vpcce method under this vocab_parallel_cce.Tuning (repeatable), "
-                        "e.g. --tuning 'group_v=8' --tuning 'grad_block=128,256,64,8,3 use_tma=0'")
+    M.add_selection_args(p, DEFAULT_SHAPES, ALL_SHAPES, DEFAULT_KINDS, DEFAULT_METHODS,
+                         "also run each selected vpcce method under this vocab_parallel_cce.Tuning (repeatable), "
+                         "e.g. --tuning 'group_v=8' --tuning 'grad_block=128,256,64,8,3 use_tma=0'")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)

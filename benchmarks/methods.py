@@ -353,6 +353,17 @@ def known_names() -> list[str]:
     return list(OURS) + list(PEERS) + list(REFERENCE_ROWS)
 
 
+def add_selection_args(p, shapes: list[str], all_shapes: list[str], kinds: list[str], methods: list[str],
+                       tuning_help: str) -> None:
+    """The options that select a suite's cases and rows: --shapes, --kinds, --methods, --tuning."""
+    from inputs import KINDS
+
+    p.add_argument("--shapes", default=",".join(shapes), help=f"comma list of NxDxV, or 'all' ({','.join(all_shapes)})")
+    p.add_argument("--kinds", default=",".join(kinds), help=f"comma list of {KINDS}")
+    p.add_argument("--methods", default=",".join(methods), help=f"comma list of {known_names()}")
+    p.add_argument("--tuning", action="append", default=[], metavar="'FIELD=VALUE ...'", help=tuning_help)
+
+
 def method_specs(methods: str, tunings: list[str]) -> list[tuple[str, str | None]]:
     """(registry name, tuning spec or None) of every row a suite runs, in order: the `methods`
     (comma list), then each `--tuning` spec applied to each of ours among them. Unknown names and

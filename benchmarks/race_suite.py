@@ -27,7 +27,7 @@ import charts
 import methods as M
 import tables as R
 from children import run_child
-from inputs import DTYPES, KINDS, check_kinds, make_inputs, parse_shapes
+from inputs import DTYPES, check_kinds, make_inputs, parse_shapes
 from references import Reference, case_checks, error_text, fwd_bwd_flops, tflops
 from tables import fmt, label, md_table, num, shape_label, status
 from timing import (CublasProducts, free_memory, interleaved_rounds, median_ms, paired_ratio, setup_device,
@@ -49,13 +49,9 @@ MAX_RESTARTS = 2
 
 
 def add_args(p):
-    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                   help=f"comma list of NxDxV, or 'all' ({','.join(ALL_SHAPES)})")
-    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma list of {KINDS}")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {M.known_names()}")
-    p.add_argument("--tuning", action="append", default=[], metavar="'FIELD=VALUE ...'",
-                   help="also race each selected method of ours under vocab_parallel_cce.Tuning(FIELD=VALUE, ...) "
-                        "(repeatable), e.g. --tuning 'group_v=8' --tuning 'use_tma=0'")
+    M.add_selection_args(p, DEFAULT_SHAPES, ALL_SHAPES, DEFAULT_KINDS, DEFAULT_METHODS,
+                         "also race each selected method of ours under vocab_parallel_cce.Tuning(FIELD=VALUE, ...) "
+                         "(repeatable), e.g. --tuning 'group_v=8' --tuning 'use_tma=0'")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (at most)")
     p.add_argument("--min-rounds", type=int, default=3, help="rounds kept when time is short")
     p.add_argument("--block", type=int, default=3, help="back-to-back calls of a method per round")
