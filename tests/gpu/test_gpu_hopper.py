@@ -150,7 +150,8 @@ def test_gluon_and_portable_fast_gradients_agree_at_real_size():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("case", [(4096, 4096, 32064), (777, 2304, 50001), (1, 256, 1)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", [(4096, 4096, 32064), (777, 2304, 50001), (1, 256, 1)],
+                         ids=lambda c: "x".join(map(str, c)))
 def test_gluon_log_probs_match_float64_as_closely_as_the_portable_kernels(case, temperature):
     """linear_log_probs: the entropy statistic and gradient term of the kernels, any upstream gradient."""
     from vocab_parallel_cce import linear_log_probs, triton_backend
