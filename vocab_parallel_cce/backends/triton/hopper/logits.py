@@ -3,9 +3,11 @@
 One persistent, warp-specialised kernel walks [BM, BN] tiles of z [N, V_r] (bf16 operands, float32
 accumulation in wgmma registers) in grouped order (GROUP_M row blocks per column block, so a C tile
 and E's rows stay in L2). A one-warp partition issues the TMA loads of E [BM, BK] and C [BN, BK]
-blocks into a ring of NUM_STAGES shared-memory slots (mbarriers `ready` / `empty`); the default
-partition, BM/16 warps (two or three warpgroups on one tile), runs the async wgmma main loop and
-then the tile's epilogue, one of
+blocks into a ring of NUM_STAGES shared-memory slots (mbarriers `ready` / `empty`); consumers of
+BM/16 warps run the async wgmma main loop and then the tile's epilogue. Either one consumer (two
+warpgroups on a 128-row tile), or two (ping-pong: one warpgroup each on alternate 64-row tiles of
+the program's stream, their main loops taking turns, so one tile's epilogue runs under the other
+tile's products). The epilogue is one of
 
   MODE_LOGITS  (fast mode, forward): the tile rounded to bf16 is stored (TMA), and per row the
                tile's statistics of the float32 values:
@@ -215,20 +217,29 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
 
 
 @gluon.jit
-def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
+def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
                    NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
-                   num_warps: gl.constexpr):
-    """The consumer warpgroups: wgmma over the ring (one group in flight), then the epilogue."""
+                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr):
+    """One consumer (WARPS warps on one tile): wgmma over the ring (one group in flight), then the
+    epilogue. With two consumers, consumer c takes every other tile of the program's stream
+    (stream index i = 2·j + c) and their main loops alternate (ping-pong): consumer c starts its
+    j-th main loop once the other has issued its previous one (`turn` mbarriers), so one tile's
+    epilogue runs while the other tile's products do, and each consumer waits on ring slots the
+    loader fills next (an mbarrier's parity names its phase only within two of the current one)."""
     BM: gl.constexpr = e_bufs.shape[1]
     BN: gl.constexpr = c_bufs.shape[1]
     BK: gl.constexpr = e_bufs.shape[2]
     S: gl.constexpr = e_bufs.shape[0]
-    LAYOUT: gl.constexpr = accumulator_layout(BM, BN, num_warps)
+    LAYOUT: gl.constexpr = accumulator_layout(BM, BN, WARPS)
     n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
-    count = 0
-    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+    step = gl.num_programs(0) * CONSUMERS
+    j = 0
+    for tile in range(gl.program_id(0) + CONSUMER * gl.num_programs(0), n_m * n_n, step):
         pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+        count = (j * CONSUMERS + CONSUMER) * k_tiles  # the loader's count of this tile's first k-block
+        if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
+            mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
         acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
         for k in range(k_tiles):
             s = count % S
@@ -238,10 +249,13 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, l
             # the previous k-block's wgmma has retired: its slot may be refilled
             mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
             count += 1
+        if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
+            mbarrier.arrive(turn.index(1 - CONSUMER))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((count + S - 1) % S))
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                   n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
+        j += 1
     tma.store_wait(pendings=0)
 
 
@@ -249,9 +263,11 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, l
 def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base,
                   inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr,
                   HAS_TEMP: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                  GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                  LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
-    MODE. e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
+    MODE, by CONSUMERS (1 or 2, ping-pong) consumers of num_warps warps each and a loader warp.
+    e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
     out_desc: the bf16 output (z or G) [n_rows, ·] blocks [BM, BN / SPLIT] (unused in MODE_STATS);
     part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
     lse_ptr [n_rows], coef_ptr [3 or 5, n_rows] (a, b, u[, q, pz] with NEED_PZ), t_ptr [n_rows] int64
@@ -260,33 +276,50 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
     dtype: gl.constexpr = e_desc.dtype
     e_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + e_desc.block_type.shape, e_desc.layout)
     c_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + c_desc.block_type.shape, c_desc.layout)
-    out_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
+    out_smem = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_mma_partition, (e_bufs, c_bufs, ready, empty, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
-                          n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT,
-                          GROUP_M, num_warps)),
-        (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
-    ], [1], [LOADER_REGS])
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
+                              coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+        ], [1], [LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
+                              coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 2, num_warps)),
+            (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(1), part_ptr, lse_ptr,
+                              coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
+                              HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+        ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # ---- launcher ----------------------------------------------------------------------------------
 
-# (BM, BN, BK, NUM_STAGES, SPLIT, GROUP_M, num_warps) per mode: 128×256×64 tiles on two
-# consumer warpgroups, three ring slots of 48 KB, the output tile through one [BM, BN / SPLIT]
-# staging buffer.
+# (BM, BN, BK, NUM_STAGES, SPLIT, GROUP_M, num_warps[, CONSUMERS]) per mode. The statistics modes:
+# ping-pong (CONSUMERS = 2), each consumer one warpgroup on its own 64×256 tile, four ring slots
+# of 40 KB, a staging buffer each; one tile's epilogue runs under the other's products (0.95–0.98×
+# the cooperative kernel's time on an H100). The gradient: one 128×256 tile on two warpgroups,
+# three slots of 48 KB (its longer epilogue measured slower in ping-pong).
 CONFIGS = {
-    MODE_LOGITS.value: (128, 256, 64, 3, 1, 16, 8),
-    MODE_STATS.value: (128, 256, 64, 3, 1, 16, 8),
+    MODE_LOGITS.value: (64, 256, 64, 4, 1, 32, 4, 2),
+    MODE_STATS.value: (64, 256, 64, 4, 1, 32, 4, 2),
     MODE_GRAD.value: (128, 256, 64, 3, 1, 16, 8),
 }
 # The entropy's gradient holds z, p and G at once: four column slices keep it in registers.
 ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
-MAXNREG, LOADER_REGS = 168, 24  # 8 consumer warps + the loader (padded to 4): 240 / 24 registers after setmaxnreg
+# 8 consumer warps + the loader (padded to 4): 240 / 24 registers each after setmaxnreg
+MAXNREG, CONSUMER_REGS, LOADER_REGS = 168, 240, 24
 
 
 def partial_rows(mode: int, need_sum: bool, need_pz: bool = False) -> int:
@@ -315,7 +348,8 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
     `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
-    bm, bn, bk, stages, split, group_m, warps = config or default
+    bm, bn, bk, stages, split, group_m, warps, *more = config or default
+    consumers = more[0] if more else 1
     if split != 1 and mode != MODE_GRAD.value:
         # a slice past n_cols would hold no valid column (m = −inf) and poison the merged statistics
         raise ValueError(f"config: the statistics modes take whole tiles (SPLIT = 1), got SPLIT = {split}")
@@ -328,11 +362,12 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
         out_desc = _descriptor(out, (n, n_cols), (bm, bn // split))
     part = partials if partials is not None else e
     tiles = -(-n // bm) * -(-n_cols // bn)
-    grid = (max(1, min(num_sms, tiles)),)
+    grid = (max(1, min(num_sms, -(-tiles // consumers))),)
     args = (e_desc, c_desc, out_desc, part, lse if lse is not None else part, coef if coef is not None else part,
             t if t is not None else part, n, n_cols, d, col_base, float(inv_temp))
     kw = dict(MODE=mode, NEED_SUM=need_sum, NEED_PZ=need_pz, HAS_TEMP=inv_temp != 1.0, NUM_STAGES=stages,
-              SPLIT=split, GROUP_M=group_m, LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
+              SPLIT=split, GROUP_M=group_m, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGS,
+              LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
     if warmup:
         return logits_kernel.warmup(*args, grid=grid, **kw)
     logits_kernel[grid](*args, **kw)
