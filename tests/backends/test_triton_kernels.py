@@ -162,11 +162,13 @@ def test_padded_vocabulary_rows_are_left_out(seed, path):
 def test_narrow_in_place_matches_a_copy():
     from vocab_parallel_cce.distributed import narrow_in_place as _narrow_in_place
 
-    for n, d in ((5, 3), (1000, 7), (3, 5000)):
-        acc = torch.randn(n, d)
-        expect = acc.to(torch.bfloat16)
-        out = _narrow_in_place(acc, torch.bfloat16)
-        assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
+    # one block; several doubling blocks (the first of 2^20 // 7 rows); a partial last block
+    for n, d in ((5, 3), (1000, 7), (3, 5000), (1_000_000, 7), (300, 5000)):
+        for dtype in (torch.bfloat16, torch.float16):
+            acc = torch.randn(n, d)
+            expect = acc.to(dtype)
+            out = _narrow_in_place(acc, dtype)
+            assert out.data_ptr() == acc.data_ptr() and torch.equal(out, expect)
 
 
 @pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
