@@ -82,11 +82,9 @@ def test_gluon_matches_float64_as_closely_as_the_portable_kernels(case, ls, mode
     assert triton_backend.counters["hopper_forward"] >= 1  # the Gluon kernels ran
     portable = _run(e, c, t, PORTABLE, grad_in_forward=mode, label_smoothing=ls)
     # the loss comes from the float32 products in both modes: ≤ 2.7e-5 relative on an H100 (Triton 3.6)
-    # at these cases, where the bf16 logits' (the portable fast mode's) reach 7e-3
-    loss_err = rel_err(gluon[0].double(), ref)
-    assert loss_err < 5e-5
-    if mode is True and n > 1:  # never less exact than the bf16 logits' loss
-        assert loss_err <= rel_err(portable[0].double(), ref) + 2e-6
+    # at these cases. (A mean over tokens of the bf16 logits' losses can come closer: their rounding
+    # errors are unbiased and average out; per token they do not, see the next test.)
+    assert rel_err(gluon[0].double(), ref) < 5e-5
     for g, p, r in zip(gluon[1:], portable[1:], ref_grads):
         assert torch.isfinite(g).all()
         assert rel_err(g.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-4
@@ -95,7 +93,9 @@ def test_gluon_matches_float64_as_closely_as_the_portable_kernels(case, ls, mode
 @pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
 def test_gluon_per_token_loss_comes_from_the_float32_products(mode):
     """reduction="none": every token's loss far closer to float64 than the bf16 logits' (the portable
-    fast mode's, ~2^-9·|z| per token)."""
+    fast mode's, up to ~2^-9·|z| per token), and as close as the portable float32 kernels' (the
+    portable memory-first forward) up to the tensor cores' float32 accumulation: lse and the correct
+    logit come from two different float32 computations of z_t, whose errors do not cancel."""
     e, c, t = _inputs(4096, 4096, 32064, "confident", seed=17)
     t[::5] = -100
     z = e.double() @ c.double().T
@@ -103,11 +103,14 @@ def test_gluon_per_token_loss_comes_from_the_float32_products(mode):
     ref = torch.where(valid, torch.logsumexp(z, 1) - z.gather(1, t.clamp(0)[:, None])[:, 0], 0.0)
 
     def worst(tuning, gif):
-        loss = linear_cross_entropy(e, c, t, reduction="none", grad_in_forward=gif, tuning=tuning)
+        leaves = [x.clone().requires_grad_() for x in (e, c)]  # so the fast mode holds bf16 logits
+        loss = linear_cross_entropy(*leaves, t, reduction="none", grad_in_forward=gif, tuning=tuning)
         assert (loss[~valid] == 0).all()
-        return (loss.double() - ref).abs()[valid].max().item()
+        return (loss.detach().double() - ref).abs()[valid].max().item()
 
-    assert worst(GLUON, mode) < worst(PORTABLE, True) / 10
+    gluon = worst(GLUON, mode)
+    assert gluon < worst(PORTABLE, True) / 10
+    assert gluon < 3 * worst(PORTABLE, False) + 1e-6
 
 
 @pytest.mark.parametrize("mode", [True, False], ids=["fast", "memory-first"])
