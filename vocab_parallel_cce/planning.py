@@ -395,16 +395,20 @@ def choose_filter(filter_eps, backend: Backend, exact: bool, dtype: torch.dtype,
     return (float(filter_eps), False) if filter_eps > 0 else (None, False)
 
 
-def uses_hopper(backend: Backend, exact: bool, dtype: torch.dtype, device: torch.device, tuning: Tuning, *,
-                has_bias: bool, softcap, weighted_sum: bool, need_argmax: bool) -> bool:
+def uses_hopper(backend: Backend, exact: bool, dtype: torch.dtype, device: torch.device, tuning: Tuning, path: Path,
+                *, has_bias: bool, softcap, weighted_sum: bool, need_argmax: bool) -> bool:
     """Whether the Hopper kernels compute the call's logits products (backends/triton/hopper/):
     the Triton backend on an sm_90 GPU with a Triton they are tested on (`hopper.available`,
     `tuning.use_gluon`), bf16 logits outside exact mode, and none of the options whose arithmetic
     their epilogues leave to the portable kernels: bias, softcap, class-weighted label smoothing,
-    the argmax outputs."""
+    the argmax outputs. By default (use_gluon None) the memory-first path ("recompute") only: the
+    fast mode's forward measured faster as cuBLAS plus the statistics pass (DESIGN.md);
+    use_gluon=True takes them there too, for the loss from the float32 products."""
     if backend is torch_backend or exact or dtype != torch.bfloat16:
         return False
     if has_bias or softcap is not None or weighted_sum or need_argmax:
+        return False
+    if path != "recompute" and tuning.use_gluon is not True:
         return False
     from .backends.triton import hopper
 
@@ -452,7 +456,7 @@ def plan_cross_entropy(
     if impl in _DC_UNFILTERED_IMPLS or not filter_c_grad:
         filter_eps = None
     eps, adaptive = choose_filter(filter_eps, backend, exact, dtype, label_smoothing, path)
-    hopper = uses_hopper(backend, exact, dtype, e.device, tuning, has_bias=bias is not None, softcap=softcap,
+    hopper = uses_hopper(backend, exact, dtype, e.device, tuning, path, has_bias=bias is not None, softcap=softcap,
                          weighted_sum=weights is not None and label_smoothing > 0, need_argmax=need_argmax)
     plan = Plan(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
@@ -481,8 +485,8 @@ def plan_log_probs(e, c, targets, temperature=1.0, bias=None, softcap=None, igno
     layout = vocab_layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_parallel)
     backend, exact = choose_backend(impl, e)
     tuning = Tuning.from_env() if tuning is None else tuning
-    hopper = uses_hopper(backend, exact, e.dtype, e.device, tuning, has_bias=bias is not None, softcap=softcap,
-                         weighted_sum=False, need_argmax=False)
+    hopper = uses_hopper(backend, exact, e.dtype, e.device, tuning, "recompute", has_bias=bias is not None,
+                         softcap=softcap, weighted_sum=False, need_argmax=False)
     plan = Plan(
         reduction="none", ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0,
         softcap=None if softcap is None else float(softcap), **layout, backend=backend, exact=exact,

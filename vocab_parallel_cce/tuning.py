@@ -40,8 +40,9 @@ class Tuning:
     skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it
     skip_remeasure_every: int = 8  # "auto" skipping: re-measure every k dense calls
     torch_block: BlockConfig | None = None  # torch backend block (None: 4096 rows, 2**22 elements)
-    # Hopper (sm_90) Gluon kernels (backends/triton/hopper/): None = where tested (GPU, Triton
-    # release, options), True = also on an untested Triton release, False = never
+    # Hopper (sm_90) Gluon kernels (backends/triton/hopper/): None = the memory-first mode where
+    # tested (GPU, Triton release, options), True = the fast mode too and any Triton release with
+    # Gluon, False = never
     use_gluon: bool | None = None
 
     @classmethod

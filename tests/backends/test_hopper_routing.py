@@ -227,3 +227,17 @@ def test_routed_calls_under_vocabulary_parallelism(world):
     for rank, rows in results.items():
         for name, ok, msg in rows:
             assert ok, f"rank {rank} {name}: {msg}"
+
+
+@pytest.mark.parametrize("use_gluon,gif,routed", [
+    (None, False, True),  # the default: the memory-first mode's products
+    (None, True, False),  # ... not the fast mode's (cuBLAS + the statistics pass)
+    (True, True, True),  # use_gluon=True: the fast mode's too
+    (False, False, False),
+])
+def test_default_routes_only_the_memory_first_mode(use_gluon, gif, routed, monkeypatch):
+    open_hopper(monkeypatch)
+    e, c, t = _inputs(24, 16, 100, seed=5)
+    triton_backend.counters.clear()
+    _run(e, c, t, Tuning(use_gluon=use_gluon), grad_in_forward=gif)
+    assert (triton_backend.counters["hopper_forward"] >= 1) is routed

@@ -2,8 +2,9 @@
 
 They can run on compute capability 9.0 GPUs (H100, H200) with a Triton that has Gluon, for bf16
 operands laid out for TMA; everywhere else (Ampere, the interpreter) the library's `tl` kernels
-and cuBLAS products run. `Tuning(use_gluon=...)`: None (default) = on the Triton releases of
-`DEFAULT_TRITON`; True = on any release with Gluon; False = never. A kernel that fails to build is
+and cuBLAS products run. `Tuning(use_gluon=...)`: None (default) = the memory-first mode's
+products on the Triton releases of `DEFAULT_TRITON` (planning.uses_hopper); True = both modes' on
+any release with Gluon; False = never. A kernel that fails to build is
 not used again in the process: one warning, and the `tl` path takes over (never a wrong result).
 """
 
