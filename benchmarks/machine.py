@@ -104,4 +104,6 @@ def header(doc: dict, what: str, intro: str = "") -> list[str]:
         lines += [f"Reproduce: `{reproducible(doc['command'])}`", ""]
     if doc.get("converted_from"):
         lines += [f"({doc['converted_from']})", ""]
+    if doc.get("note"):
+        lines += [doc["note"], ""]
     return lines + ([intro, ""] if intro else [])
