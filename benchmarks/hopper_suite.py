@@ -12,7 +12,8 @@ portable kernels they replace, each kernel alone, same process.
        the logits kernel alone;
      memory-first forward: portable (`tl` statistics kernel) vs Hopper (statistics kernel + merge);
      memory-first logit gradient over the full vocabulary: Hopper (grad kernel).
-   `--config 'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS'` adds a kernel configuration as a row.
+   `--config 'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS[,CONSUMERS]'` adds rows for a kernel
+   configuration (`logits.CONFIGS`): the fast forward, and each mode's kernel alone.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ CHECK_SHAPES = [(1, 256, 1, False), (1000, 1000, 5003, False), (300, 2304, 50001
 def add_args(p):
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of NxDxV")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--config", action="append", default=[], metavar="'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS'",
-                   help="also time the logits kernel (fast forward) in this configuration")
+    p.add_argument("--config", action="append", default=[],
+                   metavar="'NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS[,CONSUMERS]'",
+                   help="also time the fast forward and each mode's kernel in this configuration")
     p.add_argument("--no-check", action="store_true")
 
 
@@ -151,7 +153,12 @@ def timings(k: Runner, n, d, v, rounds: int, configs: dict) -> list[dict]:
         "memory-first G, Hopper": lambda: k.logits(e, c, v, L.MODE_GRAD.value, out=g, lse=lse, coef=coef, t=t),
     }
     for name, cfg in configs.items():
-        fns[f"fast forward, Hopper [{name}]"] = lambda cfg=cfg: k.fast_forward(e, c, t, v, config=cfg)
+        if cfg[4] == 1:  # the statistics modes take whole tiles (no column slices)
+            fns[f"fast forward, Hopper [{name}]"] = lambda cfg=cfg: k.fast_forward(e, c, t, v, config=cfg)
+            fns[f"logits kernel alone [{name}]"] = lambda cfg=cfg: k.logits(e, c, v, L.MODE_LOGITS.value, cfg, out=z)
+            fns[f"statistics kernel [{name}]"] = lambda cfg=cfg: k.logits(e, c, v, L.MODE_STATS.value, cfg)
+        fns[f"G kernel [{name}]"] = lambda cfg=cfg: k.logits(e, c, v, L.MODE_GRAD.value, cfg, out=g, lse=lse,
+                                                             coef=coef, t=t)
     for f in fns.values():  # compile and warm up
         f()
         f()
@@ -167,8 +174,8 @@ def _configs(items: list[str]) -> dict:
     for item in items:
         name, _, spec = item.partition("=")
         vals = [int(x) for x in spec.split(",")]
-        if not name or len(vals) != 7:
-            raise SystemExit(f"--config: expected NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS, got {item!r}")
+        if not name or len(vals) not in (7, 8):
+            raise SystemExit(f"--config: expected NAME=BM,BN,BK,STAGES,SPLIT,GROUP_M,WARPS[,CONSUMERS], got {item!r}")
         out[name] = tuple(vals)
     return out
 

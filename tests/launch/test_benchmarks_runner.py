@@ -356,3 +356,13 @@ def test_snapshot_tool_finds_a_changed_bit(tmp_path, runner):
     de.view(torch.int32).view(-1)[0] ^= 1  # the last bit of one element of one case's dE
     torch.save(cases, b)
     assert snapshot.main(["compare", str(a), str(b)]) == 1
+
+
+def test_hopper_suite_configurations_take_an_optional_consumer_count(runner):
+    import hopper_suite
+
+    got = hopper_suite._configs(["coop=128,256,64,3,1,16,8", "pp=64,256,64,4,1,32,4,2"])
+    assert got == {"coop": (128, 256, 64, 3, 1, 16, 8), "pp": (64, 256, 64, 4, 1, 32, 4, 2)}
+    for bad in ("x=1,2,3", "=128,256,64,3,1,16,8", "x=1,2,3,4,5,6,7,8,9"):
+        with pytest.raises(SystemExit, match="--config"):
+            hopper_suite._configs([bad])
