@@ -41,6 +41,20 @@ def machine_info() -> dict:
     return info
 
 
+def gpu_state() -> dict | None:
+    """The first GPU's SM clock (MHz), power draw and limit (W) and active clock-throttle reasons
+    (a hex mask; 0x4 = the power cap) by nvidia-smi, taken right after timed rounds to say at what
+    clock they ran; None without nvidia-smi or on any failure."""
+    query = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
+    try:
+        line = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.splitlines()[0]
+        mhz, watts, limit, reasons = (x.strip() for x in line.split(","))
+        return {"sm_mhz": float(mhz), "power_w": float(watts), "power_limit_w": float(limit), "throttle": reasons}
+    except Exception:  # noqa: BLE001
+        return None
+
+
 _NOISE = re.compile(r"^(nvidia|geforce|tesla|\d+gb|hbm\d*e?|sxm\d*)$")
 
 

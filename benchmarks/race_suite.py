@@ -28,6 +28,7 @@ import methods as M
 import tables as R
 from children import run_child
 from inputs import DTYPES, check_kinds, make_inputs, parse_shapes
+from machine import gpu_state
 from references import Reference, case_checks, error_text, fwd_bwd_flops, tflops
 from tables import fmt, label, md_table, num, shape_label, status
 from timing import (CublasProducts, free_memory, interleaved_rounds, median_ms, paired_ratio, setup_device,
@@ -186,6 +187,7 @@ def race_case(n, d, v, kind, methods, product_rows, args, device, deadline, case
         print(f"  {name}: {rows[name]['errors']['rounds']}", flush=True)
 
     timed = interleaved_rounds(fns, rounds, args.block, on_error) if fns else {}
+    entry["gpu_after_rounds"] = gpu_state()  # the clock the rounds ran at (a power cap lowers it)
     flops = fwd_bwd_flops(n, d, v)
     for name, got in timed.items():
         ms = median_ms(got["round_ms"])
@@ -368,6 +370,16 @@ def settings_line(doc: dict) -> str:
             "within-round ratio to X. Peak MiB: forward+backward, inputs excluded, gradients included. " + checks)
 
 
+def _gpu_state_text(state: dict | None) -> str:
+    if not state:
+        return "–"
+    try:
+        capped = " (power cap)" if int(state.get("throttle") or "0", 16) & 0x4 else ""
+    except ValueError:
+        capped = ""
+    return f"{state['sm_mhz']:.0f} / {state['power_w']:.0f} of {state['power_limit_w']:.0f}{capped}"
+
+
 def markdown(doc: dict) -> str:
     from machine import header
 
@@ -380,10 +392,12 @@ def markdown(doc: dict) -> str:
     if inputs:
         lines += ["", "Inputs (statistics of the first tokens; tile frac = 128×128 tiles holding some p ≥ 2^-12, "
                   "columns sorted by mean logit; ref loss = float64 over all tokens):", ""]
-        lines += md_table(["shape", "kind", "mean loss", "tile frac", "ref loss", "reference s"],
+        lines += md_table(["shape", "kind", "mean loss", "tile frac", "ref loss", "reference s",
+                           "SM MHz / W after the rounds"],
                           [[shape_name(i["shape"]), i["kind"], fmt((i.get("stats") or {}).get("mean_loss"), ".3f"),
                             fmt((i.get("stats") or {}).get("tile_frac"), ".3f"), fmt(i.get("ref_loss"), ".4f"),
-                            fmt(i.get("ref_seconds"), ".1f")] for i in inputs])
+                            fmt(i.get("ref_seconds"), ".1f"), _gpu_state_text(i.get("gpu_after_rounds"))]
+                           for i in inputs])
     notes = sorted({f"{label(r['method'])}: {r['note']}" for r in results if r.get("note")})
     if notes:
         lines += ["", "Methods: " + "; ".join(notes) + "."]

@@ -366,3 +366,19 @@ def test_hopper_suite_configurations_take_an_optional_consumer_count(runner):
     for bad in ("x=1,2,3", "=128,256,64,3,1,16,8", "x=1,2,3,4,5,6,7,8,9"):
         with pytest.raises(SystemExit, match="--config"):
             hopper_suite._configs([bad])
+
+
+def test_gpu_state_reads_nvidia_smi_and_the_race_table_shows_it(tmp_path, runner, monkeypatch):
+    import machine
+    import race_suite
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '1335, 694.43, 700.00, 0x0000000000000004'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    state = machine.gpu_state()
+    assert state == {"sm_mhz": 1335.0, "power_w": 694.43, "power_limit_w": 700.0, "throttle": "0x0000000000000004"}
+    assert race_suite._gpu_state_text(state) == "1335 / 694 of 700 (power cap)"
+    assert race_suite._gpu_state_text({**state, "throttle": "0x0"}) == "1335 / 694 of 700"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    assert machine.gpu_state() is None and race_suite._gpu_state_text(None) == "–"
