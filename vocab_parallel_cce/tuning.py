@@ -35,6 +35,9 @@ class Tuning:
     chunk_bytes: int | None = None  # backward workspace chunk (None: workspace_fraction of dE + dC, 8–512 MiB)
     workspace_fraction: float = 0.09  # backward memory beyond dE and dC, as a fraction of their size
     min_chunk_columns: int = 1024  # narrowest workspace chunk (narrower is launch-bound)
+    # memory-first backward with dc_accumulate_into: token chunks over the whole vocabulary (dE rows
+    # complete per chunk, no float32 [N, D] accumulator) instead of vocabulary chunks
+    dc_into_by_tokens: bool = False
     fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: from fast_logits_bytes)
     fast_logits_bytes: int = 4 << 30  # gradient-in-forward: largest logits chunk [n_c, V_r] held at once
     skip_keep_threshold: float = 0.4  # "auto" skipping: skip while kept-tile fraction is below it

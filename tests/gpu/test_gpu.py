@@ -679,3 +679,30 @@ def test_no_host_sync_on_the_held_logits_path():
         linear_cross_entropy(e, c, t, grad_in_forward="auto", reduction="none").sum().backward()
 
     _twice_without_host_sync(run)
+
+
+@pytest.mark.parametrize("use_gluon", [None, False], ids=["default", "portable"])
+def test_memory_first_token_chunks_into_main_grad(use_gluon):
+    """Tuning(dc_into_by_tokens=True): the memory-first backward in token chunks over the whole
+    vocabulary (several, the last partial) adds dC into main_grad and returns dE, as exact as the
+    vocabulary chunks against float64, with a lower backward peak (no float32 dE accumulator)."""
+    n, d, v = 8000, 4096, 32064
+    e, c, t = _inputs(n, d, v, torch.bfloat16, "zipf", seed=94)
+    _, (rde, rdc) = _reference(e, c, t)
+    got, peaks = {}, {}
+    for by_tokens in (False, True):
+        main_grad = torch.zeros(v, d, device="cuda")
+        ins = [x.clone().requires_grad_() for x in (e, c)]
+        tuning = Tuning(use_gluon=use_gluon, dc_into_by_tokens=by_tokens, min_chunk_columns=4096)
+        loss = linear_cross_entropy(*ins, t, grad_in_forward=False, dc_accumulate_into=main_grad, tuning=tuning)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[by_tokens] = torch.cuda.max_memory_allocated() - start
+        assert ins[1].grad is None
+        got[by_tokens] = (rel_err(ins[0].grad.double(), rde), rel_err(main_grad.double(), rdc))
+    for vocab_err, token_err in zip(got[False], got[True]):
+        assert token_err <= 1.1 * vocab_err + 1e-4, got
+    assert peaks[False] - peaks[True] >= 0.5 * n * d * 2, peaks

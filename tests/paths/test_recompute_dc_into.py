@@ -6,8 +6,9 @@ by one float32-output product, custom op `triton_backward_into`), returns none f
 Against float64 over two micro-batches (torch and triton backends; float32, bf16, float16), with
 filter_eps (the block-sparse product accumulating), a backward with create_graph=True (dC formed
 and added), torch.compile, a memory check (the torch profiler's allocations: no dC-sized block),
-and two gloo ranks, vocabulary parallel and sequence parallel. impl="triton" runs under
-TRITON_INTERPRET=1 on CPU.
+and two gloo ranks, vocabulary parallel and sequence parallel; the same for the token chunks of
+`Tuning(dc_into_by_tokens=True)` (each over the whole vocabulary, with the options its logit
+gradient carries). impl="triton" runs under TRITON_INTERPRET=1 on CPU.
 """
 
 from __future__ import annotations
@@ -191,10 +192,13 @@ def _two_rank_worker(rank: int, world: int, seed: int):
     results = []
     n, d, v_total, vocab = 12, 16, 32, 30  # 16 rows per rank; rank 1's last two are padding
     rows = v_total // world
-    for name, impl, dtype, sp, tol in (("vp/torch-fp32", "torch", torch.float32, False, 1e-5),
-                                       ("vp/triton-fp32", "triton", torch.float32, False, 1e-5),
-                                       ("vp/triton-bf16", "triton", torch.bfloat16, False, 1e-2),
-                                       ("sp/triton-fp32", "triton", torch.float32, True, 1e-5)):
+    by_tokens = Tuning(dc_into_by_tokens=True, chunk_bytes=1, min_chunk_columns=1)
+    for name, impl, dtype, sp, tol, tuning in (("vp/torch-fp32", "torch", torch.float32, False, 1e-5, None),
+                                               ("vp/triton-fp32", "triton", torch.float32, False, 1e-5, None),
+                                               ("vp/triton-bf16", "triton", torch.bfloat16, False, 1e-2, None),
+                                               ("sp/triton-fp32", "triton", torch.float32, True, 1e-5, None),
+                                               ("vp/tokens-bf16", "triton", torch.bfloat16, False, 1e-2, by_tokens),
+                                               ("sp/tokens-fp32", "triton", torch.float32, True, 1e-5, by_tokens)):
         try:
             g = torch.Generator().manual_seed(seed)
             e_all = torch.randn(world * n, d, generator=g).to(dtype)
@@ -212,7 +216,7 @@ def _two_rank_worker(rank: int, world: int, seed: int):
             counters.clear()
             loss = linear_cross_entropy(e, c, t, impl=impl, grad_in_forward=False, reduction="none",
                                         group=dist.group.WORLD, vocab_size=vocab, sequence_parallel=sp,
-                                        filter_eps=None, dc_accumulate_into=target)
+                                        filter_eps=None, dc_accumulate_into=target, tuning=tuning)
             (loss * up).sum().backward()
             e64, c64 = e_all.double().requires_grad_(), c_all.double().requires_grad_()
             de64, dc64 = torch.autograd.grad((reference_loss(e64, c64, t_all, reduction="none", vocab_size=vocab)
@@ -225,7 +229,8 @@ def _two_rank_worker(rank: int, world: int, seed: int):
             de_err = rel_err(e.grad, de64[rank * n:(rank + 1) * n] if sp else de64)
             assert de_err < (2e-5 if dtype == torch.float32 else 1.2e-2), f"dE error {de_err}"
             if impl == "triton":
-                assert counters["dc_into_direct"] == 1, dict(counters)
+                route = "dc_into_by_tokens" if tuning is by_tokens else "dc_into_direct"
+                assert counters[route] == 1, dict(counters)
             results.append((name, True, ""))
         except AssertionError as exc:
             results.append((name, False, str(exc)))
@@ -236,4 +241,62 @@ def test_two_ranks(seed):
     results = run_group(_two_rank_worker, 2, seed)
     bad = failures(results)
     assert not bad, "\n".join(bad)
-    assert sorted(results) == [0, 1] and all(len(r) == 4 for r in results.values()), results
+    assert sorted(results) == [0, 1] and all(len(r) == 6 for r in results.values()), results
+
+
+BY_TOKENS = Tuning(dc_into_by_tokens=True, chunk_bytes=1, min_chunk_columns=1)  # 16-token chunks at N = 27
+OPTIONS = [  # the options the logit gradient's kernel carries, one set per case
+    dict(reduction="none", label_smoothing=0.1),
+    dict(reduction="mean", softcap=20.0, z_loss=1e-3),
+    dict(reduction="sum", label_smoothing=0.1, class_weights=torch.linspace(0.5, 1.5, VOCAB)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("options", OPTIONS, ids=["smoothing", "softcap+zloss", "class-weights"])
+def test_token_chunks_add_into_the_target(dtype, options, seed):
+    """Tuning(dc_into_by_tokens=True): two token chunks of 16 and 11 tokens, each over the whole
+    vocabulary; over two micro-batches the target gains 2·dC (float64), its padding rows nothing,
+    and e and the bias get theirs, as through the vocabulary chunks."""
+    n, d, v = 27, 16, 45
+    leaves, t = _inputs(n, d, v, dtype, bias=True, seed=seed)
+    e, c, b = leaves
+    kw = dict(options, vocab_size=VOCAB)
+    up = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5 if kw["reduction"] == "none" else 1.0
+    target = torch.randn(v, d) * 0.1
+    before = target.clone()
+    counters.clear()
+    for _ in range(2):
+        loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=False, dc_accumulate_into=target,
+                                    tuning=BY_TOKENS, **kw)
+        (loss * up).sum().backward()
+        assert c.grad is None
+    assert counters["dc_into_by_tokens"] == 2 and counters["dc_into_direct"] == 0, dict(counters)
+    de64, dc64, db64 = _grads64(leaves, t, up, **kw)
+    err = rel_err(target - before, 2 * dc64)
+    assert err < TOL[dtype], err
+    assert torch.equal(target[VOCAB:], before[VOCAB:])
+    assert rel_err(e.grad, 2 * de64) < GRAD_TOL[dtype]
+    assert rel_err(b.grad, 2 * db64) < GRAD_TOL[dtype]
+
+
+def test_token_chunks_with_every_token_ignored_add_nothing(seed):
+    leaves, t = _inputs(9, 16, 45, torch.bfloat16, seed=seed)
+    e, c, _ = leaves
+    target = torch.randn(45, 16)
+    before = target.clone()
+    linear_cross_entropy(e, c, torch.full_like(t, -100), impl="triton", grad_in_forward=False, reduction="sum",
+                         dc_accumulate_into=target, tuning=BY_TOKENS).backward()
+    assert c.grad is None and torch.equal(target, before)
+    assert e.grad is not None and not e.grad.any()
+
+
+def test_token_chunks_give_way_to_dc_skipping(seed):
+    """dC tile skipping needs the vocabulary chunks' flags: with filter_eps the vocabulary chunks run."""
+    leaves, t = _inputs(27, 16, 45, torch.float32, seed=seed)
+    e, c, _ = leaves
+    target = torch.zeros(45, 16)
+    counters.clear()
+    linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, filter_eps=2.0**-12,
+                         dc_accumulate_into=target, tuning=BY_TOKENS).backward()
+    assert counters["dc_into_by_tokens"] == 0 and counters["dc_into_direct"] == 1, dict(counters)

@@ -377,7 +377,13 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
               inv_temp: float, de_fp32: bool, hopper: bool, dc_into: Optional[torch.Tensor]):
     """What both backward custom ops compute: (dE, dC, dbias), empty where not needed; with dc_into
     (float32, c's shape) each chunk's Gᵀ·E is added into its rows [v_begin, v_begin + w) by one
-    float32-output product and dC is empty (no [V, D] tensor: G takes the workspace)."""
+    float32-output product and dC is empty (no [V, D] tensor: G takes the workspace), or, with
+    `tuning.dc_into_by_tokens` and no dC skipping, the chunks go over tokens
+    (`_backward_by_tokens`)."""
+    if dc_into is not None and need_dc and tuning.dc_into_by_tokens and not filter_eps > 0:
+        de, db = _backward_by_tokens(e, c, bias, t, lse, coef, n_valid, softcap, exact, need_de, need_db, tuning,
+                                     sum_weights, inv_temp, de_fp32, hopper, dc_into)
+        return de, c.new_empty(0), db
     n, d = e.shape
     dev = e.device
     de_acc = torch.empty(n, d, dtype=torch.float32, device=dev) if need_de else None
@@ -396,35 +402,17 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
     if flagging and adaptive:
         filtering, flagging = skip_policy.decide(policy_key, tuning)
 
-    # G is stored in the input dtype, as the unfused layer's logit gradient would be, except for
-    # float16: G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero.
-    g_dtype = torch.float32 if e.dtype == torch.float16 else e.dtype
-    block_n, block_v, block_d, warps, stages = _grad_config(e.dtype, tuning)
-    n_tiles = triton.cdiv(n, block_n)
-    flags = torch.ones(n_tiles, triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8, device=dev)
-    e_arg, c_arg, tma = tma_operands(e, c, block_n, block_v, block_d, tuning)
-    precision = dot_precision(e.dtype, exact)
+    g_dtype = _g_dtype(e.dtype)
+    block_n, block_v = _grad_config(e.dtype, tuning)[:2]
+    flags = torch.ones(triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8,
+                       device=dev)
     hopper_grad = hopper and not flagging and sum_weights is None
-    if hopper_grad:
-        from . import hopper as hopper_kernels
+    operands = tma_operands(e, c, *_grad_config(e.dtype, tuning)[:3], tuning)  # once for every chunk
 
     for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc and not into else None, g_dtype, block_v, tuning):
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
-        if hopper_grad and hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin,
-                                                           inv_temp):
-            counters["hopper_grad"] += 1
-        else:
-            logit_grad_kernel[(triton.cdiv(w, block_v) * n_tiles,)](
-                e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, chunk_flags,
-                n, d, n_valid, v_begin, w,
-                e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
-                softcap if softcap > 0 else 1.0, filter_eps, lse if sum_weights is None else sum_weights, inv_temp,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                EVEN_D=d % block_d == 0, DOT_PRECISION=precision, USE_TMA=tma, GROUP_V=tuning.group_v,
-                HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, HAS_PZ=coef.shape[0] == 5,
-                num_warps=warps, num_stages=stages,
-            )
+        _logit_grad(g, e, c, bias, t, lse, coef, n_valid, v_begin, w, chunk_flags, softcap, filter_eps, flagging,
+                    exact, tuning, sum_weights, inv_temp, hopper_grad, operands)
         g_chunk = g[:, :w]
         if need_de:  # dE (+)= G · C_chunk, dense (skipping tiles here would bias dE coherently)
             float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, de_written, tuning)
@@ -456,6 +444,87 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
     else:
         de = e.new_empty(0)
     return de, dc, (db.to(bias.dtype) if need_db else e.new_empty(0))
+
+
+def _g_dtype(dtype: torch.dtype) -> torch.dtype:
+    """G's dtype: the input dtype, as the unfused layer's logit gradient would be, except for
+    float16, where G_ij ≈ p_ij / N is often below float16's range (6e-8) and would flush to zero."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _logit_grad(g, e, c, bias, t, lse, coef, n_valid: int, v_begin: int, w: int, flags, softcap: float,
+                filter_eps: float, flagging: bool, exact: bool, tuning: Tuning, sum_weights, inv_temp: float,
+                hopper_grad: bool, operands=None) -> None:
+    """g[:, :w] = G of e's rows [N, D] over vocabulary columns [v_begin, v_begin + w) (lse, coef, t
+    of those rows; coef contiguous [3 or 5, N]): the Hopper kernel where `hopper_grad` and it runs,
+    else `logit_grad_kernel` (flags [N tiles, ≥ w / BLOCK_V] written with `flagging`; operands:
+    `tma_operands(e, c, ...)` if already made)."""
+    if hopper_grad:
+        from . import hopper as hopper_kernels
+
+        if hopper_kernels.logit_grad_chunk(e, c[v_begin:v_begin + w], w, g, lse, coef, t, v_begin, inv_temp):
+            counters["hopper_grad"] += 1
+            return
+    n, d = e.shape
+    block_n, block_v, block_d, warps, stages = _grad_config(e.dtype, tuning)
+    e_arg, c_arg, tma = operands or tma_operands(e, c, block_n, block_v, block_d, tuning)
+    logit_grad_kernel[(triton.cdiv(w, block_v) * triton.cdiv(n, block_n),)](
+        e_arg, c_arg, c if bias is None else bias, t, lse, coef, g, flags,
+        n, d, n_valid, v_begin, w,
+        e.stride(0), e.stride(1), c.stride(0), c.stride(1), g.stride(0), flags.stride(0),
+        softcap if softcap > 0 else 1.0, filter_eps, lse if sum_weights is None else sum_weights, inv_temp,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+        FILTER=flagging, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        EVEN_D=d % block_d == 0, DOT_PRECISION=dot_precision(e.dtype, exact), USE_TMA=tma, GROUP_V=tuning.group_v,
+        HAS_SUMW=sum_weights is not None, HAS_TEMP=inv_temp != 1.0, HAS_PZ=coef.shape[0] == 5,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _backward_by_tokens(e, c, bias, t, lse, coef, n_valid: int, softcap: float, exact: bool, need_de: bool,
+                        need_db: bool, tuning: Tuning, sum_weights, inv_temp: float, de_fp32: bool, hopper: bool,
+                        dc_into: torch.Tensor):
+    """(dE, dbias) of `_backward` with dc_into, in token chunks [r0, r1): each forms G [r1 − r0,
+    n_valid] over the whole vocabulary, so dE[r0:r1] = G·C_valid is complete (one product, rounded
+    once; no float32 [N, D] accumulator) and dc_into[:n_valid] += Gᵀ·E[r0:r1] (float32, beta = 1).
+    Beyond dE, the memory is the G workspace: as many rows as `_chunk_bytes` holds, at least the
+    G elements of a `tuning.min_chunk_columns`-wide vocabulary chunk."""
+    n, d = e.shape
+    dev = e.device
+    de_dtype = torch.float32 if de_fp32 else e.dtype
+    de = torch.empty(n, d, dtype=de_dtype, device=dev) if need_de else e.new_empty(0)
+    db = torch.zeros(c.shape[0], dtype=torch.float32, device=dev) if need_db else None
+    if n == 0 or n_valid == 0:
+        return (de.zero_() if need_de else de), (db.to(bias.dtype) if need_db else e.new_empty(0))
+    g_dtype = _g_dtype(e.dtype)
+    g_elt = torch.finfo(g_dtype).bits // 8
+    block_n = _grad_config(e.dtype, tuning)[0]
+    width = triton.cdiv(n_valid, 8) * 8  # 16-byte aligned rows of G for TMA
+    budget = _chunk_bytes(n, d, c.shape[0], c.element_size(), tuning)
+    floor = triton.cdiv(n * min(tuning.min_chunk_columns, n_valid), n_valid)  # a minimum chunk's G elements
+    rows = _round_width(budget // (width * g_elt), n, block_n, floor)
+    workspace = torch.empty(rows, width, dtype=g_dtype, device=dev)
+    flags = torch.ones(1, 1, dtype=torch.int8, device=dev)
+    c_valid = c[:n_valid]
+    counters["dc_into_by_tokens"] += 1
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        g = workspace[:r1 - r0]
+        _logit_grad(g, e[r0:r1], c, bias, t[r0:r1], lse[r0:r1], coef[:, r0:r1].contiguous(), n_valid, 0, n_valid,
+                    flags, softcap, 0.0, False, exact, tuning, sum_weights, inv_temp,
+                    hopper and sum_weights is None)
+        g_valid = g[:, :n_valid]
+        if need_de and (de_dtype == torch.float32 or g_dtype != e.dtype or dev.type != "cuda"):
+            rows_fp32 = de[r0:r1] if de_dtype == torch.float32 else torch.empty(r1 - r0, d, device=dev)
+            float32_product(rows_fp32, g_valid, c_valid, exact, False, tuning)
+            if rows_fp32 is not de[r0:r1]:
+                de[r0:r1].copy_(rows_fp32)
+        elif need_de:  # one bf16 product with float32 accumulation inside: rounded once
+            torch.mm(g_valid, c_valid, out=de[r0:r1])
+        float32_product(dc_into[:n_valid], g_valid.T, e[r0:r1], exact, True, tuning)
+        if need_db:
+            db[:n_valid] += g_valid.sum(dim=0, dtype=torch.float32)
+    return de, (db.to(bias.dtype) if need_db else e.new_empty(0))
 
 
 @torch.library.custom_op("vocab_parallel_cce::triton_backward", mutates_args=())
