@@ -6,7 +6,9 @@ its registry name; a missing package gives a method that is skipped with the imp
 exception. The reference rows `cublas_3x` / `cublas_4x` are not methods: `timing.CublasProducts`.
 
 Ours: `vpcce_triton` (defaults: the fast mode), `vpcce_triton_memory` (`grad_in_forward=False`), and
-variants; `vpcce_torch*` run the torch path (CPU too). Peers: torch.compile and eager of
+variants; `vpcce_torch*` run the torch path (CPU too). `*_into` methods add c's gradient into a
+float32 `main_grad` (`dc_accumulate_into`, as under Megatron) made once per shape outside the timed
+call; the suites time and check them through `Method.fwd_bwd` / `Method.loss_and_grads`. Peers: torch.compile and eager of
 `F.cross_entropy((e @ c.T).float(), t)`, PyTorch's `F.linear_cross_entropy` where present, Liger-Kernel's
 FLCE, Apple's Cut Cross-Entropy, Megatron-core's fused vocab-parallel cross-entropy.
 """
@@ -34,6 +36,7 @@ class Method:
     skip_reason: str = ""
     note: str = ""
     extra: dict = field(default_factory=dict)
+    main_grads: dict | None = None  # c's shape → the float32 target c's gradient goes into (`*_into`)
 
     def usable(self, device: torch.device, n: int, v: int) -> tuple[bool, str]:
         if self.fn is None:
@@ -46,6 +49,33 @@ class Method:
 
     def __call__(self, e, c, t):
         return self.fn(e, c, t)
+
+    def fwd_bwd(self, e_g, c_g, t):
+        """One timed forward+backward: the gradients of e and c (of e alone for a `*_into` method,
+        whose c gradient goes into its main_grad)."""
+        wrt = (e_g,) if self.main_grads is not None else (e_g, c_g)
+        return torch.autograd.grad(self(e_g, c_g, t), wrt)
+
+    def loss_and_grads(self, e_g, c_g, t):
+        """(loss, dE, dC) of one call; for a `*_into` method dC is what one call adds into its
+        main_grad (zeroed first)."""
+        if self.main_grads is None:
+            loss = self(e_g, c_g, t)
+            return (loss, *torch.autograd.grad(loss, (e_g, c_g)))
+        target = main_grad(self.main_grads, c_g)
+        target.zero_()
+        loss = self(e_g, c_g, t)
+        (de,) = torch.autograd.grad(loss, (e_g,))
+        return loss, de, target
+
+
+def main_grad(store: dict, c: torch.Tensor) -> torch.Tensor:
+    """The float32 target of c's shape and device in `store` (made on first use; one kept)."""
+    key = (tuple(c.shape), str(c.device))
+    if key not in store:
+        store.clear()
+        store[key] = torch.zeros(c.shape, dtype=torch.float32, device=c.device)
+    return store[key]
 
 
 def tuning_type():
@@ -121,10 +151,11 @@ LIBRARY_DEFAULT = "library default"  # an argument _ours leaves out of the call
 
 
 def _ours(impl: str, name: str, filter_eps=LIBRARY_DEFAULT, grad_in_forward=LIBRARY_DEFAULT, tuning=None,
-          tuning_spec: str = "") -> Method:
+          tuning_spec: str = "", into_main_grad: bool = False) -> Method:
     """`linear_cross_entropy(e, c, t, impl=impl, ...)` with `filter_eps` (None: dense, "auto":
     adaptive dC tile skipping, a number: always skip) and `grad_in_forward` (True: the fast mode,
-    False: memory-first) where given, and a `Tuning` (`tuning=`)."""
+    False: memory-first) where given, a `Tuning` (`tuning=`), and with `into_main_grad`
+    `dc_accumulate_into` a float32 target of c's shape (`Method.main_grads`)."""
     try:
         from vocab_parallel_cce import linear_cross_entropy
     except Exception as err:  # noqa: BLE001
@@ -136,10 +167,16 @@ def _ours(impl: str, name: str, filter_eps=LIBRARY_DEFAULT, grad_in_forward=LIBR
             return Method(name, None, skip_reason="this vocab_parallel_cce's linear_cross_entropy takes no tuning=")
         kw["tuning"] = tuning
 
+    targets = {} if into_main_grad else None
+
     def fn(e, c, t):
+        if targets is not None:
+            return linear_cross_entropy(e, c, t, impl=impl, dc_accumulate_into=main_grad(targets, c), **kw)
         return linear_cross_entropy(e, c, t, impl=impl, **kw)
 
     notes = [f"{k}={v if not isinstance(v, float) else format(v, 'g')}" for k, v in kw.items() if k != "tuning"]
+    if into_main_grad:
+        notes.append("dc_accumulate_into=main_grad (float32)")
     if tuning_spec:
         notes.append(f"Tuning({tuning_spec})")
     note = f"linear_cross_entropy(impl={impl!r}" + "".join(f", {x}" for x in notes) + ")"
@@ -148,8 +185,9 @@ def _ours(impl: str, name: str, filter_eps=LIBRARY_DEFAULT, grad_in_forward=LIBR
             import triton  # noqa: F401  (its absence is a skip reason, not an error in a call)
         except Exception as err:  # noqa: BLE001
             return Method(name, None, skip_reason=f"triton missing ({short_error(err)})")
-        return Method(name, fn, needs_cuda=True, note=note, extra={"adaptive": filter_eps == "auto", "tuning": tuning})
-    return Method(name, fn, max_nv=2.0**28, note=note)
+        return Method(name, fn, needs_cuda=True, note=note, extra={"adaptive": filter_eps == "auto", "tuning": tuning},
+                      main_grads=targets)
+    return Method(name, fn, max_nv=2.0**28, note=note, main_grads=targets)
 
 
 def _torch_eager() -> Method:
@@ -310,6 +348,9 @@ OURS = {
     "vpcce_torch": dict(impl="torch"),
     "vpcce_torch_memory": dict(impl="torch", grad_in_forward=False),
     "vpcce_torch_gif": dict(impl="torch", grad_in_forward=True),
+    "vpcce_triton_memory_into": dict(impl="triton", grad_in_forward=False, into_main_grad=True),
+    "vpcce_triton_into": dict(impl="triton", into_main_grad=True),
+    "vpcce_torch_memory_into": dict(impl="torch", grad_in_forward=False, into_main_grad=True),
 }
 PEERS: dict[str, Callable[[], Method]] = {
     "torch_compile": _torch_compile,

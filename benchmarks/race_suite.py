@@ -106,7 +106,7 @@ def prepare(m, e, c, t, ref: Reference | None, args, rec: dict):
     c_g = c.detach().requires_grad_(True)
 
     def fwd_bwd():
-        return torch.autograd.grad(m(e_g, c_g, t), (e_g, c_g))
+        return m.fwd_bwd(e_g, c_g, t)
 
     seconds = None
     try:

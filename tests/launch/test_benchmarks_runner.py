@@ -199,13 +199,15 @@ def test_interleaved_rounds_rotate_and_drop_a_failing_method(runner):
 
 def test_race_suite_cpu_smoke(tmp_path):
     """The race through its child process: every method and product row timed in every round,
-    ratios = medians of within-round ratios, errors against float64 for every method, a missing
-    peer recorded, a --tuning row, the outputs, and the short table at the end of stdout."""
+    ratios = medians of within-round ratios, errors against float64 for every method (a method
+    adding dC into a main_grad too), a missing peer recorded, a --tuning row, the outputs, and the
+    short table at the end of stdout."""
     import statistics
 
     out = tmp_path / "res"
     env = {**os.environ, "PYTHONPATH": REPO}
-    methods = ("vpcce_torch", "vpcce_torch_memory", "torch_eager", "liger", "cublas_3x", "cublas_4x")
+    methods = ("vpcce_torch", "vpcce_torch_memory", "vpcce_torch_memory_into", "torch_eager", "liger", "cublas_3x",
+               "cublas_4x")
     proc = subprocess.run([sys.executable, RUN, "race", "--device", "cpu", "--shapes", "48x16x90", "--kinds",
                            "random,zipf_shuffled", "--methods", ",".join(methods), "--tuning", "group_v=8", "--rounds",
                            "3", "--block", "1", "--warmup", "1", "--dtype", "fp32", "--stats-tokens", "16",
@@ -217,7 +219,8 @@ def test_race_suite_cpu_smoke(tmp_path):
     doc = json.loads((out / "race.json").read_text())
     assert doc["suite"] == "race" and doc["failures"] == [] and doc["command"].startswith("python benchmarks/run.py race")
     rows = {(tuple(r["shape"]), r["kind"], r["method"]): r for r in doc["results"]}
-    timed = [m for m in methods if m != "liger"] + ["vpcce_torch[group_v=8]", "vpcce_torch_memory[group_v=8]"]
+    timed = [m for m in methods if m != "liger"] + ["vpcce_torch[group_v=8]", "vpcce_torch_memory[group_v=8]",
+                                                     "vpcce_torch_memory_into[group_v=8]"]
     cases = [((48, 16, 90), k) for k in ("random", "zipf_shuffled")]
     assert set(rows) == {(s, k, m) for s, k in cases for m in timed + ["liger"]}
     for s, k in cases:
