@@ -187,3 +187,32 @@ def test_gluon_log_probs_match_float64_as_closely_as_the_portable_kernels(case, 
     for q, p, r in zip(gluon[2:], portable[2:], ref[2:]):
         assert torch.isfinite(q).all()
         assert rel_err(q.double(), r) <= 1.1 * rel_err(p.double(), r) + 1e-4
+
+
+COOPERATIVE = (128, 256, 64, 3, 1, 16, 8)  # one consumer of two warpgroups on 128×256 tiles
+
+
+@pytest.mark.parametrize("mode", ["logits", "stats"])
+@pytest.mark.parametrize("case", [(1, 256, 1), (1000, 1000, 5003), (777, 4096, 16032), (4096, 4096, 32064)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_pingpong_consumers_match_the_cooperative_kernel_bitwise(case, mode):
+    """The statistics modes' ping-pong configuration (logits.CONFIGS) and one cooperative consumer
+    reduce the same 16 rows × 256 columns per warp in the same order: bitwise the same z and
+    partials, every tile written (NaN-poisoned outputs), at N = 1 and sizes off the tiles."""
+    from vocab_parallel_cce.backends.triton.hopper import logits as L
+
+    n, d, v = case
+    e, c, _ = _inputs(n, d, v, "random", seed=n + v)
+    m = L.MODE_LOGITS.value if mode == "logits" else L.MODE_STATS.value
+    assert L.CONFIGS[m][7:] == (2,)  # the default is the ping-pong configuration
+    outs = []
+    for config in (None, COOPERATIVE):
+        z = torch.full((n, -(-v // 8) * 8), float("nan"), device="cuda", dtype=torch.bfloat16)
+        part = torch.full((L.partial_rows(m, True), -(-v // 256), n), float("nan"), device="cuda")
+        L.launch(e, c, v, m, out=z if m == L.MODE_LOGITS.value else None, partials=part, need_sum=True,
+                 num_sms=torch.cuda.get_device_properties(0).multi_processor_count, config=config)
+        outs.append((z[:, :v], part))
+    (z_pp, part_pp), (z_coop, part_coop) = outs
+    assert not part_pp.isnan().any() and torch.equal(part_pp, part_coop)
+    if m == L.MODE_LOGITS.value:
+        assert not z_pp.isnan().any() and torch.equal(z_pp, z_coop)
