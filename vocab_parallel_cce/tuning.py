@@ -30,7 +30,7 @@ class Tuning:
     matmul_block: BlockConfig | None = None  # Triton (block-sparse) product tile
     forward_splits: int | None = None  # vocabulary splits of the forward grid (None: ~4 waves)
     use_tma: bool = True  # TMA tensor descriptors on Hopper+ (and the interpreter) where layouts allow
-    g_inside_dc: bool = True  # backward: logit-gradient chunks live in dC's unwritten rows
+    g_inside_dc: bool = True  # backward: logit-gradient chunks live in dC's (by tokens: dE's) unwritten rows
     group_v: int = 12  # vocabulary tiles per group of the logit-gradient kernel's grid
     chunk_bytes: int | None = None  # backward workspace chunk (None: workspace_fraction of dE + dC, 8–512 MiB)
     workspace_fraction: float = 0.09  # backward memory beyond dE and dC, as a fraction of their size

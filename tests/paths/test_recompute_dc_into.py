@@ -300,3 +300,21 @@ def test_token_chunks_give_way_to_dc_skipping(seed):
     linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, filter_eps=2.0**-12,
                          dc_accumulate_into=target, tuning=BY_TOKENS).backward()
     assert counters["dc_into_by_tokens"] == 0 and counters["dc_into_direct"] == 1, dict(counters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_token_chunks_place_g_in_de_rows_not_yet_written(dtype, seed):
+    """With dE rows wide enough (D = 64), the first token chunks' G lives in dE's unwritten rows and
+    the last in the workspace; the gradients stay those of float64."""
+    n, d, v = 64, 64, 45
+    leaves, t = _inputs(n, d, v, dtype, seed=seed)
+    e, c, _ = leaves
+    target = torch.zeros(v, d)
+    counters.clear()
+    loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False, vocab_size=VOCAB,
+                                dc_accumulate_into=target, tuning=BY_TOKENS)
+    loss.backward()
+    assert counters["g_in_de"] >= 1 and counters["g_in_workspace"] >= 1, dict(counters)
+    de64, dc64 = _grads64(leaves, t, 1.0, vocab_size=VOCAB)
+    assert rel_err(target, dc64) < TOL[dtype]
+    assert rel_err(e.grad, de64) < GRAD_TOL[dtype]

@@ -481,14 +481,46 @@ def _logit_grad(g, e, c, bias, t, lse, coef, n_valid: int, v_begin: int, w: int,
     )
 
 
+def _token_chunks(n: int, width: int, g_dtype: torch.dtype, de: torch.Tensor | None, workspace_rows: int,
+                  multiple: int, device: torch.device):
+    """(r0, r1, G [r1 − r0, width] view) for each token chunk, in order. While dE (given, contiguous)
+    has room past the chunk's rows for a chunk at least `workspace_rows` tall, G lives there: chunk
+    [r0, r0 + m) writes dE rows [r0, r0 + m), so its bytes from (r0 + m)·row on are free, and G
+    fits for m·(width·g + row) ≤ end − r0·row − 256 (g, row: bytes of a G element and a dE row).
+    Then the workspace of `workspace_rows` rows takes the rest. Counted in `counters`
+    ("g_in_de" / "g_in_workspace")."""
+    g_elt = torch.finfo(g_dtype).bits // 8
+    storage = de.view(-1).view(torch.uint8) if de is not None and de.numel() else None
+    row = de.shape[1] * de.element_size() if storage is not None else 0
+    workspace = None
+    r0 = 0
+    while r0 < n:
+        g, m = None, 0
+        if storage is not None:
+            total = storage.numel()
+            m = min(n - r0, (total - r0 * row - 256) // (width * g_elt + row) // multiple * multiple)
+            start = (total - m * width * g_elt) // 256 * 256
+            if m >= min(workspace_rows, n - r0) and m > 0 and start >= (r0 + m) * row:
+                g = storage[start:start + m * width * g_elt].view(g_dtype).view(m, width)
+        counters["g_in_de" if g is not None else "g_in_workspace"] += 1
+        if g is None:
+            if workspace is None:
+                workspace = torch.empty(workspace_rows, width, dtype=g_dtype, device=device)
+            m = min(workspace_rows, n - r0)
+            g = workspace[:m]
+        yield r0, r0 + m, g
+        r0 += m
+
+
 def _backward_by_tokens(e, c, bias, t, lse, coef, n_valid: int, softcap: float, exact: bool, need_de: bool,
                         need_db: bool, tuning: Tuning, sum_weights, inv_temp: float, de_fp32: bool, hopper: bool,
                         dc_into: torch.Tensor):
     """(dE, dbias) of `_backward` with dc_into, in token chunks [r0, r1): each forms G [r1 − r0,
     n_valid] over the whole vocabulary, so dE[r0:r1] = G·C_valid is complete (one product, rounded
     once; no float32 [N, D] accumulator) and dc_into[:n_valid] += Gᵀ·E[r0:r1] (float32, beta = 1).
-    Beyond dE, the memory is the G workspace: as many rows as `_chunk_bytes` holds, at least the
-    G elements of a `tuning.min_chunk_columns`-wide vocabulary chunk."""
+    G lives in dE's unwritten rows while it fits there (`_token_chunks`), then in a workspace of as
+    many rows as `_chunk_bytes` holds, at least the G elements of a `tuning.min_chunk_columns`-wide
+    vocabulary chunk."""
     n, d = e.shape
     dev = e.device
     de_dtype = torch.float32 if de_fp32 else e.dtype
@@ -497,30 +529,28 @@ def _backward_by_tokens(e, c, bias, t, lse, coef, n_valid: int, softcap: float, 
     if n == 0 or n_valid == 0:
         return (de.zero_() if need_de else de), (db.to(bias.dtype) if need_db else e.new_empty(0))
     g_dtype = _g_dtype(e.dtype)
-    g_elt = torch.finfo(g_dtype).bits // 8
     block_n = _grad_config(e.dtype, tuning)[0]
     width = triton.cdiv(n_valid, 8) * 8  # 16-byte aligned rows of G for TMA
     budget = _chunk_bytes(n, d, c.shape[0], c.element_size(), tuning)
     floor = triton.cdiv(n * min(tuning.min_chunk_columns, n_valid), n_valid)  # a minimum chunk's G elements
-    rows = _round_width(budget // (width * g_elt), n, block_n, floor)
-    workspace = torch.empty(rows, width, dtype=g_dtype, device=dev)
+    rows = _round_width(budget // (width * torch.finfo(g_dtype).bits // 8), n, block_n, floor)
     flags = torch.ones(1, 1, dtype=torch.int8, device=dev)
     c_valid = c[:n_valid]
     counters["dc_into_by_tokens"] += 1
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        g = workspace[:r1 - r0]
+    for r0, r1, g in _token_chunks(n, width, g_dtype, de if need_de and tuning.g_inside_dc else None, rows,
+                                   block_n, dev):
         _logit_grad(g, e[r0:r1], c, bias, t[r0:r1], lse[r0:r1], coef[:, r0:r1].contiguous(), n_valid, 0, n_valid,
                     flags, softcap, 0.0, False, exact, tuning, sum_weights, inv_temp,
                     hopper and sum_weights is None)
         g_valid = g[:, :n_valid]
-        if need_de and (de_dtype == torch.float32 or g_dtype != e.dtype or dev.type != "cuda"):
-            rows_fp32 = de[r0:r1] if de_dtype == torch.float32 else torch.empty(r1 - r0, d, device=dev)
-            float32_product(rows_fp32, g_valid, c_valid, exact, False, tuning)
-            if rows_fp32 is not de[r0:r1]:
-                de[r0:r1].copy_(rows_fp32)
-        elif need_de:  # one bf16 product with float32 accumulation inside: rounded once
+        if need_de and de_dtype == torch.float32:
+            float32_product(de[r0:r1], g_valid, c_valid, exact, False, tuning)
+        elif need_de and g_dtype == e.dtype and dev.type == "cuda":  # cuBLAS: float32 inside, rounded once
             torch.mm(g_valid, c_valid, out=de[r0:r1])
+        elif need_de:  # a float32 product, then rounded
+            rows_fp32 = torch.empty(r1 - r0, d, device=dev)
+            float32_product(rows_fp32, g_valid, c_valid, exact, False, tuning)
+            de[r0:r1].copy_(rows_fp32)
         float32_product(dc_into[:n_valid], g_valid.T, e[r0:r1], exact, True, tuning)
         if need_db:
             db[:n_valid] += g_valid.sum(dim=0, dtype=torch.float32)
