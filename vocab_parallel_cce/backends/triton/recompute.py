@@ -403,11 +403,11 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
         filtering, flagging = skip_policy.decide(policy_key, tuning)
 
     g_dtype = _g_dtype(e.dtype)
-    block_n, block_v = _grad_config(e.dtype, tuning)[:2]
+    block_n, block_v, block_d = _grad_config(e.dtype, tuning)[:3]
     flags = torch.ones(triton.cdiv(n, block_n), triton.cdiv(n_valid, block_v) if flagging else 1, dtype=torch.int8,
                        device=dev)
     hopper_grad = hopper and not flagging and sum_weights is None
-    operands = tma_operands(e, c, *_grad_config(e.dtype, tuning)[:3], tuning)  # once for every chunk
+    operands = tma_operands(e, c, block_n, block_v, block_d, tuning)  # once for every chunk
 
     for v_begin, g, w in _g_chunks(n, n_valid, c, dc if need_dc and not into else None, g_dtype, block_v, tuning):
         chunk_flags = flags[:, v_begin // block_v:] if flagging else flags
