@@ -415,7 +415,7 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
                     exact, tuning, sum_weights, inv_temp, hopper_grad, operands)
         g_chunk = g[:, :w]
         if need_de:  # dE (+)= G · C_chunk, dense (skipping tiles here would bias dE coherently)
-            _add_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, de_written, tuning, hopper)
+            float32_product(de_acc, g_chunk, c[v_begin:v_begin + w], exact, de_written, tuning)
             de_written = True
         if need_dc and filtering:  # dC_chunk (+)= Gᵀ · E, skipping tiles whose softmax is negligible
             counters["sparse_dc"] += 1
@@ -423,7 +423,7 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
             sparse_matmul(g, (1, g.stride(0)), e, e.stride(), dc_out[v_begin:], dc_out.stride(), w, d, n, tuning,
                           list_v, count_v, block_v, block_n, accumulate=into, exact=exact)
         elif into:  # dc_into[chunk] += Gᵀ · E: one float32-output product, beta = 1
-            _add_product(dc_into[v_begin:v_begin + w], g_chunk.T, e, exact, True, tuning, hopper)
+            float32_product(dc_into[v_begin:v_begin + w], g_chunk.T, e, exact, True, tuning)
         elif need_dc:  # dC_chunk = Gᵀ · E, complete over tokens: one GEMM straight into dC
             if dev.type == "cuda" and g_dtype == e.dtype:
                 torch.mm(g_chunk.T, e, out=dc[v_begin:v_begin + w])
@@ -444,19 +444,6 @@ def _backward(e, c, bias, t, lse, coef, n_valid: int, softcap: float, filter_eps
     else:
         de = e.new_empty(0)
     return de, dc, (db.to(bias.dtype) if need_db else e.new_empty(0))
-
-
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool, accumulate: bool,
-                 tuning: Tuning, hopper: bool) -> None:
-    """out float32 (+)= a·b: the Hopper kernel where `hopper` and it runs, else
-    `products.float32_product`."""
-    if hopper:
-        from . import hopper as hopper_kernels
-
-        if hopper_kernels.float32_product(out, a, b, accumulate):
-            counters["hopper_accumulate"] += 1
-            return
-    float32_product(out, a, b, exact, accumulate, tuning)
 
 
 def _g_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -564,7 +551,7 @@ def _backward_by_tokens(e, c, bias, t, lse, coef, n_valid: int, softcap: float, 
             rows_fp32 = torch.empty(r1 - r0, d, device=dev)
             float32_product(rows_fp32, g_valid, c_valid, exact, False, tuning)
             de[r0:r1].copy_(rows_fp32)
-        _add_product(dc_into[:n_valid], g_valid.T, e[r0:r1], exact, True, tuning, hopper)
+        float32_product(dc_into[:n_valid], g_valid.T, e[r0:r1], exact, True, tuning)
         if need_db:
             db[:n_valid] += g_valid.sum(dim=0, dtype=torch.float32)
     return de, (db.to(bias.dtype) if need_db else e.new_empty(0))

@@ -145,23 +145,3 @@ def logit_grad_chunk(e, c_chunk, width: int, g, lse, coef, t_local, col_base: in
         return False
     return _run(logits.MODE_GRAD.value, e, c_chunk, width, out=g, lse=lse, coef=coef, t=t_local, col_base=col_base,
                 need_pz=coef.shape[0] == 5, inv_temp=inv_temp)
-
-
-def float32_product(out, a, b, accumulate: bool) -> bool:
-    """out [M, NN] float32 (+)= a [M, K] · b [K, NN] (bf16; `a` row-major or the transpose of a
-    row-major matrix, as G_chunkᵀ) by `accumulate.launch`. False where the kernel cannot run
-    (then nothing was written)."""
-    from . import accumulate as kernels
-
-    trans_a = a.dim() == 2 and a.stride(-1) != 1 and a.stride(0) == 1
-    rows = a.T if trans_a else a
-    if out.numel() == 0 or a.shape[1] == 0 or out.dtype != torch.float32 or not aligned_for_tma(rows, b):
-        return False
-    if out.stride(-1) != 1 or out.data_ptr() % 16 or (out.stride(0) * 4) % 16:
-        return False
-    key = ("accumulate", bool(accumulate), trans_a)
-    sms = _num_sms(out.device)
-    if not build_ok(key, lambda: kernels.launch(out, rows, b, accumulate, trans_a=trans_a, num_sms=sms, warmup=True)):
-        return False
-    kernels.launch(out, rows, b, accumulate, trans_a=trans_a, num_sms=sms)
-    return True

@@ -101,7 +101,6 @@ def hopper_target() -> Iterator[None]:
 
 def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
     """Every Gluon kernel configuration, compiled for sm_90a with stand-ins of (N, D, V)."""
-    from . import accumulate as A
     from . import logits as L
 
     built = []
@@ -118,14 +117,6 @@ def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
             k = L.launch(e, c, v, mode, out=z, partials=vec, need_sum=need_sum, need_pz=entropy,
                          inv_temp=0.5 if entropy else 1.0, lse=vec, coef=vec, t=t, warmup=True)
             built.append(Built(f"{name}{'+sum' if need_sum else ''}{'+entropy' if entropy else ''}",
-                               k.metadata.shared, k))
-        acc = stand_in("float32", (n, d))
-        for accumulate, trans_a in ((False, False), (True, False), (True, True)):
-            a = stand_in("bfloat16", (n, 1024))
-            b = e if trans_a else stand_in("bfloat16", (1024, d))
-            out = stand_in("float32", (1024, d)) if trans_a else acc
-            k = A.launch(out, a, b, accumulate, trans_a=trans_a, warmup=True)
-            built.append(Built(f"accumulate{'+add' if accumulate else ''}{'+transposed' if trans_a else ''}",
                                k.metadata.shared, k))
     return built
 
