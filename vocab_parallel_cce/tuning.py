@@ -34,9 +34,12 @@ class Tuning:
     group_v: int = 12  # vocabulary tiles per group of the logit-gradient kernel's grid
     chunk_bytes: int | None = None  # backward workspace chunk (None: workspace_fraction of dE + dC, 8–512 MiB)
     workspace_fraction: float = 0.09  # backward memory beyond dE and dC, as a fraction of their size
-    min_chunk_columns: int = 1024  # narrowest workspace chunk (narrower is launch-bound)
+    # narrowest workspace chunk (narrower is launch-bound); wider = fewer float32 dE read-modify-writes
+    # for 2·N bytes per column more (DESIGN.md, the memory-first path)
+    min_chunk_columns: int = 1024
     # memory-first backward with dc_accumulate_into: token chunks over the whole vocabulary (dE rows
-    # complete per chunk, no float32 [N, D] accumulator) instead of vocabulary chunks
+    # complete per chunk, no float32 [N, D] accumulator) instead of vocabulary chunks; pays only
+    # where the shard's rows V_r ≲ N (each chunk reads and writes the whole float32 target)
     dc_into_by_tokens: bool = False
     fast_chunk_tokens: int | None = None  # gradient-in-forward token chunk (None: from fast_logits_bytes)
     fast_logits_bytes: int = 4 << 30  # gradient-in-forward: largest logits chunk [n_c, V_r] held at once
