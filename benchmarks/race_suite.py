@@ -8,8 +8,9 @@ Per shape and input kind, in one process (compilations are reused across kinds):
    then one checked call: its loss, dE and dC errors against float64;
 3. the rounds: each round times a block of --block back-to-back calls of every method and of the
    reference rows "3 cuBLAS products" (E·Cᵀ [N,V], G·C [N,D], Gᵀ·E [V,D] on the same e, c) and
-   "4 cuBLAS products" (one more E·Cᵀ: what a recomputing method must do), in an order rotated
-   every round. fwd+bwd ms is the median over rounds; a ratio "× X" is the median over rounds of
+   "4 cuBLAS products" (one more E·Cᵀ: what a recomputing method must do), in an order shuffled
+   every round, each block after --settle-ms of bf16 products (the same loaded start for every
+   block: on a power-capped GPU a block that follows a light method runs faster). fwd+bwd ms is the median over rounds; a ratio "× X" is the median over rounds of
    (method / X) within the round (paired: both ran within the same minute), so a GPU that warms
    up or throttles moves both alike. Peak MiB: max allocated during a method's blocks − allocated
    before (inputs excluded, gradients included).
@@ -31,8 +32,8 @@ from inputs import DTYPES, check_kinds, make_inputs, parse_shapes
 from machine import gpu_state
 from references import Reference, case_checks, error_text, fwd_bwd_flops, tflops
 from tables import fmt, label, md_table, num, shape_label, status
-from timing import (CublasProducts, free_memory, interleaved_rounds, median_ms, paired_ratio, setup_device,
-                    sync)
+from timing import (CublasProducts, free_memory, interleaved_rounds, median_ms, paired_ratio, settling_load,
+                    setup_device, sync)
 
 # Llama-3 8B, Gemma-2 2B, one rank of tp=8 (V = 128256 / 8), long context, few tokens; `all` adds
 # Qwen-2 7B's vocabulary, half the tokens, one rank of tp=4 of a 128256 vocabulary.
@@ -56,6 +57,8 @@ def add_args(p):
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (at most)")
     p.add_argument("--min-rounds", type=int, default=3, help="rounds kept when time is short")
     p.add_argument("--block", type=int, default=3, help="back-to-back calls of a method per round")
+    p.add_argument("--settle-ms", type=float, default=100.0,
+                   help="untimed bf16 products before every block, ms (0: none; never on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method before the check (≥ 1)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
@@ -177,7 +180,7 @@ def race_case(n, d, v, kind, methods, product_rows, args, device, deadline, case
                 rows[p]["errors"]["products"] = error_text(err)
             free_memory()
 
-    round_s = args.block * sum(call_s.values())
+    round_s = args.block * sum(call_s.values()) + len(fns) * max(0.0, args.settle_ms) / 1e3
     share = max(0.0, deadline - time.time()) / max(1, cases_left)
     rounds = args.rounds if round_s <= 0 else max(args.min_rounds, min(args.rounds, int(share / round_s)))
     entry.update(rounds=rounds, block=args.block, round_s_estimate=round_s)
@@ -186,7 +189,9 @@ def race_case(n, d, v, kind, methods, product_rows, args, device, deadline, case
         rows[name]["errors"]["rounds"] = error_text(err)
         print(f"  {name}: {rows[name]['errors']['rounds']}", flush=True)
 
-    timed = interleaved_rounds(fns, rounds, args.block, on_error) if fns else {}
+    settle = settling_load(args.settle_ms) if fns else None
+    timed = interleaved_rounds(fns, rounds, args.block, on_error, settle=settle) if fns else {}
+    del settle
     entry["gpu_after_rounds"] = gpu_state()  # the clock the rounds ran at (a power cap lowers it)
     flops = fwd_bwd_flops(n, d, v)
     for name, got in timed.items():
@@ -366,8 +371,16 @@ def settings_line(doc: dict) -> str:
         checks = ("Errors: ‖x − x₆₄‖/‖x₆₄‖ against float64: loss over all tokens, dE on "
                   f"{a.get('check_rows')} tokens" + (", dC not checked." if a.get("no_check_dc") else ", dC over all."))
     return (f"{a.get('dtype', 'bf16')}; {got} interleaved rounds of {a.get('block')} back-to-back calls per method, "
-            "order rotated every round; fwd+bwd ms = median over rounds; × X = median over rounds of the "
+            + _order_text(a) + "; fwd+bwd ms = median over rounds; × X = median over rounds of the "
             "within-round ratio to X. Peak MiB: forward+backward, inputs excluded, gradients included. " + checks)
+
+
+def _order_text(args: dict) -> str:
+    """How the rounds ordered the blocks (results stored before --settle-ms ran in a rotated order)."""
+    if "settle_ms" not in args:
+        return "order rotated every round"
+    settle = args["settle_ms"]
+    return "order shuffled every round" + (f", each block after {settle:g} ms of bf16 products" if settle > 0 else "")
 
 
 def _gpu_state_text(state: dict | None) -> str:

@@ -3,8 +3,9 @@
 - `time_calls`: median ms and peak added memory of repeated calls of one function (the loss suite);
 - `timed_block`: ms per call of a block of back-to-back calls, and its peak added memory;
 - `interleaved_rounds`: the race's timing: every round times a block of each function, in an order
-  rotated every round, so that a GPU warming up or slowing down (power, temperature) spreads over
-  every method alike; `paired_ratio` compares two methods round by round;
+  shuffled every round, so that a GPU warming up or slowing down (power, temperature) spreads over
+  every method alike, after a settling load (`settling_load`) that starts every block in the same
+  state; `paired_ratio` compares two methods round by round;
 - `CublasProducts`: the three logits-shaped products of a forward+backward (and a fourth, the
   recompute), the reference rows of the loss and race suites;
 - `measure_matmul_peak`: TFLOP/s of an 8192³ product, the peak the % columns refer to.
@@ -101,22 +102,32 @@ def timed_block(fn: Callable[[], object], calls: int) -> tuple[float, float]:
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int, block: int,
-                       on_error: Callable[[str, BaseException], None] | None = None) -> dict[str, dict]:
+                       on_error: Callable[[str, BaseException], None] | None = None,
+                       settle: Callable[[], object] | None = None, seed: int = 0) -> dict[str, dict]:
     """{name: {"round_ms": [ms per call or None, one per round], "peak_mb": max over blocks}}.
 
-    Round r times a block of `block` calls of each function, starting at the r-th (rotated order).
+    Round r times a block of `block` calls of each function, in an order shuffled every round
+    (`random.Random(seed + r)`), so no function always follows the same one: on a power-capped GPU
+    a block runs faster after a light method than after a heavy one (measured: 8% after a slow,
+    low-power peer), and a fixed cyclic order would make that one method's bias. `settle` (untimed,
+    before every block) puts every block's start in the same state (`settling_load`).
     A function that raises is reported to `on_error` and left out of the later rounds (its earlier
     rounds are kept; the rounds it missed are None).
     """
+    import random
+
     names = list(fns)
     out = {n: {"round_ms": [None] * rounds, "peak_mb": float("nan")} for n in names}
     failed: set[str] = set()
     for r in range(rounds):
-        k = r % max(1, len(names))
-        for name in names[k:] + names[:k]:
+        order = names[:]
+        random.Random(seed + r).shuffle(order)
+        for name in order:
             if name in failed:
                 continue
             try:
+                if settle is not None:
+                    settle()
                 ms, mb = timed_block(fns[name], block)
             except Exception as err:  # noqa: BLE001  (one method failing must not stop the race)
                 failed.add(name)
@@ -129,6 +140,25 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int, block:
                 prev = out[name]["peak_mb"]
                 out[name]["peak_mb"] = mb if prev != prev else max(prev, mb)
     return out
+
+
+def settling_load(ms: float, device="cuda") -> Callable[[], None] | None:
+    """A callable that keeps the GPU busy with bf16 products for about `ms` milliseconds (calibrated
+    once here), or None on CPU or for ms <= 0. Run before each timed block, it starts every block
+    from the same loaded state, as a loss layer in training follows the model's products."""
+    if ms <= 0 or not cuda_active():
+        return None
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    torch.mm(a, a, out=out)
+    per, _ = timed_block(lambda: torch.mm(a, a, out=out), 20)
+    count = max(1, round(ms / max(per, 1e-3)))
+
+    def load() -> None:
+        for _ in range(count):
+            torch.mm(a, a, out=out)
+
+    return load
 
 
 def median_ms(round_ms: list) -> float | None:

@@ -175,10 +175,12 @@ def test_rl_suite_cpu_smoke(tmp_path, runner):
     assert len(merged["results"]) == 2 * len(doc["results"])
 
 
-def test_interleaved_rounds_rotate_and_drop_a_failing_method(runner):
+def test_interleaved_rounds_shuffle_settle_and_drop_a_failing_method(runner):
+    import random
+
     import timing
 
-    order, errors = [], []
+    order, errors, settled = [], [], []
 
     def make(name, fail_at=None):
         def fn():
@@ -187,14 +189,27 @@ def test_interleaved_rounds_rotate_and_drop_a_failing_method(runner):
                 raise RuntimeError("boom")
         return fn
 
-    out = timing.interleaved_rounds({"a": make("a"), "b": make("b", fail_at=2), "c": make("c")}, rounds=3, block=1,
-                                    on_error=lambda name, err: errors.append((name, str(err))))
-    assert order == ["a", "b", "c", "b", "c", "a", "c", "a"]  # round r starts at method r; b failed in round 2
-    assert errors == [("b", "boom")]
-    assert [x is None for x in out["b"]["round_ms"]] == [False, True, True]
-    assert all(x > 0 for x in out["a"]["round_ms"] + out["c"]["round_ms"])
+    names = [f"m{i}" for i in range(6)]
+    fns = {n: make(n, fail_at=2 if n == "m3" else None) for n in names}
+    out = timing.interleaved_rounds(fns, rounds=4, block=1, on_error=lambda name, err: errors.append((name, str(err))),
+                                    settle=lambda: settled.append(len(order)), seed=5)
+    expected = []
+    for r in range(4):
+        perm = names[:]
+        random.Random(5 + r).shuffle(perm)
+        expected += [n for n in perm if not (n == "m3" and expected.count("m3") == 2)]
+    assert order == expected  # every round a seeded permutation; m3 failed in its second block, then left out
+    assert settled == list(range(len(order)))  # one settle before every block, the failing one too
+    assert errors == [("m3", "boom")]
+    assert [x is None for x in out["m3"]["round_ms"]] == [False, True, True, True]
+    assert all(x > 0 for n in names if n != "m3" for x in out[n]["round_ms"])
+    # predecessors vary: a rotated cyclic order would give at most len(names) (predecessor, name) pairs
+    firsts = [0, 6, 12, 17, 22]  # round boundaries in `order` (6, 6, 5, 5 blocks)
+    pairs = {(order[i], order[i + 1]) for a, b in zip(firsts, firsts[1:]) for i in range(a, b - 1)}
+    assert len(pairs) > len(names)
     assert timing.paired_ratio([2.0, None, 6.0], [1.0, 1.0, 2.0]) == 2.5  # rounds both ran: 2 and 3
     assert timing.paired_ratio([None], [1.0]) is None
+    assert timing.settling_load(100.0) is None  # no GPU: no load
 
 
 def test_race_suite_cpu_smoke(tmp_path):
