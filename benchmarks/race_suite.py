@@ -10,9 +10,10 @@ Per shape and input kind, in one process (compilations are reused across kinds):
    reference rows "3 cuBLAS products" (E·Cᵀ [N,V], G·C [N,D], Gᵀ·E [V,D] on the same e, c) and
    "4 cuBLAS products" (one more E·Cᵀ: what a recomputing method must do), in an order shuffled
    every round, each block after --settle-ms of bf16 products (the same loaded start for every
-   block: on a power-capped GPU a block that follows a light method runs faster). fwd+bwd ms is the median over rounds; a ratio "× X" is the median over rounds of
-   (method / X) within the round (paired: both ran within the same minute), so a GPU that warms
-   up or throttles moves both alike. Peak MiB: max allocated during a method's blocks − allocated
+   block: on a power-capped GPU a block that follows a light method runs faster). fwd+bwd ms is
+   the median over rounds; a ratio "× X" is the median over rounds of (method / X) within the
+   round (paired: both ran within the same minute), so a GPU that warms up or throttles moves both
+   alike. Peak MiB: max allocated during a method's blocks − allocated
    before (inputs excluded, gradients included).
 The rounds of a case are cut (to --min-rounds) when the time left would not hold them: the
 budget is shared among the cases still to run. A method that is missing, fails or runs out of
