@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Builds benchmarks/RESULTS.md from the stored results: for each machine, the table of each suite
 (the one file per suite and machine under benchmarks/results/<machine>/, i.e. its latest run),
-with the machine, date, versions and the command that reproduces it.
+with the machine, date, versions and the command that reproduces it; then the experiment records
+(a JSON with "kind": "experiment" beside the .md that tabulates it: one-off measurements, such as
+a kernel that was tried and dropped, that no suite reruns).
 
     python benchmarks/report.py                                  # benchmarks/RESULTS.md
     python benchmarks/report.py --results DIR --out FILE.md      # another results folder
@@ -49,12 +51,17 @@ def collect(results_dir: str) -> dict[str, list[tuple[str, dict]]]:
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
         with open(path) as f:
             doc = json.load(f)
-        if not isinstance(doc, dict) or doc.get("suite") not in SUITE_ORDER:
+        if not isinstance(doc, dict) or (doc.get("suite") not in SUITE_ORDER and not _experiment(doc)):
             continue
         out.setdefault(os.path.basename(os.path.dirname(path)), []).append((path, doc))
+    rank = lambda doc: len(SUITE_ORDER) if _experiment(doc) else SUITE_ORDER.index(doc["suite"])  # noqa: E731
     for docs in out.values():
-        docs.sort(key=lambda pd: (SUITE_ORDER.index(pd[1]["suite"]), os.path.basename(pd[0])))
+        docs.sort(key=lambda pd: (rank(pd[1]), os.path.basename(pd[0])))
     return dict(sorted(out.items(), key=lambda kv: machine_order(kv[0])))
+
+
+def _experiment(doc: dict) -> bool:
+    return doc.get("kind") == "experiment"
 
 
 def suite_modules() -> dict:
@@ -68,7 +75,11 @@ def section(path: str, doc: dict, modules: dict, link_from: str) -> list[str]:
     chart linked where one was drawn."""
     stem = os.path.splitext(os.path.basename(path))[0]
     try:
-        md = modules[doc["suite"]].markdown(doc)
+        if _experiment(doc):  # tabulated once, beside it
+            with open(os.path.splitext(path)[0] + ".md") as f:
+                md = f.read()
+        else:
+            md = modules[doc["suite"]].markdown(doc)
     except Exception as err:  # noqa: BLE001  (one unreadable result must not hide the others)
         md = f"# {stem}\n\n(this result could not be tabulated: {type(err).__name__}: {err})\n"
     lines = md.rstrip("\n").split("\n")
@@ -97,7 +108,8 @@ def build(results_dir: str, out_path: str) -> str:
         for path, doc in docs:
             stem = os.path.splitext(os.path.basename(path))[0]
             gpu = (doc.get("machine") or {}).get("device_name") or "CPU"
-            lines.append(f"| {key} | [{stem}](#{anchor(key, stem)}) | {doc.get('date', '')} | {gpu} |")
+            suite = stem + (" (experiment)" if _experiment(doc) else "")
+            lines.append(f"| {key} | [{suite}](#{anchor(key, stem)}) | {doc.get('date', '')} | {gpu} |")
     lines.append("")
     for key, docs in machines.items():
         m = docs[0][1].get("machine") or {}

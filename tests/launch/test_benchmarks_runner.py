@@ -322,6 +322,8 @@ def test_report_builds_results_md_from_stored_results(tmp_path, runner):
     (tmp_path / "h100" / "race.json").write_text(json.dumps(fake_race_doc()))
     (tmp_path / "h200" / "loss.json").write_text(json.dumps(fake_loss_doc()))
     (tmp_path / "h200" / "notes.json").write_text(json.dumps({"not": "a result"}))  # ignored
+    (tmp_path / "h100" / "probe.json").write_text(json.dumps({"kind": "experiment", "date": "2026-12-07"}))
+    (tmp_path / "h100" / "probe.md").write_text("# probe: NVIDIA H100 80GB HBM3, 2026-12-07\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     md = out.read_text()
@@ -334,6 +336,10 @@ def test_report_builds_results_md_from_stored_results(tmp_path, runner):
     ratio_compile = statistics_median([38.0 / 40.0, 39.0 / 39.5, 38.5 / 40.5])
     assert summary[0].rstrip(" |").endswith(f"{ratio_compile:.3f} | {statistics_median([38 / 36, 39 / 36.5, 38.5 / 36.2]):.3f}")
     assert "| 16384×4096×16032 (tp=8 rank) | random |" in md and "### loss — NVIDIA H200, 2026-12-01" in md
+    # an experiment record: its own table, after the suites of its machine
+    assert "| h100 | [probe (experiment)](#h100-probe) | 2026-12-07 |" in md
+    assert md.index("### race — ") < md.index("### probe — NVIDIA H100 80GB HBM3, 2026-12-07") < md.index("## h200")
+    assert "| 1 | 2 |" in md
 
 
 def statistics_median(xs):
