@@ -406,3 +406,29 @@ def test_gpu_state_reads_nvidia_smi_and_the_race_table_shows_it(tmp_path, runner
     assert race_suite._gpu_state_text({**state, "throttle": "0x0"}) == "1335 / 694 of 700"
     fake.write_text("#!/bin/sh\nexit 1\n")
     assert machine.gpu_state() is None and race_suite._gpu_state_text(None) == "–"
+
+
+def test_loss_bias_experiment_separates_bias_from_spread(runner):
+    """The loss-bias experiment's arithmetic (it runs on a GPU only): a constant lse offset is a
+    bias with no spread, a zero-mean x error a spread with no bias, the mean loss's error their
+    difference, the pull k·z recovered; its table has one row per record row."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "loss_bias", os.path.join(REPO, "benchmarks", "experiments", "loss_bias.py"))
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 50, generator=g, dtype=torch.float64) * 2
+    t = torch.randint(0, 50, (64,), generator=g)
+    ref = dict(lse=torch.logsumexp(z, -1), x=z.gather(1, t[:, None]).squeeze(1), z=z)
+    noise = torch.randn(64, generator=g, dtype=torch.float64) * 1e-3
+    noise -= noise.mean()
+    row = lb.errors("probe", ref["lse"] - 2e-4, ref["x"] + noise, ref, z * (1 - 3e-6))
+    assert abs(row["lse_bias"] + 2e-4) < 1e-12 and row["lse_sd"] < 1e-12
+    assert abs(row["x_bias"]) < 1e-12 and abs(row["x_sd"] - noise.std().item()) < 1e-12
+    loss_ref = (ref["lse"] - ref["x"]).mean().item()
+    assert abs(row["loss_rel"] - 2e-4 / loss_ref) < 1e-9
+    assert abs(row["shrink"] + 3e-6) < 1e-12
+    doc = dict(machine={}, date="2026-12-07", about="probe", rows=[{**row, "shape": "64×4×50"}] * 2)
+    assert len(table_lines(lb.markdown(doc), "| 64×4×50 | probe |")) == 2
