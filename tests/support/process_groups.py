@@ -64,6 +64,9 @@ def _entry(rank, world_size, port_q, fn, args, env, out_q, backend="gloo"):
         join_group(backend, rank, world_size, port_q)
         try:
             results = list(fn(rank, world_size, *args))
+            # no rank tears the group down while another is still joining it: a rank whose fn runs
+            # no collective otherwise closes its gloo pairs under a peer's connectFullMesh
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 -- report everything to the parent
