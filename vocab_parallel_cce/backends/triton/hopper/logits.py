@@ -103,6 +103,38 @@ def _split_columns(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
+def _bf16_pairs(a, b):
+    """bf16(a), bf16(b) packed in one int32 per pair (a in the low half): half the registers
+    of two float32 tiles."""
+    bits_a = a.to(gl.bfloat16).to(gl.float32).to(gl.int32, bitcast=True)
+    bits_b = b.to(gl.bfloat16).to(gl.float32).to(gl.int32, bitcast=True)
+    return ((bits_a >> 16) & 0xFFFF) | (bits_b & -65536)
+
+
+@gluon.jit
+def _carry_high(acc, high, LAYOUT: gl.constexpr):
+    """(acc + high − h, h) with h = bf16(acc + high): the float32 sum so far split into bf16 pairs
+    (`_bf16_pairs`, over the accumulator's even and odd columns) and the float32 remainder."""
+    a, b = acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
+    a = a + (high << 16).to(gl.float32, bitcast=True)
+    b = b + (high & -65536).to(gl.float32, bitcast=True)
+    high = _bf16_pairs(a, b)
+    a = a - (high << 16).to(gl.float32, bitcast=True)
+    b = b - (high & -65536).to(gl.float32, bitcast=True)
+    rest = gl.join(a, b).reshape(acc.shape[0], acc.shape[1])
+    return gl.convert_layout(rest, LAYOUT), high
+
+
+@gluon.jit
+def _add_high(acc, high, LAYOUT: gl.constexpr):
+    """acc + the bf16 pairs `high` (`_carry_high`)."""
+    a, b = acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
+    a = a + (high << 16).to(gl.float32, bitcast=True)
+    b = b + (high & -65536).to(gl.float32, bitcast=True)
+    return gl.convert_layout(gl.join(a, b).reshape(acc.shape[0], acc.shape[1]), LAYOUT)
+
+
+@gluon.jit
 def _row_stats(z, z_rounded, valid, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr):
     """Per row of a float32 tile z (−inf at invalid columns): (m, s, s̃, Σz, q) as in the module
     docstring, s̃ from z_rounded = bf16(z) (MODE_LOGITS), Σz only with NEED_SUM, q only with
@@ -220,9 +252,15 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
 def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
                    NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
-                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr):
+                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr,
+                   SLICE_TILES: gl.constexpr):
     """One consumer (WARPS warps on one tile): wgmma over the ring (one group in flight), then the
-    epilogue. With two consumers, consumer c takes every other tile of the program's stream
+    epilogue. SLICE_TILES > 0: every SLICE_TILES k-blocks the sum so far, z₀ = high + acc, is split
+    into high = bf16(z₀) and the float32 remainder acc = z₀ − high, from which the accumulation goes
+    on (z = high + acc at the end, rounded once to float32). acc then stays as small as one slice's sum,
+    which bounds the tensor cores' accumulation error (a pull of every logit toward 0 that grows with
+    the magnitude and K the accumulator sums over); high costs half an accumulator's registers.
+    With two consumers, consumer c takes every other tile of the program's stream
     (stream index i = 2·j + c) and their main loops alternate (ping-pong): consumer c starts its
     j-th main loop once the other has issued its previous one (`turn` mbarriers), so one tile's
     epilogue runs while the other tile's products do, and each consumer waits on ring slots the
@@ -241,6 +279,8 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
         if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
             mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
         acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
+        if SLICE_TILES > 0:
+            high = acc.reshape(BM, BN // 2, 2).split()[0].to(gl.int32)  # zeros, in the pairs' layout
         for k in range(k_tiles):
             s = count % S
             mbarrier.wait(ready.index(s), (count // S) & 1)
@@ -249,10 +289,16 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
             # the previous k-block's wgmma has retired: its slot may be refilled
             mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
             count += 1
+            if SLICE_TILES > 0:
+                if (k + 1) % SLICE_TILES == 0 and k + 1 < k_tiles:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    acc, high = _carry_high(acc, high, LAYOUT)
         if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
             mbarrier.arrive(turn.index(1 - CONSUMER))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((count + S - 1) % S))
+        if SLICE_TILES > 0:
+            acc = _add_high(acc, high, LAYOUT)
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                   n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
         j += 1
@@ -264,7 +310,7 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
                   inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr,
                   HAS_TEMP: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
                   GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  LOADER_REGS: gl.constexpr, SLICE_TILES: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
     MODE, by CONSUMERS (1 or 2, ping-pong) consumers of num_warps warps each and a loader warp.
     e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
@@ -272,7 +318,7 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
     part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
     lse_ptr [n_rows], coef_ptr [3 or 5, n_rows] (a, b, u[, q, pz] with NEED_PZ), t_ptr [n_rows] int64
     (MODE_GRAD: target ids in C's numbering plus col_base, the column of C's row 0); inv_temp: the
-    logits' factor (HAS_TEMP)."""
+    logits' factor (HAS_TEMP); SLICE_TILES: k-blocks per accumulator slice (0: one slice)."""
     dtype: gl.constexpr = e_desc.dtype
     e_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + e_desc.block_type.shape, e_desc.layout)
     c_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + c_desc.block_type.shape, c_desc.layout)
@@ -289,17 +335,17 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
         gl.warp_specialize([
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps)),
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps, SLICE_TILES)),
             (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
         ], [1], [LOADER_REGS])
     else:
         gl.warp_specialize([
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 0, 2, num_warps)),
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 2, num_warps, SLICE_TILES)),
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(1), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps)),
+                              HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps, SLICE_TILES)),
             (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
         ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
@@ -318,6 +364,11 @@ CONFIGS = {
 }
 # The entropy's gradient holds z, p and G at once: four column slices keep it in registers.
 ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
+# Columns of D per accumulator slice in the statistics modes (`_mma_partition`; 0: one slice; a
+# call's Tuning(stats_k_slice=...) overrides it): the tensor cores' accumulation leaves lse 1.6e-5
+# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048 (k_slices.md). The gradient
+# mode keeps one slice: its bf16 G rounds far more.
+STATS_K_SLICE = 0
 # 8 consumer warps + the loader (padded to 4): 240 / 24 registers each after setmaxnreg
 MAXNREG, CONSUMER_REGS, LOADER_REGS = 168, 240, 24
 
@@ -337,7 +388,7 @@ def _descriptor(t, shape, block):
 
 def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False,
            need_pz: bool = False, inv_temp: float = 1.0, lse=None, coef=None, t=None, col_base: int = 0,
-           num_sms: int = 132, config=None, warmup: bool = False):
+           num_sms: int = 132, config=None, k_slice: int | None = None, warmup: bool = False):
     """Run `logits_kernel` over z = e·c[:n_cols]ᵀ.
 
     e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows. MODE_LOGITS
@@ -346,6 +397,10 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     [5, N] with need_pz, t [N] int64 in c's row numbering + col_base). partials: float32
     [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous. need_pz: the
     entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
+    k_slice (None: STATS_K_SLICE in the statistics modes, 0 in MODE_GRAD), if > 0 a multiple of
+    the block's BK: every k_slice columns of D the accumulator keeps
+    only the float32 remainder of its bf16 rounding (`_mma_partition`), bounding the tensor cores'
+    accumulation error.
     `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
     bm, bn, bk, stages, split, group_m, warps, *more = config or default
@@ -353,6 +408,10 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     if split != 1 and mode != MODE_GRAD.value:
         # a slice past n_cols would hold no valid column (m = −inf) and poison the merged statistics
         raise ValueError(f"config: the statistics modes take whole tiles (SPLIT = 1), got SPLIT = {split}")
+    if k_slice is None:
+        k_slice = 0 if mode == MODE_GRAD.value else STATS_K_SLICE
+    if k_slice < 0 or k_slice % bk:
+        raise ValueError(f"k_slice: expected 0 or a positive multiple of the block's K ({bk}), got {k_slice}")
     n, d = e.shape
     e_desc = _descriptor(e, (n, d), (bm, bk))
     c_desc = _descriptor(c, (c.shape[0], d), (bn, bk))
@@ -367,7 +426,7 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
             t if t is not None else part, n, n_cols, d, col_base, float(inv_temp))
     kw = dict(MODE=mode, NEED_SUM=need_sum, NEED_PZ=need_pz, HAS_TEMP=inv_temp != 1.0, NUM_STAGES=stages,
               SPLIT=split, GROUP_M=group_m, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGS,
-              LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
+              LOADER_REGS=LOADER_REGS, SLICE_TILES=k_slice // bk, num_warps=warps, maxnreg=MAXNREG)
     if warmup:
         return logits_kernel.warmup(*args, grid=grid, **kw)
     logits_kernel[grid](*args, **kw)
