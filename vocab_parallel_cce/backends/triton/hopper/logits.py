@@ -112,26 +112,41 @@ def _bf16_pairs(a, b):
 
 
 @gluon.jit
+def _unpack_pairs(high):
+    """float32 (a, b) of the bf16 pairs `high` (`_bf16_pairs`)."""
+    return (high << 16).to(gl.float32, bitcast=True), (high & -65536).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _columns(acc):
+    """The accumulator's even and odd columns, [BM, BN / 2] each (pairs each thread holds)."""
+    return acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
+
+
+@gluon.jit
+def _joined(a, b, LAYOUT: gl.constexpr):
+    """`_columns` inverted."""
+    return gl.convert_layout(gl.join(a, b).reshape(a.shape[0], 2 * a.shape[1]), LAYOUT)
+
+
+@gluon.jit
 def _carry_high(acc, high, LAYOUT: gl.constexpr):
     """(acc + high − h, h) with h = bf16(acc + high): the float32 sum so far split into bf16 pairs
-    (`_bf16_pairs`, over the accumulator's even and odd columns) and the float32 remainder."""
-    a, b = acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
-    a = a + (high << 16).to(gl.float32, bitcast=True)
-    b = b + (high & -65536).to(gl.float32, bitcast=True)
+    and the float32 remainder."""
+    a, b = _columns(acc)
+    high_a, high_b = _unpack_pairs(high)
+    a, b = a + high_a, b + high_b
     high = _bf16_pairs(a, b)
-    a = a - (high << 16).to(gl.float32, bitcast=True)
-    b = b - (high & -65536).to(gl.float32, bitcast=True)
-    rest = gl.join(a, b).reshape(acc.shape[0], acc.shape[1])
-    return gl.convert_layout(rest, LAYOUT), high
+    high_a, high_b = _unpack_pairs(high)
+    return _joined(a - high_a, b - high_b, LAYOUT), high
 
 
 @gluon.jit
 def _add_high(acc, high, LAYOUT: gl.constexpr):
     """acc + the bf16 pairs `high` (`_carry_high`)."""
-    a, b = acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
-    a = a + (high << 16).to(gl.float32, bitcast=True)
-    b = b + (high & -65536).to(gl.float32, bitcast=True)
-    return gl.convert_layout(gl.join(a, b).reshape(acc.shape[0], acc.shape[1]), LAYOUT)
+    a, b = _columns(acc)
+    high_a, high_b = _unpack_pairs(high)
+    return _joined(a + high_a, b + high_b, LAYOUT)
 
 
 @gluon.jit
@@ -280,7 +295,7 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
             mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
         acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
         if SLICE_TILES > 0:
-            high = acc.reshape(BM, BN // 2, 2).split()[0].to(gl.int32)  # zeros, in the pairs' layout
+            high = _columns(acc)[0].to(gl.int32)  # zeros, in the pairs' layout
         for k in range(k_tiles):
             s = count % S
             mbarrier.wait(ready.index(s), (count // S) & 1)
