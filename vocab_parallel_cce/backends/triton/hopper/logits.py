@@ -381,7 +381,7 @@ CONFIGS = {
 ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
 # Columns of D per accumulator slice in the statistics modes (`_mma_partition`; 0: one slice; a
 # call's Tuning(stats_k_slice=...) overrides it): the tensor cores' accumulation leaves lse 1.6e-5
-# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048 (k_slices.md). The gradient
+# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048 (k_slices_float32_sum.md). The gradient
 # mode keeps one slice: its bf16 G rounds far more.
 STATS_K_SLICE = 0
 # 8 consumer warps + the loader (padded to 4): 240 / 24 registers each after setmaxnreg
@@ -413,9 +413,8 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous. need_pz: the
     entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
     k_slice (None: STATS_K_SLICE in the statistics modes, 0 in MODE_GRAD), if > 0 a multiple of
-    the block's BK: every k_slice columns of D the accumulator keeps
-    only the float32 remainder of its bf16 rounding (`_mma_partition`), bounding the tensor cores'
-    accumulation error.
+    the block's BK: every k_slice columns of D the accumulator keeps only the float32 remainder of
+    its bf16 rounding (`_mma_partition`), bounding the tensor cores' accumulation error.
     `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
     bm, bn, bk, stages, split, group_m, warps, *more = config or default
