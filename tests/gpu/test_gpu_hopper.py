@@ -238,8 +238,10 @@ def test_accumulator_slices_shrink_the_products_bias_and_keep_every_logit(case):
         z = torch.full((n, -(-v // 8) * 8), float("nan"), device="cuda", dtype=torch.bfloat16)
         part = torch.empty(L.partial_rows(L.MODE_LOGITS.value, False), -(-v // 256), n, device="cuda")
         L.launch(e, c, v, L.MODE_LOGITS.value, out=z, partials=part, num_sms=sms, k_slice=k_slice)
-        step = z64.abs().clamp(min=2.0**-4) * 2.0**-8  # one bf16 step (an absolute floor near 0)
-        assert ((z[:, :v].double() - z64).abs() <= step).all(), k_slice
+        # one bf16 step at |z|: rounding takes half of it, the float32 products' error the rest
+        step = torch.exp2(torch.floor(torch.log2(z64.abs().clamp(min=2.0**-6))) - 7)
+        off = (z[:, :v].double() - z64).abs() / step
+        assert off.max().item() <= 1, (k_slice, off.max().item(), z[:, :v].isnan().sum().item())
         lse = P.merge(part, e, c, t, v, True, False)[0].double()
         assert rel_err(lse, lse64) < 1e-5
         bias[k_slice] = (lse - lse64).mean().item()

@@ -67,26 +67,49 @@ def _tile_counts(n_rows, n_cols, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: 
 
 
 @gluon.jit
-def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
-                    GROUP_M: gl.constexpr):
-    """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up."""
+def _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k):
+    """TMA k-block k of tile (pid_m, pid_n) into ring slot count % S once the slot is free."""
     BM: gl.constexpr = e_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[0]
     BK: gl.constexpr = e_desc.block_type.shape[1]
     S: gl.constexpr = e_bufs.shape[0]
+    s = count % S
+    # a fresh barrier is in phase 0: waiting for parity 1 passes, so each slot's first fill waits for nothing
+    mbarrier.wait(empty.index(s), ((count // S) & 1) ^ 1)
+    bar = ready.index(s)
+    mbarrier.expect(bar, e_desc.block_type.nbytes + c_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(e_desc, [pid_m * BM, k * BK], bar, e_bufs.index(s))
+    tma.async_copy_global_to_shared(c_desc, [pid_n * BN, k * BK], bar, c_bufs.index(s))
+
+
+@gluon.jit
+def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
+                    GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, SLICE_TILES: gl.constexpr):
+    """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up. With
+    accumulator slices the stream goes slice by slice over each pair of tiles the consumers share
+    (first tile's slice 0, second's slice 0, first's slice 1, ...), the order they issue them in."""
+    BM: gl.constexpr = e_desc.block_type.shape[0]
+    BN: gl.constexpr = c_desc.block_type.shape[0]
+    BK: gl.constexpr = e_desc.block_type.shape[1]
     n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     count = 0
-    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
-        for k in range(k_tiles):
-            s = count % S
-            # a fresh barrier is in phase 0: waiting for parity 1 passes, so each slot's first fill waits for nothing
-            mbarrier.wait(empty.index(s), ((count // S) & 1) ^ 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, e_desc.block_type.nbytes + c_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(e_desc, [pid_m * BM, k * BK], bar, e_bufs.index(s))
-            tma.async_copy_global_to_shared(c_desc, [pid_n * BN, k * BK], bar, c_bufs.index(s))
-            count += 1
+    if SLICE_TILES == 0:
+        for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+            for k in range(k_tiles):
+                _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k)
+                count += 1
+    else:
+        step = gl.num_programs(0)
+        for first in range(gl.program_id(0), n_m * n_n, step * CONSUMERS):
+            pair = gl.minimum(gl.cdiv(n_m * n_n - first, step), CONSUMERS)  # tiles in this pair
+            for k0 in range(0, k_tiles, SLICE_TILES):
+                k1 = gl.minimum(k0 + SLICE_TILES, k_tiles)
+                for c in range(pair):
+                    pid_m, pid_n = _tile_coords(first + c * step, n_m, n_n, GROUP_M)
+                    for k in range(k0, k1):
+                        _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k)
+                        count += 1
 
 
 @gluon.jit
@@ -103,17 +126,8 @@ def _split_columns(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _bf16_pairs(a, b):
-    """bf16(a), bf16(b) packed in one int32 per pair (a in the low half): half the registers
-    of two float32 tiles."""
-    bits_a = a.to(gl.bfloat16).to(gl.float32).to(gl.int32, bitcast=True)
-    bits_b = b.to(gl.bfloat16).to(gl.float32).to(gl.int32, bitcast=True)
-    return ((bits_a >> 16) & 0xFFFF) | (bits_b & -65536)
-
-
-@gluon.jit
 def _unpack_pairs(high):
-    """float32 (a, b) of the bf16 pairs `high` (`_bf16_pairs`)."""
+    """float32 (a, b) of the pairs `high`: a's 16 high bits in its low half, b's in its high half."""
     return (high << 16).to(gl.float32, bitcast=True), (high & -65536).to(gl.float32, bitcast=True)
 
 
@@ -131,19 +145,22 @@ def _joined(a, b, LAYOUT: gl.constexpr):
 
 @gluon.jit
 def _carry_high(acc, high, LAYOUT: gl.constexpr):
-    """(acc + high − h, h) with h = bf16(acc + high): the float32 sum so far split into bf16 pairs
-    and the float32 remainder."""
+    """(z₀ − h, h) for the sum so far z₀ = acc + high: h is z₀ with the 16 low bits of its float32
+    cleared (a bf16 value, |z₀ − h| < 2⁻⁷·|z₀|, the difference exact), kept as pairs in int32."""
     a, b = _columns(acc)
     high_a, high_b = _unpack_pairs(high)
     a, b = a + high_a, b + high_b
-    high = _bf16_pairs(a, b)
-    high_a, high_b = _unpack_pairs(high)
-    return _joined(a - high_a, b - high_b, LAYOUT), high
+    bits_a = a.to(gl.int32, bitcast=True) & -65536
+    bits_b = b.to(gl.int32, bitcast=True) & -65536
+    high = ((bits_a >> 16) & 0xFFFF) | bits_b
+    rest_a = a - bits_a.to(gl.float32, bitcast=True)
+    rest_b = b - bits_b.to(gl.float32, bitcast=True)
+    return _joined(rest_a, rest_b, LAYOUT), high
 
 
 @gluon.jit
 def _add_high(acc, high, LAYOUT: gl.constexpr):
-    """acc + the bf16 pairs `high` (`_carry_high`)."""
+    """acc + the pairs `high` (`_carry_high`)."""
     a, b = _columns(acc)
     high_a, high_b = _unpack_pairs(high)
     return _joined(a + high_a, b + high_b, LAYOUT)
@@ -264,22 +281,40 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
 
 
 @gluon.jit
+def _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, n_k):
+    """acc += the n_k k-blocks from ring position count on (one wgmma group in flight; each slot is
+    released once the next block's wgmma is issued and the slot's has retired); (acc, count + n_k)."""
+    S: gl.constexpr = e_bufs.shape[0]
+    for k in range(n_k):
+        s = count % S
+        mbarrier.wait(ready.index(s), (count // S) & 1)
+        acc = warpgroup_mma(e_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # the previous k-block's wgmma has retired: its slot may be refilled
+        mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
+        count += 1
+    return acc, count
+
+
+@gluon.jit
 def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
                    NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
                    CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr,
                    SLICE_TILES: gl.constexpr):
     """One consumer (WARPS warps on one tile): wgmma over the ring (one group in flight), then the
-    epilogue. SLICE_TILES > 0: every SLICE_TILES k-blocks the sum so far, z₀ = high + acc, is split
-    into high = bf16(z₀) and the float32 remainder acc = z₀ − high, from which the accumulation goes
-    on (z = high + acc at the end, rounded once to float32). acc then stays as small as one slice's sum,
-    which bounds the tensor cores' accumulation error (a pull of every logit toward 0 that grows with
-    the magnitude and K the accumulator sums over); high costs half an accumulator's registers.
-    With two consumers, consumer c takes every other tile of the program's stream
+    epilogue. With two consumers, consumer c takes every other tile of the program's stream
     (stream index i = 2·j + c) and their main loops alternate (ping-pong): consumer c starts its
     j-th main loop once the other has issued its previous one (`turn` mbarriers), so one tile's
     epilogue runs while the other tile's products do, and each consumer waits on ring slots the
-    loader fills next (an mbarrier's parity names its phase only within two of the current one)."""
+    loader fills next (an mbarrier's parity names its phase only within two of the current one).
+    SLICE_TILES > 0 (accumulator slices): after every SLICE_TILES k-blocks the sum so far,
+    z₀ = high + acc, is split into high, a bf16 value (`_carry_high`), and the float32 remainder
+    acc = z₀ − high, from which the accumulation goes on (z = high + acc at the end, rounded once
+    to float32). acc then stays as small as one slice's sum, which bounds the tensor cores'
+    accumulation error (a pull of every logit toward 0 that grows with the magnitude and the K the
+    accumulator sums over); high costs half an accumulator's registers. The ping-pong then
+    alternates slices rather than tiles, so one consumer's split runs under the other's products."""
     BM: gl.constexpr = e_bufs.shape[1]
     BN: gl.constexpr = c_bufs.shape[1]
     BK: gl.constexpr = e_bufs.shape[2]
@@ -288,31 +323,38 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
     n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     step = gl.num_programs(0) * CONSUMERS
     j = 0
+    waits = 0  # turn waits so far (sliced): consumer 0's first passes on the fresh barrier (parity 1)
     for tile in range(gl.program_id(0) + CONSUMER * gl.num_programs(0), n_m * n_n, step):
         pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
-        count = (j * CONSUMERS + CONSUMER) * k_tiles  # the loader's count of this tile's first k-block
-        if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
-            mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
         acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
-        if SLICE_TILES > 0:
+        if SLICE_TILES == 0:
+            count = (j * CONSUMERS + CONSUMER) * k_tiles  # the loader's count of this tile's first k-block
+            if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
+                mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
+            acc, count = _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, k_tiles)
+            if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
+                mbarrier.arrive(turn.index(1 - CONSUMER))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((count + S - 1) % S))
+        else:
             high = _columns(acc)[0].to(gl.int32)  # zeros, in the pairs' layout
-        for k in range(k_tiles):
-            s = count % S
-            mbarrier.wait(ready.index(s), (count // S) & 1)
-            acc = warpgroup_mma(e_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            # the previous k-block's wgmma has retired: its slot may be refilled
-            mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
-            count += 1
-            if SLICE_TILES > 0:
-                if (k + 1) % SLICE_TILES == 0 and k + 1 < k_tiles:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # tiles in this pair (consumer 0's tile is the first): the loader interleaves their slices
+            first = tile - CONSUMER * gl.num_programs(0)
+            pair = gl.minimum(gl.cdiv(n_m * n_n - first, gl.num_programs(0)), CONSUMERS)
+            for k0 in range(0, k_tiles, SLICE_TILES):
+                n_k = gl.minimum(SLICE_TILES, k_tiles - k0)
+                count = j * CONSUMERS * k_tiles + k0 * pair + CONSUMER * n_k
+                if CONSUMERS > 1:
+                    if (k0 == 0) | (pair > 1):  # alone in the last pair: only the first slice waits
+                        mbarrier.wait(turn.index(CONSUMER), (waits & 1) ^ (1 - CONSUMER))
+                        waits += 1
+                acc, count = _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, n_k)
+                if CONSUMERS > 1:  # the other consumer issues its slice while this one carries
+                    mbarrier.arrive(turn.index(1 - CONSUMER))
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index((count + S - 1) % S))
+                if k0 + SLICE_TILES < k_tiles:
                     acc, high = _carry_high(acc, high, LAYOUT)
-        if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
-            mbarrier.arrive(turn.index(1 - CONSUMER))
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((count + S - 1) % S))
-        if SLICE_TILES > 0:
             acc = _add_high(acc, high, LAYOUT)
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                   n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
@@ -351,7 +393,8 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
                               HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps, SLICE_TILES)),
-            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M,
+                               1, SLICE_TILES)),
         ], [1], [LOADER_REGS])
     else:
         gl.warp_specialize([
@@ -361,7 +404,8 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(1), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
                               HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps, SLICE_TILES)),
-            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M,
+                               2, SLICE_TILES)),
         ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -414,7 +458,7 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
     k_slice (None: STATS_K_SLICE in the statistics modes, 0 in MODE_GRAD), if > 0 a multiple of
     the block's BK: every k_slice columns of D the accumulator keeps only the float32 remainder of
-    its bf16 rounding (`_mma_partition`), bounding the tensor cores' accumulation error.
+    the sum's bf16 part (`_mma_partition`), bounding the tensor cores' accumulation error.
     `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
     bm, bn, bk, stages, split, group_m, warps, *more = config or default
