@@ -51,7 +51,7 @@ class Tuning:
     # Gluon, False = never
     use_gluon: bool | None = None
     # Gluon statistics kernels: columns of D per float32 accumulator slice (None: the kernels'
-    # default, one slice; e.g. 2048). The tensor cores' accumulation pulls every logit toward 0 in
+    # default, 2048; 0: one slice). The tensor cores' accumulation pulls every logit toward 0 in
     # proportion to the K one accumulator sums over; slices bound it (DESIGN.md, the Hopper kernels)
     stats_k_slice: int | None = None
 

@@ -425,9 +425,9 @@ CONFIGS = {
 ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
 # Columns of D per accumulator slice in the statistics modes (`_mma_partition`; 0: one slice; a
 # call's Tuning(stats_k_slice=...) overrides it): the tensor cores' accumulation leaves lse 1.6e-5
-# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048 (k_slices_float32_sum.md). The gradient
-# mode keeps one slice: its bf16 G rounds far more.
-STATS_K_SLICE = 0
+# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048, for 1–2% of the memory-first
+# mode's time (k_slices.md). The gradient mode keeps one slice: its bf16 G rounds far more.
+STATS_K_SLICE = 2048
 # 8 consumer warps + the loader (padded to 4): 240 / 24 registers each after setmaxnreg
 MAXNREG, CONSUMER_REGS, LOADER_REGS = 168, 240, 24
 
