@@ -1,8 +1,9 @@
 """The memory-first forward's statistics kernel with its accumulator restarted every k_slice columns of D.
 
 The tensor cores' float32 accumulation pulls every logit toward 0 by a factor that grows with
-the K it accumulates over (loss_bias.md), which leaves lse ≈ 1.6e-5 nats low at D = 4096. Summing
-slices of the accumulator with ordinary float32 adds bounds that pull by the slice width. This
+the K it accumulates over (loss_bias.md), which leaves lse ≈ 1.6e-5 nats low at D = 4096. Splitting
+the running sum every k_slice columns into a bf16 part and the float32 remainder the accumulation
+goes on from bounds that pull by the slice width. This
 times each kernel configuration (the statistics launch alone, and with the merge) against the
 bf16 cuBLAS product of the same shape, in interleaved rounds in one process, and gives the lse's
 bias and spread against float64 and the mean loss's relative error.
