@@ -50,6 +50,16 @@ class Tuning:
     # tested (GPU, Triton release, options), True = the fast mode too and any Triton release with
     # Gluon, False = never
     use_gluon: bool | None = None
+    # Gluon statistics kernels: columns of D per float32 accumulator slice (None: the kernels'
+    # default, 2048; 0: one slice). The tensor cores' accumulation pulls every logit toward 0 in
+    # proportion to the K one accumulator sums over; slices bound it (DESIGN.md, the Hopper kernels)
+    stats_k_slice: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.stats_k_slice
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0 or k % 64):
+            raise ValueError(f"Tuning.stats_k_slice: expected None, 0 or a positive multiple of 64 (the "
+                             f"kernels' K block), got {k!r}")
 
     @classmethod
     def from_env(cls) -> "Tuning":

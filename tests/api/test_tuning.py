@@ -39,3 +39,12 @@ def test_no_tuning_argument_reads_the_environment(monkeypatch):
         triton_backend.counters.clear()
         torch.autograd.grad(linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=False), (e, c))
         assert triton_backend.counters[path] == 2, (env, triton_backend.counters)  # forward and backward
+
+
+@pytest.mark.parametrize("bad", [100, -64, 64.0, True, "2048"])
+def test_stats_k_slice_must_be_whole_k_blocks(bad):
+    """The Gluon kernels take slices of whole 64-column K blocks: anything else is refused when the
+    Tuning is made, before any call (a build failure would only fall back to the portable kernels)."""
+    with pytest.raises(ValueError, match=r"Tuning\.stats_k_slice: expected None, 0 or a positive multiple of 64"):
+        Tuning(stats_k_slice=bad)
+    assert Tuning(stats_k_slice=0).stats_k_slice == 0 and Tuning(stats_k_slice=512).stats_k_slice == 512

@@ -96,7 +96,7 @@ def test_every_gluon_kernel_compiles_for_sm90a():
     assert run.returncode == 0, run.stderr[-3000:]
     built = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {b["name"] for b in built} == {"logits", "logits+sum", "stats", "stats+sum", "stats+entropy", "grad",
-                                          "grad+entropy"}
+                                          "grad+entropy", "logits+one-slice", "stats+one-slice+entropy"}
     for b in built:
         assert b["shared"] <= 232448, b  # sm_90's per-block limit
         assert b["wgmma"] and 240 in b["setmaxnreg"], b
@@ -110,6 +110,16 @@ def test_statistics_modes_refuse_column_slices():
     e, c = torch.zeros(4, 64).bfloat16(), torch.zeros(8, 64).bfloat16()
     with pytest.raises(ValueError, match="SPLIT"):
         logits.launch(e, c, 8, logits.MODE_STATS.value, config=(128, 256, 64, 3, 2, 16, 8))
+
+
+@pytest.mark.parametrize("k_slice", [100, -64])
+def test_accumulator_slices_must_be_whole_k_blocks(k_slice):
+    """k_slice is refused unless 0 or a positive multiple of the block's K (64), before any launch."""
+    from vocab_parallel_cce.backends.triton.hopper import logits
+
+    e, c = torch.zeros(4, 64).bfloat16(), torch.zeros(8, 64).bfloat16()
+    with pytest.raises(ValueError, match="k_slice: expected 0 or a positive multiple of the block's K \\(64\\)"):
+        logits.launch(e, c, 8, logits.MODE_STATS.value, k_slice=k_slice)
 
 
 def test_gate_keeps_gluon_off_cpu_and_when_asked():

@@ -34,13 +34,18 @@ def _stats(z64, z_stored, t_local, n_cols, need_sum):
     return torch.stack([torch.logsumexp(z64, 1), x, total, torch.logsumexp(z_stored.double(), 1)]).float()
 
 
-def fake_stored_logits_and_stats(e, c, z, t_local, n_valid, need_sum):
+K_SLICES = []  # the k_slice each emulated statistics call received
+
+
+def fake_stored_logits_and_stats(e, c, z, t_local, n_valid, need_sum, k_slice=None):
+    K_SLICES.append(k_slice)
     z64 = _logits(e, c, n_valid)
     z[:, :n_valid] = z64.to(z.dtype)
     return _stats(z64, z[:, :n_valid], t_local, n_valid, need_sum)
 
 
-def fake_shard_stats(e, c, t_local, n_valid, need_sum, need_pz=False, inv_temp=1.0):
+def fake_shard_stats(e, c, t_local, n_valid, need_sum, need_pz=False, inv_temp=1.0, k_slice=None):
+    K_SLICES.append(k_slice)
     z64 = _logits(e, c, n_valid) * inv_temp
     pz = (torch.softmax(z64, 1) * z64).sum(1) if need_pz else torch.zeros(e.shape[0], dtype=torch.float64)
     return torch.cat([_stats(z64, z64, t_local, n_valid, need_sum), pz.float()[None]])
@@ -241,3 +246,16 @@ def test_default_routes_only_the_memory_first_mode(use_gluon, gif, routed, monke
     triton_backend.counters.clear()
     _run(e, c, t, Tuning(use_gluon=use_gluon), grad_in_forward=gif)
     assert (triton_backend.counters["hopper_forward"] >= 1) is routed
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fast", "memory-first"])
+def test_stats_k_slice_reaches_the_statistics_kernels(monkeypatch, grad_in_forward):
+    """Tuning(stats_k_slice=...) is what the Gluon statistics entry points receive (None: the
+    kernels' own default), in both modes."""
+    open_hopper(monkeypatch)
+    e, c, t = _inputs(33, 64, 50, seed=3)
+    for k_slice in (None, 0, 1024):
+        K_SLICES.clear()
+        linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=grad_in_forward,
+                             tuning=Tuning(use_gluon=True, stats_k_slice=k_slice))
+        assert K_SLICES == [k_slice]

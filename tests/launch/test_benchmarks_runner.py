@@ -432,3 +432,19 @@ def test_loss_bias_experiment_separates_bias_from_spread(runner):
     assert abs(row["shrink"] + 3e-6) < 1e-12
     doc = dict(machine={}, date="2026-12-07", about="probe", rows=[{**row, "shape": "64×4×50"}] * 2)
     assert len(table_lines(lb.markdown(doc), "| 64×4×50 | probe |")) == 2
+
+
+def test_k_slices_experiment_table(runner):
+    """The K-slice experiment runs on a GPU only; its table has one row per record row, with '–'
+    where a row has no error columns (the cuBLAS reference, the end-to-end rows' lse)."""
+    spec = importlib.util.spec_from_file_location(
+        "k_slices", os.path.join(REPO, "benchmarks", "experiments", "k_slices.py"))
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    kernel = dict(shape="64×4096×50", method="statistics kernel, slices of 2048", ms_median=1.5, x_cublas=1.02,
+                  lse_bias=-7.5e-6, lse_sd=4.6e-7, loss_rel=5.4e-7)
+    product = dict(shape="64×4096×50", method="cuBLAS bf16 product", ms_median=1.47, x_cublas=1.0)
+    doc = dict(machine={}, date="2026-12-07", about="probe", results=[kernel, product])
+    text = ks.markdown(doc)
+    assert table_lines(text, "| 64×4096×50 | statistics kernel, slices of 2048 | 1.500 | 1.020 | -7.50e-06 |")
+    assert table_lines(text, "| 64×4096×50 | cuBLAS bf16 product | 1.470 | 1.000 | – | – | – |")

@@ -284,7 +284,7 @@ def _forward_stats_op(e: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Ten
     if hopper:
         from . import hopper as hopper_kernels
 
-        out = hopper_kernels.shard_stats(e, c, t, n_valid, need_sum, need_pz, inv_temp)
+        out = hopper_kernels.shard_stats(e, c, t, n_valid, need_sum, need_pz, inv_temp, tuning.stats_k_slice)
         if out is not None:
             counters["hopper_forward"] += 1
             return [out[k].clone() for k in ((0, 1, 2, 4) if need_pz else (0, 1, 2))]

@@ -57,7 +57,8 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     if with_ce and not (sixteen and plan.world == 1 and plan.plain_coefficients):
         raise ValueError("logits_and_stats: with_ce needs plain cross-entropy over one rank's bf16 logits")
     if sixteen and plan.hopper:
-        out = hopper.stored_logits_and_stats(e, c, z, t_local, v, plan.need_sum)  # lse, x, s, glse
+        # lse, x, s, glse
+        out = hopper.stored_logits_and_stats(e, c, z, t_local, v, plan.need_sum, plan.tuning.stats_k_slice)
         if out is not None:
             counters["hopper_forward"] += 1
             return (z, *out.unbind(0)) + ((plain_ce(out[0], out[1], t_local, plan),) if with_ce else ())

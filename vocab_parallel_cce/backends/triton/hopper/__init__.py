@@ -89,7 +89,8 @@ def _run(mode: int, e, c, n_cols: int, **kw) -> bool:
     """Launch the logits kernel in `mode` unless its configuration failed to build."""
     from . import logits
 
-    key = ("logits", mode, bool(kw.get("need_sum")), bool(kw.get("need_pz")), kw.get("inv_temp", 1.0) != 1.0)
+    key = ("logits", mode, bool(kw.get("need_sum")), bool(kw.get("need_pz")), kw.get("inv_temp", 1.0) != 1.0,
+           kw.get("k_slice"))
     args = dict(kw, num_sms=_num_sms(e.device))
     if not build_ok(key, lambda: logits.launch(e, c, n_cols, mode, warmup=True, **args)):
         return False
@@ -105,31 +106,35 @@ def _partials(e, n_cols: int, mode: int, need_sum: bool, need_pz: bool = False) 
     return torch.empty(rows, -(-n_cols // block_n), e.shape[0], dtype=torch.float32, device=e.device)
 
 
-def stored_logits_and_stats(e, c, z, t_local, n_valid: int, need_sum: bool) -> torch.Tensor | None:
+def stored_logits_and_stats(e, c, z, t_local, n_valid: int, need_sum: bool,
+                            k_slice: int | None = None) -> torch.Tensor | None:
     """The fast mode's forward: z[:, :n_valid] = bf16(e·c[:n_valid]ᵀ) and float32 [4, N] rows
     (lse, x, Σz, lsẽ) — lse, x, Σz of the float32 products, lsẽ of the stored bf16 logits (for
-    the gradient) — or None where the kernel cannot run (then nothing was written)."""
+    the gradient) — or None where the kernel cannot run (then nothing was written). k_slice:
+    columns of D per accumulator slice (`logits.launch`; None: its default)."""
     from . import logits, partials
 
     if e.shape[0] == 0 or not aligned_for_tma(e, c, z):
         return None
     part = _partials(e, n_valid, logits.MODE_LOGITS.value, need_sum)
-    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, need_sum=need_sum):
+    if not _run(logits.MODE_LOGITS.value, e, c, n_valid, out=z, partials=part, need_sum=need_sum, k_slice=k_slice):
         return None
     return partials.merge(part, e, c, t_local, n_valid, True, need_sum)[:4]
 
 
 def shard_stats(e, c, t_local, n_valid: int, need_sum: bool, need_pz: bool = False,
-                inv_temp: float = 1.0) -> torch.Tensor | None:
+                inv_temp: float = 1.0, k_slice: int | None = None) -> torch.Tensor | None:
     """The memory-first forward: float32 [5, N] rows (lse, x, Σz, -, pz) of z = (e·c[:n_valid]ᵀ)·inv_temp,
-    nothing stored (pz = Σ_j p_j z_j, the entropy's, with need_pz); None where the kernel cannot run."""
+    nothing stored (pz = Σ_j p_j z_j, the entropy's, with need_pz); None where the kernel cannot run.
+    k_slice: columns of D per accumulator slice (`logits.launch`; None: its default)."""
     from . import logits, partials
 
     if e.shape[0] == 0 or not aligned_for_tma(e, c):
         return None
     mode = logits.MODE_STATS.value
     part = _partials(e, n_valid, mode, need_sum, need_pz)
-    if not _run(mode, e, c, n_valid, partials=part, need_sum=need_sum, need_pz=need_pz, inv_temp=inv_temp):
+    if not _run(mode, e, c, n_valid, partials=part, need_sum=need_sum, need_pz=need_pz, inv_temp=inv_temp,
+                k_slice=k_slice):
         return None
     return partials.merge(part, e, c, t_local, n_valid, False, need_sum, need_pz, inv_temp)
 

@@ -113,9 +113,13 @@ def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
                     (L.MODE_STATS.value, "stats", False, False), (L.MODE_STATS.value, "stats", True, False),
                     (L.MODE_STATS.value, "stats", False, True), (L.MODE_GRAD.value, "grad", False, False),
                     (L.MODE_GRAD.value, "grad", False, True)]
+        # ... and the statistics modes with one accumulator slice (Tuning(stats_k_slice=0))
+        variants += [(L.MODE_LOGITS.value, "logits+one-slice", False, False),
+                     (L.MODE_STATS.value, "stats+one-slice", False, True)]
         for mode, name, need_sum, entropy in variants:
             k = L.launch(e, c, v, mode, out=z, partials=vec, need_sum=need_sum, need_pz=entropy,
-                         inv_temp=0.5 if entropy else 1.0, lse=vec, coef=vec, t=t, warmup=True)
+                         inv_temp=0.5 if entropy else 1.0, lse=vec, coef=vec, t=t,
+                         k_slice=0 if name.endswith("+one-slice") else None, warmup=True)
             built.append(Built(f"{name}{'+sum' if need_sum else ''}{'+entropy' if entropy else ''}",
                                k.metadata.shared, k))
     return built

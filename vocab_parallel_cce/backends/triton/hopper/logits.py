@@ -67,26 +67,49 @@ def _tile_counts(n_rows, n_cols, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: 
 
 
 @gluon.jit
-def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
-                    GROUP_M: gl.constexpr):
-    """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up."""
+def _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k):
+    """TMA k-block k of tile (pid_m, pid_n) into ring slot count % S once the slot is free."""
     BM: gl.constexpr = e_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[0]
     BK: gl.constexpr = e_desc.block_type.shape[1]
     S: gl.constexpr = e_bufs.shape[0]
+    s = count % S
+    # a fresh barrier is in phase 0: waiting for parity 1 passes, so each slot's first fill waits for nothing
+    mbarrier.wait(empty.index(s), ((count // S) & 1) ^ 1)
+    bar = ready.index(s)
+    mbarrier.expect(bar, e_desc.block_type.nbytes + c_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(e_desc, [pid_m * BM, k * BK], bar, e_bufs.index(s))
+    tma.async_copy_global_to_shared(c_desc, [pid_n * BN, k * BK], bar, c_bufs.index(s))
+
+
+@gluon.jit
+def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim,
+                    GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, SLICE_TILES: gl.constexpr):
+    """One warp: this program's (tile, k-block) stream, TMA'd into the ring as slots free up. With
+    accumulator slices the stream goes slice by slice over each pair of tiles the consumers share
+    (first tile's slice 0, second's slice 0, first's slice 1, ...), the order they issue them in."""
+    BM: gl.constexpr = e_desc.block_type.shape[0]
+    BN: gl.constexpr = c_desc.block_type.shape[0]
+    BK: gl.constexpr = e_desc.block_type.shape[1]
     n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     count = 0
-    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
-        for k in range(k_tiles):
-            s = count % S
-            # a fresh barrier is in phase 0: waiting for parity 1 passes, so each slot's first fill waits for nothing
-            mbarrier.wait(empty.index(s), ((count // S) & 1) ^ 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, e_desc.block_type.nbytes + c_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(e_desc, [pid_m * BM, k * BK], bar, e_bufs.index(s))
-            tma.async_copy_global_to_shared(c_desc, [pid_n * BN, k * BK], bar, c_bufs.index(s))
-            count += 1
+    if SLICE_TILES == 0:
+        for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
+            for k in range(k_tiles):
+                _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k)
+                count += 1
+    else:
+        step = gl.num_programs(0)
+        for first in range(gl.program_id(0), n_m * n_n, step * CONSUMERS):
+            pair = gl.minimum(gl.cdiv(n_m * n_n - first, step), CONSUMERS)  # tiles in this pair
+            for k0 in range(0, k_tiles, SLICE_TILES):
+                k1 = gl.minimum(k0 + SLICE_TILES, k_tiles)
+                for c in range(pair):
+                    pid_m, pid_n = _tile_coords(first + c * step, n_m, n_n, GROUP_M)
+                    for k in range(k0, k1):
+                        _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k)
+                        count += 1
 
 
 @gluon.jit
@@ -100,6 +123,47 @@ def _split_columns(x, PARTS: gl.constexpr):
             halves += y.reshape(y.shape[0], 2, y.shape[1] // 2).permute(0, 2, 1).split()
         xs = halves
     return xs
+
+
+@gluon.jit
+def _unpack_pairs(high):
+    """float32 (a, b) of the pairs `high`: a's 16 high bits in its low half, b's in its high half."""
+    return (high << 16).to(gl.float32, bitcast=True), (high & -65536).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _columns(acc):
+    """The accumulator's even and odd columns, [BM, BN / 2] each (pairs each thread holds)."""
+    return acc.reshape(acc.shape[0], acc.shape[1] // 2, 2).split()
+
+
+@gluon.jit
+def _joined(a, b, LAYOUT: gl.constexpr):
+    """`_columns` inverted."""
+    return gl.convert_layout(gl.join(a, b).reshape(a.shape[0], 2 * a.shape[1]), LAYOUT)
+
+
+@gluon.jit
+def _carry_high(acc, high, LAYOUT: gl.constexpr):
+    """(z₀ − h, h) for the sum so far z₀ = acc + high: h is z₀ with the 16 low bits of its float32
+    cleared (a bf16 value, |z₀ − h| < 2⁻⁷·|z₀|, the difference exact), kept as pairs in int32."""
+    a, b = _columns(acc)
+    high_a, high_b = _unpack_pairs(high)
+    a, b = a + high_a, b + high_b
+    bits_a = a.to(gl.int32, bitcast=True) & -65536
+    bits_b = b.to(gl.int32, bitcast=True) & -65536
+    high = ((bits_a >> 16) & 0xFFFF) | bits_b
+    rest_a = a - bits_a.to(gl.float32, bitcast=True)
+    rest_b = b - bits_b.to(gl.float32, bitcast=True)
+    return _joined(rest_a, rest_b, LAYOUT), high
+
+
+@gluon.jit
+def _add_high(acc, high, LAYOUT: gl.constexpr):
+    """acc + the pairs `high` (`_carry_high`)."""
+    a, b = _columns(acc)
+    high_a, high_b = _unpack_pairs(high)
+    return _joined(a + high_a, b + high_b, LAYOUT)
 
 
 @gluon.jit
@@ -217,16 +281,40 @@ def _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr
 
 
 @gluon.jit
+def _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, n_k):
+    """acc += the n_k k-blocks from ring position count on (one wgmma group in flight; each slot is
+    released once the next block's wgmma is issued and the slot's has retired); (acc, count + n_k)."""
+    S: gl.constexpr = e_bufs.shape[0]
+    for k in range(n_k):
+        s = count % S
+        mbarrier.wait(ready.index(s), (count // S) & 1)
+        acc = warpgroup_mma(e_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # the previous k-block's wgmma has retired: its slot may be refilled
+        mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
+        count += 1
+    return acc, count
+
+
+@gluon.jit
 def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                    n_rows, n_cols, k_dim, col_base, inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr,
                    NEED_PZ: gl.constexpr, HAS_TEMP: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
-                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr):
+                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr, WARPS: gl.constexpr,
+                   SLICE_TILES: gl.constexpr):
     """One consumer (WARPS warps on one tile): wgmma over the ring (one group in flight), then the
     epilogue. With two consumers, consumer c takes every other tile of the program's stream
     (stream index i = 2·j + c) and their main loops alternate (ping-pong): consumer c starts its
     j-th main loop once the other has issued its previous one (`turn` mbarriers), so one tile's
     epilogue runs while the other tile's products do, and each consumer waits on ring slots the
-    loader fills next (an mbarrier's parity names its phase only within two of the current one)."""
+    loader fills next (an mbarrier's parity names its phase only within two of the current one).
+    SLICE_TILES > 0 (accumulator slices): after every SLICE_TILES k-blocks the sum so far,
+    z₀ = high + acc, is split into high, a bf16 value (`_carry_high`), and the float32 remainder
+    acc = z₀ − high, from which the accumulation goes on (z = high + acc at the end, rounded once
+    to float32). acc then stays as small as one slice's sum, which bounds the tensor cores'
+    accumulation error (a pull of every logit toward 0 that grows with the magnitude and the K the
+    accumulator sums over); high costs half an accumulator's registers. The ping-pong then
+    alternates slices rather than tiles, so one consumer's split runs under the other's products."""
     BM: gl.constexpr = e_bufs.shape[1]
     BN: gl.constexpr = c_bufs.shape[1]
     BK: gl.constexpr = e_bufs.shape[2]
@@ -235,24 +323,39 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
     n_m, n_n, k_tiles = _tile_counts(n_rows, n_cols, k_dim, BM, BN, BK)
     step = gl.num_programs(0) * CONSUMERS
     j = 0
+    waits = 0  # turn waits so far (sliced): consumer 0's first passes on the fresh barrier (parity 1)
     for tile in range(gl.program_id(0) + CONSUMER * gl.num_programs(0), n_m * n_n, step):
         pid_m, pid_n = _tile_coords(tile, n_m, n_n, GROUP_M)
-        count = (j * CONSUMERS + CONSUMER) * k_tiles  # the loader's count of this tile's first k-block
-        if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
-            mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
         acc = gl.zeros([BM, BN], gl.float32, LAYOUT)
-        for k in range(k_tiles):
-            s = count % S
-            mbarrier.wait(ready.index(s), (count // S) & 1)
-            acc = warpgroup_mma(e_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            # the previous k-block's wgmma has retired: its slot may be refilled
-            mbarrier.arrive(empty.index((count + S - 1) % S), pred=k > 0)
-            count += 1
-        if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
-            mbarrier.arrive(turn.index(1 - CONSUMER))
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((count + S - 1) % S))
+        if SLICE_TILES == 0:
+            count = (j * CONSUMERS + CONSUMER) * k_tiles  # the loader's count of this tile's first k-block
+            if CONSUMERS > 1:  # consumer 0's first wait passes on the fresh barrier (parity 1)
+                mbarrier.wait(turn.index(CONSUMER), (j & 1) ^ (1 - CONSUMER))
+            acc, count = _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, k_tiles)
+            if CONSUMERS > 1:  # every k-block of this tile is issued: the other consumer's turn
+                mbarrier.arrive(turn.index(1 - CONSUMER))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((count + S - 1) % S))
+        else:
+            high = _columns(acc)[0].to(gl.int32)  # zeros, in the pairs' layout
+            # tiles in this pair (consumer 0's tile is the first): the loader interleaves their slices
+            first = tile - CONSUMER * gl.num_programs(0)
+            pair = gl.minimum(gl.cdiv(n_m * n_n - first, gl.num_programs(0)), CONSUMERS)
+            for k0 in range(0, k_tiles, SLICE_TILES):
+                n_k = gl.minimum(SLICE_TILES, k_tiles - k0)
+                count = j * CONSUMERS * k_tiles + k0 * pair + CONSUMER * n_k
+                if CONSUMERS > 1:
+                    if (k0 == 0) | (pair > 1):  # alone in the last pair: only the first slice waits
+                        mbarrier.wait(turn.index(CONSUMER), (waits & 1) ^ (1 - CONSUMER))
+                        waits += 1
+                acc, count = _issue_blocks(e_bufs, c_bufs, ready, empty, acc, count, n_k)
+                if CONSUMERS > 1:  # the other consumer issues its slice while this one carries
+                    mbarrier.arrive(turn.index(1 - CONSUMER))
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index((count + S - 1) % S))
+                if k0 + SLICE_TILES < k_tiles:
+                    acc, high = _carry_high(acc, high, LAYOUT)
+            acc = _add_high(acc, high, LAYOUT)
         _epilogue(acc, pid_m, pid_n, out_desc, out_smem, part_ptr, lse_ptr, coef_ptr, t_ptr,
                   n_rows, n_cols, n_n, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ, HAS_TEMP, SPLIT, LAYOUT)
         j += 1
@@ -264,7 +367,7 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
                   inv_temp, MODE: gl.constexpr, NEED_SUM: gl.constexpr, NEED_PZ: gl.constexpr,
                   HAS_TEMP: gl.constexpr, NUM_STAGES: gl.constexpr, SPLIT: gl.constexpr,
                   GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  LOADER_REGS: gl.constexpr, SLICE_TILES: gl.constexpr, num_warps: gl.constexpr):
     """z = E·Cᵀ tiles [BM, BN] (BM = 16·num_warps, blocks from the descriptors) with the epilogue
     MODE, by CONSUMERS (1 or 2, ping-pong) consumers of num_warps warps each and a loader warp.
     e_desc: E [n_rows, k_dim] blocks [BM, BK]; c_desc: C [≥ n_cols, k_dim] blocks [BN, BK];
@@ -272,7 +375,7 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
     part_ptr: float32 partials [k, cdiv(n_cols, BN), n_rows] (MODE_LOGITS, MODE_STATS);
     lse_ptr [n_rows], coef_ptr [3 or 5, n_rows] (a, b, u[, q, pz] with NEED_PZ), t_ptr [n_rows] int64
     (MODE_GRAD: target ids in C's numbering plus col_base, the column of C's row 0); inv_temp: the
-    logits' factor (HAS_TEMP)."""
+    logits' factor (HAS_TEMP); SLICE_TILES: k-blocks per accumulator slice (0: one slice)."""
     dtype: gl.constexpr = e_desc.dtype
     e_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + e_desc.block_type.shape, e_desc.layout)
     c_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + c_desc.block_type.shape, c_desc.layout)
@@ -289,18 +392,20 @@ def logits_kernel(e_desc, c_desc, out_desc, part_ptr, lse_ptr, coef_ptr, t_ptr, 
         gl.warp_specialize([
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps)),
-            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 1, num_warps, SLICE_TILES)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M,
+                               1, SLICE_TILES)),
         ], [1], [LOADER_REGS])
     else:
         gl.warp_specialize([
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(0), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 0, 2, num_warps)),
+                              HAS_TEMP, SPLIT, GROUP_M, 0, 2, num_warps, SLICE_TILES)),
             (_mma_partition, (e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem.index(1), part_ptr, lse_ptr,
                               coef_ptr, t_ptr, n_rows, n_cols, k_dim, col_base, inv_temp, MODE, NEED_SUM, NEED_PZ,
-                              HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps)),
-            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M)),
+                              HAS_TEMP, SPLIT, GROUP_M, 1, 2, num_warps, SLICE_TILES)),
+            (_load_partition, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols, k_dim, GROUP_M,
+                               2, SLICE_TILES)),
         ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -318,6 +423,11 @@ CONFIGS = {
 }
 # The entropy's gradient holds z, p and G at once: four column slices keep it in registers.
 ENTROPY_GRAD_CONFIG = (128, 256, 64, 3, 4, 16, 8)
+# Columns of D per accumulator slice in the statistics modes (`_mma_partition`; 0: one slice; a
+# call's Tuning(stats_k_slice=...) overrides it): the tensor cores' accumulation leaves lse 1.6e-5
+# nats low at D = 4096 with one slice, 7.5e-6 with slices of 2048, for 1–2% of the memory-first
+# mode's time (k_slices.md). The gradient mode keeps one slice: its bf16 G rounds far more.
+STATS_K_SLICE = 2048
 # 8 consumer warps + the loader (padded to 4): 240 / 24 registers each after setmaxnreg
 MAXNREG, CONSUMER_REGS, LOADER_REGS = 168, 240, 24
 
@@ -337,7 +447,7 @@ def _descriptor(t, shape, block):
 
 def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: bool = False,
            need_pz: bool = False, inv_temp: float = 1.0, lse=None, coef=None, t=None, col_base: int = 0,
-           num_sms: int = 132, config=None, warmup: bool = False):
+           num_sms: int = 132, config=None, k_slice: int | None = None, warmup: bool = False):
     """Run `logits_kernel` over z = e·c[:n_cols]ᵀ.
 
     e [N, D] and c [≥ n_cols, D] bf16 with unit last stride and 16-byte aligned rows. MODE_LOGITS
@@ -346,6 +456,9 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     [5, N] with need_pz, t [N] int64 in c's row numbering + col_base). partials: float32
     [partial_rows(mode, need_sum, need_pz), cdiv(n_cols, BN), N] contiguous. need_pz: the
     entropy's statistic (MODE_STATS) or gradient term (MODE_GRAD); inv_temp ≠ 1: a temperature.
+    k_slice (None: STATS_K_SLICE in the statistics modes, 0 in MODE_GRAD), if > 0 a multiple of
+    the block's BK: every k_slice columns of D the accumulator keeps only the float32 remainder of
+    the sum's bf16 part (`_mma_partition`), bounding the tensor cores' accumulation error.
     `warmup` compiles without running (returns the compiled kernel; the tensors may be stand-ins)."""
     default = ENTROPY_GRAD_CONFIG if mode == MODE_GRAD.value and need_pz else CONFIGS[mode]
     bm, bn, bk, stages, split, group_m, warps, *more = config or default
@@ -353,6 +466,10 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
     if split != 1 and mode != MODE_GRAD.value:
         # a slice past n_cols would hold no valid column (m = −inf) and poison the merged statistics
         raise ValueError(f"config: the statistics modes take whole tiles (SPLIT = 1), got SPLIT = {split}")
+    if k_slice is None:
+        k_slice = 0 if mode == MODE_GRAD.value else STATS_K_SLICE
+    if k_slice < 0 or k_slice % bk:
+        raise ValueError(f"k_slice: expected 0 or a positive multiple of the block's K ({bk}), got {k_slice}")
     n, d = e.shape
     e_desc = _descriptor(e, (n, d), (bm, bk))
     c_desc = _descriptor(c, (c.shape[0], d), (bn, bk))
@@ -367,7 +484,7 @@ def launch(e, c, n_cols: int, mode: int, *, out=None, partials=None, need_sum: b
             t if t is not None else part, n, n_cols, d, col_base, float(inv_temp))
     kw = dict(MODE=mode, NEED_SUM=need_sum, NEED_PZ=need_pz, HAS_TEMP=inv_temp != 1.0, NUM_STAGES=stages,
               SPLIT=split, GROUP_M=group_m, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGS,
-              LOADER_REGS=LOADER_REGS, num_warps=warps, maxnreg=MAXNREG)
+              LOADER_REGS=LOADER_REGS, SLICE_TILES=k_slice // bk, num_warps=warps, maxnreg=MAXNREG)
     if warmup:
         return logits_kernel.warmup(*args, grid=grid, **kw)
     logits_kernel[grid](*args, **kw)
