@@ -67,6 +67,13 @@ def _tile_counts(n_rows, n_cols, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: 
 
 
 @gluon.jit
+def _tiles_in_pair(first, n_tiles, CONSUMERS: gl.constexpr):
+    """Tiles (1 or CONSUMERS) in the pair the consumers share whose first tile is `first`: the
+    program's stream steps by num_programs, and only its last pair may be short."""
+    return gl.minimum(gl.cdiv(n_tiles - first, gl.num_programs(0)), CONSUMERS)
+
+
+@gluon.jit
 def _load_block(e_desc, c_desc, e_bufs, c_bufs, ready, empty, count, pid_m, pid_n, k):
     """TMA k-block k of tile (pid_m, pid_n) into ring slot count % S once the slot is free."""
     BM: gl.constexpr = e_desc.block_type.shape[0]
@@ -102,7 +109,7 @@ def _load_partition(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n_rows, n_cols
     else:
         step = gl.num_programs(0)
         for first in range(gl.program_id(0), n_m * n_n, step * CONSUMERS):
-            pair = gl.minimum(gl.cdiv(n_m * n_n - first, step), CONSUMERS)  # tiles in this pair
+            pair = _tiles_in_pair(first, n_m * n_n, CONSUMERS)
             for k0 in range(0, k_tiles, SLICE_TILES):
                 k1 = gl.minimum(k0 + SLICE_TILES, k_tiles)
                 for c in range(pair):
@@ -340,7 +347,7 @@ def _mma_partition(e_bufs, c_bufs, ready, empty, turn, out_desc, out_smem, part_
             high = _columns(acc)[0].to(gl.int32)  # zeros, in the pairs' layout
             # tiles in this pair (consumer 0's tile is the first): the loader interleaves their slices
             first = tile - CONSUMER * gl.num_programs(0)
-            pair = gl.minimum(gl.cdiv(n_m * n_n - first, gl.num_programs(0)), CONSUMERS)
+            pair = _tiles_in_pair(first, n_m * n_n, CONSUMERS)
             for k0 in range(0, k_tiles, SLICE_TILES):
                 n_k = gl.minimum(SLICE_TILES, k_tiles - k0)
                 count = j * CONSUMERS * k_tiles + k0 * pair + CONSUMER * n_k
