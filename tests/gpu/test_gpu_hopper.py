@@ -262,3 +262,43 @@ def test_default_slices_bring_the_loss_within_1e6_of_float64(grad_in_forward):
     assert rel_err(sliced[0], ref[0]) < min(1e-6, rel_err(one[0], ref[0]))
     for g_sliced, g_one in zip(sliced[1:], one[1:]):
         assert rel_err(g_sliced, g_one) < 1e-3
+
+
+# Megatron-core's fused linear cross-entropy is checked against a float32 reference: the bf16 inputs'
+# float32 logits, F.cross_entropy, and torch.testing.assert_close at float32's default tolerances
+# (rtol 1.3e-6, atol 1e-5) on the loss, 1e-3 on the gradients. These are its problem sizes.
+MEGATRON_PROBLEMS = [  # token shape, V, D
+    ((80,), 125, 64),
+    ((80,), 152064, 64),
+    ((1024,), 152064, 4096),
+    ((4096,), 152063, 8192),
+    ((2, 4096), 152064, 8192),
+]
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 4])
+@pytest.mark.parametrize("problem", MEGATRON_PROBLEMS, ids=lambda p: "x".join(map(str, (*p[0], p[1], p[2]))))
+def test_gluon_modes_meet_float32_tolerances_per_token(problem, ignore_index):
+    """Every reduction, both modes on the Gluon kernels: the loss (per token for "none") within
+    float32's default assert_close tolerances of the float32 reference, the gradients for a random
+    upstream gradient within 1e-3. Uniform(−0.1, 0.1) inputs, as Megatron-core's own test draws."""
+    tokens, v, d = problem
+    g = torch.Generator(device="cuda").manual_seed(v + d)
+    e = (torch.rand(*tokens, d, device="cuda", generator=g) * 0.2 - 0.1).bfloat16()
+    c = (torch.rand(v, d, device="cuda", generator=g) * 0.2 - 0.1).bfloat16()
+    t = torch.randint(0, v, tokens, device="cuda", generator=g)
+    t.view(-1)[::9] = ignore_index  # ignored tokens in every case (label 4 is a real id otherwise)
+    e32, c32 = (x.float().requires_grad_() for x in (e, c))
+    for reduction in ("none", "mean", "sum"):
+        ref = torch.nn.functional.cross_entropy((e32 @ c32.T).flatten(0, -2), t.flatten(), reduction=reduction,
+                                                ignore_index=ignore_index)
+        ref = ref.view(tokens) if reduction == "none" else ref
+        up = torch.rand(ref.shape, device="cuda", generator=g) * 0.2 - 0.1
+        ref_grads = torch.autograd.grad(ref, (e32, c32), up)
+        for mode in (True, False):
+            leaves = [x.clone().requires_grad_() for x in (e, c)]
+            loss = linear_cross_entropy(*leaves, t, reduction=reduction, ignore_index=ignore_index,
+                                        grad_in_forward=mode, tuning=GLUON)
+            torch.testing.assert_close(loss, ref.detach(), msg=lambda m: f"{reduction}, fast={mode}: {m}")
+            for ours, r in zip(torch.autograd.grad(loss, leaves, up), ref_grads):
+                torch.testing.assert_close(ours.float(), r, atol=1e-3, rtol=1e-3)

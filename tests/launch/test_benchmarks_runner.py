@@ -448,3 +448,29 @@ def test_k_slices_experiment_table(runner):
     text = ks.markdown(doc)
     assert table_lines(text, "| 64×4096×50 | statistics kernel, slices of 2048 | 1.500 | 1.020 | -7.50e-06 |")
     assert table_lines(text, "| 64×4096×50 | cuBLAS bf16 product | 1.470 | 1.000 | – | – | – |")
+
+
+def test_float32_tolerances_experiment_measures_against_assert_close(runner):
+    """The float32-tolerance experiment runs on a GPU only: its measure is ≤ 1 exactly where
+    torch.testing.assert_close's float32 default passes, and its table marks only rows above 1."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "float32_tolerances", os.path.join(REPO, "benchmarks", "experiments", "float32_tolerances.py"))
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    ref = torch.tensor([11.9, 0.0, 3.0])
+    tol = 1e-5 + 1.3e-6 * ref.abs()
+    for k in (0.5, 0.9, 1.5, 3.0):
+        loss = ref + torch.tensor([0.0, 1.0, 0.0]) * k * tol
+        assert abs(ft.over_tolerance(loss, ref) - k) < 1e-3
+        passes = True
+        try:
+            torch.testing.assert_close(loss, ref)
+        except AssertionError:
+            passes = False
+        assert passes == (k <= 1)
+    rows = [dict(dtype="bfloat16", shape="80×125×64", method=m, worst_over_tolerance=w) for m, w in (("a", 0.5), ("b", 7.0))]
+    text = ft.markdown(dict(machine={}, date="2026-12-07", about="probe", results=rows))
+    assert table_lines(text, "| bfloat16 | 80×125×64 | a | 0.5 |")
+    assert table_lines(text, "| bfloat16 | 80×125×64 | b | 7 (fails) |")
