@@ -85,6 +85,20 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
+def write_experiment(out: str, doc: dict, text: str) -> None:
+    """An experiment's record: OUT/NAME.json (doc, NAME = doc["name"]) and OUT/NAME.md (text), and
+    the text printed."""
+    import json
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, doc["name"] + ".json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(out, doc["name"] + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def reproducible(command: str) -> str:
     """The command without its --out folder (where the results went is no part of what they are)."""
     import shlex

@@ -12,7 +12,6 @@ Run:  python benchmarks/experiments/float32_tolerances.py [--out DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
-from machine import describe, machine_info, today  # noqa: E402
+from machine import describe, machine_info, today, write_experiment  # noqa: E402
 
 from vocab_parallel_cce import Tuning, linear_cross_entropy  # noqa: E402
 
@@ -84,12 +83,7 @@ def main() -> None:
                       "|ours − ref| / (1e-5 + 1.3e-6·|ref|), torch.testing.assert_close's float32 default; ≤ 1 "
                       "passes. The Gluon kernels take bf16 only: float16 runs the portable kernels in every "
                       "configuration."))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "float32_tolerances.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.join(args.out, "float32_tolerances.md"), "w") as f:
-        f.write(markdown(doc))
-    print(markdown(doc))
+    write_experiment(args.out, doc, markdown(doc))
 
 
 if __name__ == "__main__":

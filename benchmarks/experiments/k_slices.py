@@ -14,7 +14,6 @@ Run:  python benchmarks/experiments/k_slices.py [--out DIR] [--rounds 7]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 from inputs import make_inputs  # noqa: E402
-from machine import describe, machine_info, today  # noqa: E402
+from machine import describe, machine_info, today, write_experiment  # noqa: E402
 
 from vocab_parallel_cce import Tuning, linear_cross_entropy  # noqa: E402
 from vocab_parallel_cce.backends.triton.hopper import logits as L  # noqa: E402
@@ -145,12 +144,7 @@ def main() -> None:
                       "the partials' merge, against float64 of the same bf16 values. ms: median over "
                       f"{args.rounds} shuffled rounds of 3 back-to-back calls, each block after ~100 ms of bf16 "
                       "products; × cuBLAS: median of the within-round ratio to e @ c.T (bf16 out)."))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "k_slices.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.join(args.out, "k_slices.md"), "w") as f:
-        f.write(markdown(doc))
-    print(markdown(doc))
+    write_experiment(args.out, doc, markdown(doc))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Run:  python benchmarks/experiments/loss_bias.py [--out DIR]   (writes loss_bias
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 from inputs import make_inputs  # noqa: E402
-from machine import describe, machine_info, today  # noqa: E402
+from machine import describe, machine_info, today, write_experiment  # noqa: E402
 
 from vocab_parallel_cce import Tuning, linear_cross_entropy  # noqa: E402
 
@@ -115,13 +114,7 @@ def main() -> None:
                about="Random inputs (logits ~ N(0, 4)), bf16 e and c, every token; errors against float64 of the same "
                      "bf16 values. Script: benchmarks/experiments/loss_bias.py (module docstring: the rows).",
                rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "loss_bias.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    md = markdown(doc)
-    with open(os.path.join(args.out, "loss_bias.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_experiment(args.out, doc, markdown(doc))
 
 
 if __name__ == "__main__":

@@ -474,3 +474,13 @@ def test_float32_tolerances_experiment_measures_against_assert_close(runner):
     text = ft.markdown(dict(machine={}, date="2026-12-07", about="probe", results=rows))
     assert table_lines(text, "| bfloat16 | 80×125×64 | a | 0.5 |")
     assert table_lines(text, "| bfloat16 | 80×125×64 | b | 7 (fails) |")
+
+
+def test_write_experiment_keeps_the_record_and_its_table(tmp_path, runner, capsys):
+    import machine
+
+    doc = dict(kind="experiment", name="probe", date="2026-12-07", results=[{"x": 1.5}])
+    machine.write_experiment(str(tmp_path / "out"), doc, "| probe | 1.5 |\n")
+    assert json.loads((tmp_path / "out" / "probe.json").read_text()) == doc
+    assert (tmp_path / "out" / "probe.md").read_text() == "| probe | 1.5 |\n"
+    assert "| probe | 1.5 |" in capsys.readouterr().out
