@@ -38,7 +38,8 @@ CONFIGS = {  # name: (grad_in_forward, tuning)
 def over_tolerance(loss: torch.Tensor, ref: torch.Tensor) -> float:
     """The worst element's |loss − ref| / (1e-5 + 1.3e-6·|ref|): ≤ 1 where assert_close's float32
     default passes."""
-    return ((loss.flatten().double() - ref.flatten().double()).abs() / (1e-5 + 1.3e-6 * ref.flatten().double().abs())).max().item()
+    loss, ref = loss.flatten().double(), ref.flatten().double()
+    return ((loss - ref).abs() / (1e-5 + 1.3e-6 * ref.abs())).max().item()
 
 
 def worst_deviations() -> list[dict]:
@@ -68,7 +69,8 @@ def markdown(doc: dict) -> str:
              "|---|---|---|---|"]
     for r in doc["results"]:
         w = r["worst_over_tolerance"]
-        lines.append(f"| {r['dtype']} | {r['shape']} | {r['method']} | {w:.3g}{' (fails)' if w > 1 else ''} |")
+        verdict = " (fails)" if w > 1 else ""
+        lines.append(f"| {r['dtype']} | {r['shape']} | {r['method']} | {w:.3g}{verdict} |")
     return "\n".join(lines) + "\n"
 
 

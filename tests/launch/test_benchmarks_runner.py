@@ -470,7 +470,8 @@ def test_float32_tolerances_experiment_measures_against_assert_close(runner):
         except AssertionError:
             passes = False
         assert passes == (k <= 1)
-    rows = [dict(dtype="bfloat16", shape="80×125×64", method=m, worst_over_tolerance=w) for m, w in (("a", 0.5), ("b", 7.0))]
+    rows = [dict(dtype="bfloat16", shape="80×125×64", method=m, worst_over_tolerance=w)
+            for m, w in (("a", 0.5), ("b", 7.0))]
     text = ft.markdown(dict(machine={}, date="2026-12-07", about="probe", results=rows))
     assert table_lines(text, "| bfloat16 | 80×125×64 | a | 0.5 |")
     assert table_lines(text, "| bfloat16 | 80×125×64 | b | 7 (fails) |")
