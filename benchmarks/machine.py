@@ -86,14 +86,14 @@ def today() -> str:
 
 
 def write_experiment(out: str, doc: dict, text: str) -> None:
-    """An experiment's record: OUT/NAME.json (doc, NAME = doc["name"]) and OUT/NAME.md (text), and
-    the text printed."""
-    import json
+    """An experiment's record: OUT/NAME.json (doc, NAME = doc["name"], as `tables.save_json` writes
+    it) and OUT/NAME.md (text), and the text printed."""
     import os
 
+    from tables import save_json
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, doc["name"] + ".json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    save_json(doc, os.path.join(out, doc["name"] + ".json"))
     with open(os.path.join(out, doc["name"] + ".md"), "w") as f:
         f.write(text)
     print(text)
