@@ -323,10 +323,18 @@ def vocab_layout(c, group, vocab_start, vocab_size, reduce_grad_e, sequence_para
 # ------------------------------------------------------------------------- backend, path, filter
 
 
-def _no_triton_reason(device: torch.device) -> str | None:
-    """Why Triton cannot run on `device`, a cpu or cuda one (`check_inputs`); None: it can."""
+def _no_triton_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why Triton cannot run on `device`, a cpu or cuda one (`check_inputs`), for inputs of `dtype`;
+    None: it can."""
     if device.type == "cpu":
-        return None if os.environ.get("TRITON_INTERPRET") == "1" else "needs a CUDA tensor (or TRITON_INTERPRET=1)"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "needs a CUDA tensor (or TRITON_INTERPRET=1)"
+        if dtype == torch.bfloat16:
+            from .backends.triton.common import interpreter_computes_bf16_dot
+
+            if not interpreter_computes_bf16_dot():
+                return "runs bfloat16 products (tl.dot) wrongly in this release's interpreter (TRITON_INTERPRET=1)"
+        return None
     if torch.cuda.get_device_capability(device)[0] < 8:
         return "needs an Ampere or newer GPU (compute capability >= 8.0)"
     try:
@@ -347,7 +355,7 @@ def choose_backend(impl: str, e: torch.Tensor) -> tuple[Backend, bool]:
         name = "triton" if usable else "torch"
     if name == "torch":
         return torch_backend, False
-    why = _no_triton_reason(e.device)
+    why = _no_triton_reason(e.device, e.dtype)
     if why is not None:
         warnings.warn(f"impl={impl!r}: Triton {why}; using the exact torch path (impl='torch') instead",
                       UserWarning, stacklevel=4)

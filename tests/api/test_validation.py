@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support import interpreter
+
 from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy, linear_log_probs
 
 N, D, V = 6, 8, 11
@@ -116,6 +118,48 @@ def test_triton_on_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
         with pytest.warns(UserWarning, match=rf"^impl='{impl}': Triton needs a CUDA tensor.*impl='torch'"):
             loss = linear_cross_entropy(e, c, t, impl=impl)
         assert torch.equal(loss, expect), impl
+
+
+@interpreter.required()
+def test_bf16_under_an_interpreter_without_bf16_products_falls_back_to_torch(monkeypatch):
+    """Where the interpreter multiplies bfloat16's raw bits in tl.dot, a bf16 triton call runs the
+    exact torch path and warns, rather than return a wrong loss; float32 calls keep Triton."""
+    from vocab_parallel_cce.backends.triton import common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(common, "interpreter_computes_bf16_dot", lambda: False)
+    e, c, t = (x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs())
+    expect = linear_cross_entropy(e, c, t, impl="torch")
+    with pytest.warns(UserWarning, match=r"^impl='triton': Triton runs bfloat16 products .*interpreter.*impl='torch'"):
+        loss = linear_cross_entropy(e, c, t, impl="triton")
+    assert torch.equal(loss, expect)
+    e, c, t = inputs()
+    common.counters.clear()
+    linear_cross_entropy(e, c, t, impl="triton")
+    assert sum(common.counters.values()) > 0  # float32 ran the Triton kernels
+
+
+@interpreter.required()
+def test_interpreter_bf16_product_probe(monkeypatch):
+    """The probe tells an interpreter whose bf16 tl.dot multiplies raw uint16 bits from one that
+    multiplies values (the test set-up's mended one)."""
+    import numpy as np
+    from triton.runtime import interpreter as triton_interpreter
+
+    from vocab_parallel_cce.backends.triton.common import interpreter_computes_bf16_dot
+
+    builder = triton_interpreter.InterpreterBuilder  # as it was, after the test
+    monkeypatch.setattr(builder, "create_dot", builder.create_dot)
+    monkeypatch.setattr(builder, "_vpcce_bf16_patched", getattr(builder, "_vpcce_bf16_patched", False), raising=False)
+    interpreter.patch_bf16_dot()
+    assert interpreter_computes_bf16_dot()
+
+    def raw_bits_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        out = np.matmul(a.data.astype(np.float32), b.data.astype(np.float32)) + d.data
+        return triton_interpreter.TensorHandle(out.astype(d.data.dtype), d.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_dot", raw_bits_dot)
+    assert not interpreter_computes_bf16_dot()
 
 
 def test_triton_rejects_float64(monkeypatch):

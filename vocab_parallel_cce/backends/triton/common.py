@@ -18,6 +18,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def _bf16_dot_probe_kernel(A, OUT):
+    i = tl.arange(0, 16)
+    a = tl.load(A + i[:, None] * 16 + i[None, :])
+    tl.store(OUT + i[:, None] * 16 + i[None, :], tl.dot(a, a))
+
+
+_bf16_dot_probes: dict = {}
+
+
+def interpreter_computes_bf16_dot() -> bool:
+    """Whether Triton's interpreter multiplies bfloat16 `tl.dot` operands as values: it keeps
+    bfloat16 as raw uint16 bits, and releases that hand those bits to np.matmul return ~1e10 for
+    O(1) inputs. Probed once per interpreter dot implementation: (2·I)·(2·I) = 4·I in [16, 16]."""
+    from triton.runtime import interpreter
+
+    key = getattr(getattr(interpreter, "InterpreterBuilder", None), "create_dot", None)
+    if key not in _bf16_dot_probes:
+        a = (2 * torch.eye(16)).to(torch.bfloat16)
+        out = torch.zeros(16, 16)
+        _bf16_dot_probe_kernel[(1,)](a, out)
+        _bf16_dot_probes[key] = bool(torch.equal(out, 4 * torch.eye(16)))
+    return _bf16_dot_probes[key]
+
+
 def float32_sum_weights(plan: Plan) -> torch.Tensor | None:
     """This shard's class weights as the kernels read them (float32, contiguous), or None."""
     w = plan.sum_weights
