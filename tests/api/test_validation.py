@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from support import interpreter
-
 from vocab_parallel_cce import VocabParallelOptions, linear_cross_entropy, linear_log_probs
 
 N, D, V = 6, 8, 11
