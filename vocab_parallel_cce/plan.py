@@ -59,6 +59,10 @@ class Plan:
     # come from the float32 products, and the fast mode's gradient takes the lse of the stored bf16
     # logits ("glse")
     hopper: bool = False
+    # the fast mode's stored logits are bf16 (the Triton backend, bf16 outside exact mode): its loss
+    # takes the correct logit and the row's largest as float32 dot products e_i·c_j and puts them in
+    # lse in place of the stored ones, and the gradient takes the stored logits' own lse ("glse")
+    bf16_logits: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -83,11 +87,13 @@ class Plan:
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The per-token statistics this call computes, in order (stats.py)."""
-        return stats.names(self.need_entropy, self.need_argmax, rounded=self.hopper and self.path != "recompute")
+        rounded = (self.hopper or self.bf16_logits) and self.path != "recompute"
+        return stats.names(self.need_entropy, self.need_argmax, rounded=rounded)
 
     def stored_lse(self, st) -> torch.Tensor:
         """The lse that the fast mode's gradient p = exp(z − lse) pairs with its stored logits z:
-        "glse" where the statistics have it (the loss's lse is then the float32 products'), else lse."""
+        "glse" where the statistics have it (the loss's lse then takes float32 logits: the correct
+        and the largest, or all of them from the float32 products), else lse."""
         names = self.stat_names
         return st[names.index("glse")] if "glse" in names else st[0]
 

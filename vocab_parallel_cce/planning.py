@@ -471,6 +471,7 @@ def plan_cross_entropy(
         z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
         **layout, backend=backend, exact=exact, filter_eps=eps, adaptive_filter=adaptive, path=path,
         tuning=tuning, class_weights=weights, need_argmax=need_argmax, chunk_tokens=chunk, hopper=hopper,
+        bf16_logits=backend is not torch_backend and not exact and dtype == torch.bfloat16 and path != "recompute",
     )
     dc_into = dc_accumulate_into if needs_grad and c.requires_grad else None
     return plan, Call(e, c, targets, bias, shift, loss_mask, dc_into, return_lse, return_z_loss,

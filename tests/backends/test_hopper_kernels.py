@@ -96,10 +96,12 @@ def test_every_gluon_kernel_compiles_for_sm90a():
     assert run.returncode == 0, run.stderr[-3000:]
     built = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {b["name"] for b in built} == {"logits", "logits+sum", "stats", "stats+sum", "stats+entropy", "grad",
-                                          "grad+entropy", "logits+one-slice", "stats+one-slice+entropy"}
+                                          "grad+entropy", "logits+one-slice", "stats+one-slice+entropy",
+                                          "portable-fast-stats+float32"}
     for b in built:
         assert b["shared"] <= 232448, b  # sm_90's per-block limit
-        assert b["wgmma"] and 240 in b["setmaxnreg"], b
+        if not b["name"].startswith("portable"):
+            assert b["wgmma"] and 240 in b["setmaxnreg"], b
         assert b.get("local", 0) == 0 and b.get("stack", 0) == 0, b  # no spills
 
 

@@ -48,6 +48,15 @@ def _inputs(n, d, v, dtype, bias=False, scale=1.0):
     return [x.to(dtype).requires_grad_() if x is not None else None for x in (e, c, b)]
 
 
+def _peaked_inputs(n, d, v):
+    """bf16 (e, c, t): one logit of ~10 per row, the target half the time (a trained model's softmax)."""
+    c = torch.randn(v, d) / d**0.5
+    top = torch.randint(0, v, (n,))
+    e = 10.0 * c[top] / (c[top] * c[top]).sum(1, keepdim=True) + 0.3 * torch.randn(n, d)
+    t = torch.where(torch.arange(n) % 2 == 0, top, torch.randint(0, v, (n,)))
+    return e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_(), t
+
+
 def _compare(ins, targets, dtype, loss_tol=None, **kw):
     e, c, b = ins
     kw.setdefault("grad_in_forward", False)  # the memory-first mode unless a test asks for the fast one
@@ -254,18 +263,70 @@ def test_grad_in_forward_single_token_and_all_ignored(seed):
     assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
 
-def test_grad_in_forward_bf16_loss_is_the_unfused_bf16_layers(seed):
-    """bf16 fast mode: the per-token loss is that of the bf16 logits an unfused nn.Linear would
-    produce (float64 softmax of bf16-rounded e·cᵀ), far closer to it than to the exact logits."""
-    e, c, _ = _inputs(40, 24, 70, torch.bfloat16, scale=3.0)
-    t = torch.randint(0, 70, (40,))
-    loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=True, reduction="none")
-    exact = e.detach().double() @ c.detach().double().T
+@pytest.mark.parametrize("option", ["plain", "bias", "softcap"])
+def test_grad_in_forward_bf16_loss_takes_the_float32_correct_logit(seed, option):
+    """bf16 fast mode: the per-token loss takes the correct logit as a float32 dot product and puts
+    it in lse in place of the stored one. Where the softmax is flat (small logits, as early in
+    training), the target's own rounding is most of the unfused bf16 layer's per-token error
+    (float64 softmax of bf16-rounded logits): the loss is then far closer to the exact logits'.
+    The gradient stays the unfused layer's, p = exp(z̃ − lse(z̃)) of the stored logits z̃."""
+    e, c, b = _inputs(40, 24, 300, torch.bfloat16, scale=0.5, bias=option == "bias")
+    e, c = e.detach().requires_grad_(), c.detach().requires_grad_()
+    cap = 0.8 if option == "softcap" else None
+    t = torch.randint(0, 300, (40,))
+    loss = linear_cross_entropy(e, c, t, b, impl="triton", grad_in_forward=True, reduction="none", softcap=cap)
+    exact = e.detach().double() @ c.detach().double().T + (0.0 if b is None else b.detach().double())
+    if cap is not None:
+        exact = cap * torch.tanh(exact / cap)
     rounded = exact.to(torch.bfloat16).double()
     nll = torch.nn.functional.cross_entropy
-    err_rounded = rel_err(loss.detach().double(), nll(rounded, t, reduction="none"))
     err_exact = rel_err(loss.detach().double(), nll(exact, t, reduction="none"))
-    assert err_rounded < 1e-5 and err_exact > 10 * err_rounded, (err_rounded, err_exact)
+    err_unfused = rel_err(nll(rounded, t, reduction="none"), nll(exact, t, reduction="none"))
+    # with a bias or softcap the logits spread further, and the others' rounding (through lse) counts more
+    assert err_exact < err_unfused / (4 if option == "plain" else 1), (err_exact, err_unfused)
+    up = torch.rand(40, dtype=torch.float64)
+    g_z = (torch.softmax(rounded, 1) - torch.nn.functional.one_hot(t, 300)) * up[:, None]
+    if cap is not None:
+        g_z = g_z * (1 - (rounded / cap) ** 2)
+    de, dc = torch.autograd.grad(loss, (e, c), up.float())
+    assert rel_err(de.double(), g_z @ c.detach().double()) < 1e-2
+    assert rel_err(dc.double(), g_z.T @ e.detach().double()) < 1e-2
+
+
+def test_grad_in_forward_bf16_loss_takes_the_largest_logits_in_float32(seed):
+    """bf16 fast mode, a peaked softmax (one logit of ~10 per row, the target half the time, as a
+    trained model's): lse takes the largest logits in float32 too, so the per-token loss is far
+    closer to the exact logits' than the unfused bf16 layer's, whose lse carries the dominant
+    logit's rounding."""
+    e, c, t = _peaked_inputs(48, 64, 300)
+    loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=True, reduction="none")
+    exact = e.detach().double() @ c.detach().double().T
+    nll = torch.nn.functional.cross_entropy
+    err = rel_err(loss.detach().double(), nll(exact, t, reduction="none"))
+    err_unfused = rel_err(nll(exact.to(torch.bfloat16).double(), t, reduction="none"), nll(exact, t, reduction="none"))
+    assert err < err_unfused / 10, (err, err_unfused)
+
+
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1), dict(z_loss=0.1)])
+def test_grad_in_forward_bf16_float32_logits_change_the_loss_only(seed, monkeypatch, options):
+    """The float32 logits enter the loss only: dE and dC are computed as without them, from the
+    stored logits and their own lse (glse), the z-loss's coefficient 2λ·lse included. On a peaked
+    softmax the two lse differ by ~1e-3, so a gradient from the loss's lse would differ visibly."""
+    from vocab_parallel_cce.plan import Plan
+
+    e, c, t = _peaked_inputs(48, 64, 300)
+
+    def loss_and_grads():
+        loss = linear_cross_entropy(e, c, t, impl="triton", grad_in_forward=True, reduction="none", **options)
+        return (loss.detach(), *torch.autograd.grad(loss.sum(), (e, c)))
+
+    with_float32 = loss_and_grads()
+    init = Plan.__init__
+    monkeypatch.setattr(Plan, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "bf16_logits": False}))
+    stored_only = loss_and_grads()
+    assert rel_err(with_float32[0].double(), stored_only[0].double()) > 1e-5  # the loss does change
+    for g, g_stored in zip(with_float32[1:], stored_only[1:]):
+        assert rel_err(g.double(), g_stored.double()) < 1e-6
 
 
 @pytest.mark.exact

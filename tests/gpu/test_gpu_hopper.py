@@ -278,10 +278,11 @@ MEGATRON_PROBLEMS = [  # token shape, V, D
 
 @pytest.mark.parametrize("ignore_index", [-100, 4])
 @pytest.mark.parametrize("problem", MEGATRON_PROBLEMS, ids=lambda p: "x".join(map(str, (*p[0], p[1], p[2]))))
-def test_gluon_modes_meet_float32_tolerances_per_token(problem, ignore_index):
-    """Every reduction, both modes on the Gluon kernels: the loss (per token for "none") within
-    float32's default assert_close tolerances of the float32 reference, the gradients for a random
-    upstream gradient within 1e-3. Uniform(−0.1, 0.1) inputs, as Megatron-core's own test draws."""
+def test_modes_meet_float32_tolerances_per_token(problem, ignore_index):
+    """Every reduction; both modes on the Gluon kernels, and the fast mode on the portable ones (its
+    float32 correct logit): the loss (per token for "none") within float32's default assert_close
+    tolerances of the float32 reference, the gradients for a random upstream gradient within 1e-3.
+    Uniform(−0.1, 0.1) inputs, as Megatron-core's own test draws."""
     tokens, v, d = problem
     g = torch.Generator(device="cuda").manual_seed(v + d)
     e = (torch.rand(*tokens, d, device="cuda", generator=g) * 0.2 - 0.1).bfloat16()
@@ -295,10 +296,10 @@ def test_gluon_modes_meet_float32_tolerances_per_token(problem, ignore_index):
         ref = ref.view(tokens) if reduction == "none" else ref
         up = torch.rand(ref.shape, device="cuda", generator=g) * 0.2 - 0.1
         ref_grads = torch.autograd.grad(ref, (e32, c32), up)
-        for mode in (True, False):
+        for mode, tuning in ((True, GLUON), (False, GLUON), (True, PORTABLE)):
             leaves = [x.clone().requires_grad_() for x in (e, c)]
             loss = linear_cross_entropy(*leaves, t, reduction=reduction, ignore_index=ignore_index,
-                                        grad_in_forward=mode, tuning=GLUON)
-            torch.testing.assert_close(loss, ref.detach(), msg=lambda m: f"{reduction}, fast={mode}: {m}")
+                                        grad_in_forward=mode, tuning=tuning)
+            torch.testing.assert_close(loss, ref.detach(), msg=lambda m: f"{reduction}, fast={mode}, {tuning}: {m}")
             for ours, r in zip(torch.autograd.grad(loss, leaves, up), ref_grads):
                 torch.testing.assert_close(ours.float(), r, atol=1e-3, rtol=1e-3)

@@ -64,7 +64,7 @@ class LossWithHeldLogits(torch.autograd.Function):
             out, zl, coef, k = _plain_loss(ce, lse, st[1], t, plan, dens)
             ctx.k = (k, k)
         else:
-            out, zl, coef, ctx.k = _general_loss(st[:3], t, plan, dens, acc_dtype)
+            out, zl, coef, ctx.k = _general_loss(st[:3], t, plan, dens, acc_dtype, stored_lse)
         # Z as a saved tensor: saved-tensor hooks (save_on_cpu, non-reentrant checkpointing) see it
         ctx.save_for_backward(e, c, bias, t_local, stored_lse, z, coef)
         ctx.unused = True  # the backward overwrites Z with G: it may run once
@@ -141,16 +141,19 @@ def _plain_loss(ce, lse, x, t, plan: Plan, dens):
     return (ce.sum() if plan.reduction == "sum" else ce), None, None, k
 
 
-def _general_loss(stats, t, plan: Plan, dens, acc_dtype):
+def _general_loss(stats, t, plan: Plan, dens, acc_dtype, stored_lse):
     """The held path's loss for any plan: (loss, z-loss part or None, coefficients [3 or 4, N],
     (k_ce, k_z)) with the per-token coefficients (a, b, u[, a_z]) by autograd on the [N] vectors
-    (`LossWithHeldLogits`) and "mean"'s divisors as device scalars k = 1/den (else None)."""
+    (`LossWithHeldLogits`) and "mean"'s divisors as device scalars k = 1/den (else None).
+    a_z = ∂zl_i/∂lse_i = 2λ·lse_i is taken at stored_lse [N], the lse the gradient's p pairs with."""
     with torch.enable_grad():
         leaves = [q.detach().requires_grad_() for q in stats]
         ce, zl = plan.token_loss_parts(*leaves, t)
         coef = list(torch.autograd.grad(ce.sum(), leaves, allow_unused=True, materialize_grads=True))
-        if zl is not None:  # ∂zl_i/∂lse_i, on its own: the z-loss output may get a gradient of its own
-            coef += list(torch.autograd.grad(zl.sum(), leaves[:1], allow_unused=True, materialize_grads=True))
+        if zl is not None:  # on its own: the z-loss output may get a gradient of its own
+            at = stored_lse.detach().requires_grad_()
+            zl_at = plan.token_loss_parts(at, *leaves[1:], t)[1]
+            coef += list(torch.autograd.grad(zl_at.sum(), [at], allow_unused=True, materialize_grads=True))
     ce = ce.detach().to(acc_dtype)
     zl = None if zl is None else zl.detach().to(acc_dtype)
     k_ce = k_z = None

@@ -56,6 +56,41 @@ def tanh(x):
 
 
 @triton.jit
+def target_row_dot(E, C, rows, tgt, has_t, D, stride_e, stride_c, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_R] float32: e_i·c_{t_i} (D products, float32 sums) for the rows with has_t, else 0:
+    one gathered row of C per token."""
+    c_rows = tl.where(has_t, tgt, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        ok = has_t[:, None] & (cols[None, :] < D)
+        ev = tl.load(E + rows[:, None].to(tl.int64) * stride_e + cols[None, :], mask=ok, other=0.0)
+        cv = tl.load(C + c_rows[:, None] * stride_c + cols[None, :], mask=ok, other=0.0)
+        acc += ev.to(tl.float32) * cv.to(tl.float32)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def gathered_row_dots(E, C, rows, cols, ok, D, stride_e, stride_c, BLOCK_R: tl.constexpr, K: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """[BLOCK_R, K] float32: e_i·c_{cols[i, k]} (D products, float32 sums) where ok [BLOCK_R, K],
+    else 0: K gathered rows of C per token, all K at each step along D (one loop of D / BLOCK_D
+    steps, not K)."""
+    c_off = tl.where(ok, cols, 0).to(tl.int64) * stride_c
+    e_off = rows.to(tl.int64) * stride_e
+    any_ok = tl.max(ok.to(tl.int32), axis=1) > 0
+    acc = tl.zeros((BLOCK_R, K, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        in_d = dd < D
+        ev = tl.load(E + e_off[:, None] + dd[None, :], mask=any_ok[:, None] & in_d[None, :], other=0.0)
+        cv = tl.load(C + c_off[:, :, None] + dd[None, None, :], mask=ok[:, :, None] & in_d[None, None, :],
+                     other=0.0)
+        acc += ev.to(tl.float32)[:, None, :] * cv.to(tl.float32)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
 def grouped_tile(pid, grid_m, grid_n, GROUP: tl.constexpr):
     """(m, n) tile of program `pid` over a grid_m × grid_n grid, in groups of GROUP m-tiles: inside a
     group m varies fastest, then n; the groups follow each other along m."""

@@ -34,9 +34,21 @@ import triton
 import triton.language as tl
 
 from ...plan import Plan
-from .common import counters, float32_sum_weights, interpreting, tanh
+from .common import counters, float32_sum_weights, gathered_row_dots, interpreting, tanh
 
 STATS_ROWS, STATS_COLS, STATS_WARPS = 1, 2048, 8
+# Logits besides the target's that the loss's lse takes in float32 (`stored_logits_stats_kernel`'s
+# TOP_K): the row's largest. On a peaked softmax whose target is not the largest, lse ≈ z_max and
+# bf16's rounding of z_max (up to |z_max|·2^-9) would enter the loss whole; the next largest carry
+# far less weight, and each gathered row of C costs the statistics pass N·D·2 bytes of reads.
+FLOAT32_TOP_K = 1
+FLOAT32_BLOCK_D = 512  # D per step of their dot products (`gathered_row_dots`)
+
+
+def float32_slots() -> int:
+    """Gathered rows per token of the float32 logits: the target and FLOAT32_TOP_K, a power of 2."""
+    return triton.next_power_of_2(FLOAT32_TOP_K + 1)
+
 GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 4, 1024, 4
 
 
@@ -167,11 +179,27 @@ def _lane_stats_block(Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s,
 
 
 @triton.jit
+def _float32_logits(E, C, BIAS, rows, cols, ok, D, stride_e, stride_c, softcap, HAS_BIAS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_R, K] float32: the final logits z_{i, cols[i, k]} = cap·tanh((e_i·c_col + b_col)/cap)
+    from the inputs (dot products in float32), where ok; 0 elsewhere."""
+    z = gathered_row_dots(E, C, rows, cols, ok, D, stride_e, stride_c, BLOCK_R, K, BLOCK_D)
+    if HAS_BIAS:
+        z += tl.load(BIAS + tl.where(ok, cols, 0), mask=ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
 def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
                                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
                                WRITE_BACK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                HAS_SUMW: tl.constexpr = False, NEED_ARGMAX: tl.constexpr = False,
-                               CE=None, ignore_t=0, lo_t=0, hi_t=0, NEED_CE: tl.constexpr = False):
+                               CE=None, ignore_t=0, lo_t=0, hi_t=0, NEED_CE: tl.constexpr = False,
+                               E=None, C=None, D=0, stride_e=0, stride_c=0, GLSE_ROW=0,
+                               TARGET_DOT: tl.constexpr = False, BLOCK_D: tl.constexpr = 128,
+                               TOP_K: tl.constexpr = 0, SLOTS: tl.constexpr = 1):
     """OUT[0|1|2, row] = (lse, correct logit, Σ logits) of rows of stored raw logits Z [N, V]
     (16-bit), bias and softcap applied on the fly; WRITE_BACK stores the capped logits (bias
     included) into Z in place, so that `grad_from_stored_kernel` can follow, and takes the
@@ -195,7 +223,17 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
         M = max_k m_k,  lse = M + log Σ_k s_k·exp(m_k − M),  x, Σz: Σ_k,
         max = M,  argmax = min{arg_k : m_k = M}  (the smallest column reaching the row max).
     NEED_CE (one rank: these are the global statistics): CE[row] = the plain cross-entropy
-    `_plain_ce` of (lse, x) (scored targets lo_t ≤ t < hi_t, t ≠ ignore_t)."""
+    `_plain_ce` of (lse, x) (scored targets lo_t ≤ t < hi_t, t ≠ ignore_t).
+
+    TARGET_DOT (E [N, D], C [V, D], the product's inputs): the correct logit from float32 instead,
+    x = cap·tanh((e_i·c_t + b_t)/cap), and the loss's lse with float32 values in place of the stored
+    z̃_j of the target and of the TOP_K largest lane maxima (the row's largest logits, but for one
+    of two that share a lane), their dot products in one pass along D over SLOTS ≥ TOP_K + 1
+    gathered rows of C,
+        lse = M + log(S + Σ_{j corrected} (exp(z_j − M) − exp(z̃_j − M))),  S = Σ_k s_k·exp(m_k − M),
+    so that a token's loss lse − x carries no rounding of its own logit nor of the logits that
+    dominate its softmax (only the rest's through lse, weighted by their small p); OUT[GLSE_ROW] =
+    the stored logits' lse, for their gradient."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     tgt = tl.load(TGT + rows, mask=mask_r, other=-1)
@@ -203,28 +241,50 @@ def stored_logits_stats_kernel(Z, BIAS, TGT, OUT, N, V, stride_z, softcap, SUMW,
     s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     x = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     zsum = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    arg = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)  # column of the lane's max (NEED_ARGMAX)
+    arg = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)  # column of the lane's max (NEED_ARGMAX or TOP_K)
     row_ptr = Z + rows[:, None].to(tl.int64) * stride_z
     v_full = (V // BLOCK_C) * BLOCK_C
     for c0 in range(0, v_full, BLOCK_C):
         m, s, x, zsum, arg = _lane_stats_block(
             Z, BIAS, SUMW, row_ptr, c0, V, tgt, mask_r, softcap, m, s, x, zsum, arg, HAS_BIAS, HAS_SOFTCAP,
-            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX, False)
+            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX or TOP_K > 0, False)
     if v_full < V:
         m, s, x, zsum, arg = _lane_stats_block(
             Z, BIAS, SUMW, row_ptr, v_full, V, tgt, mask_r, softcap, m, s, x, zsum, arg, HAS_BIAS, HAS_SOFTCAP,
-            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX, True)
+            NEED_SUM, WRITE_BACK, BLOCK_C, HAS_SUMW, NEED_ARGMAX or TOP_K > 0, True)
     # the merge of the lanes: a lane that saw no finite logit has s = 0 and adds 0 (m − M is finite
     # or 0 there, never NaN); a row of −inf logits has M = lowest and Σ = 0, so lse = −inf.
     row_max = tl.max(m, axis=1)
-    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max[:, None]), axis=1))
-    tl.store(OUT + rows, lse, mask=mask_r)
+    total = tl.sum(s * tl.exp(m - row_max[:, None]), axis=1)
+    lse = row_max + tl.log(total)
+    has_t = mask_r & (tgt >= 0) & (tgt < V)
     if HAS_BIAS or HAS_SOFTCAP or WRITE_BACK:  # the biased / capped z_t was formed in the loop
         x_row = tl.sum(x, axis=1)
     else:  # the stored logit itself: one load per row instead of a compare-select-add per element
-        has_t = mask_r & (tgt >= 0) & (tgt < V)
         x_row = tl.load(Z + rows.to(tl.int64) * stride_z + tl.where(has_t, tgt, 0), mask=has_t,
                         other=0.0).to(tl.float32)
+    if TARGET_DOT:
+        tl.store(OUT + GLSE_ROW * N + rows, lse, mask=mask_r)
+        # slot 0 the target, slots 1..TOP_K the largest lane maxima (their columns and stored values)
+        slot = tl.arange(0, SLOTS)[None, :]
+        cols = tl.where(slot == 0, tgt[:, None], 0)
+        fix = (slot == 0) & has_t[:, None]
+        stored = tl.where(slot == 0, x_row[:, None], 0.0)
+        lane_max = m
+        for k in tl.static_range(TOP_K):
+            best = tl.max(lane_max, axis=1)
+            col = tl.min(tl.where(lane_max == best[:, None], arg, 2147483647), axis=1)
+            here = slot == k + 1
+            cols = tl.where(here, col[:, None], cols)
+            fix = fix | (here & (mask_r & (best > _LOWEST) & (col != tgt))[:, None])
+            stored = tl.where(here, best[:, None], stored)
+            lane_max = tl.where(arg == col[:, None], _LOWEST, lane_max)
+        z32 = _float32_logits(E, C, BIAS, rows, cols, fix, D, stride_e, stride_c, softcap, HAS_BIAS, HAS_SOFTCAP,
+                              BLOCK_R, SLOTS, BLOCK_D)
+        corr = tl.sum(tl.where(fix, tl.exp(z32 - row_max[:, None]) - tl.exp(stored - row_max[:, None]), 0.0), axis=1)
+        lse = tl.where(mask_r & (row_max > _LOWEST), row_max + tl.log(tl.maximum(total + corr, 0.0)), lse)
+        x_row = tl.where(has_t, tl.sum(tl.where(slot == 0, z32, 0.0), axis=1), x_row)
+    tl.store(OUT + rows, lse, mask=mask_r)
     tl.store(OUT + N + rows, x_row, mask=mask_r)
     if NEED_CE:
         tl.store(CE + rows, _plain_ce(lse, x_row, tgt, ignore_t, lo_t, hi_t), mask=mask_r)
@@ -255,23 +315,32 @@ def scored_bounds(plan: Plan, local: bool) -> tuple[int, int, int]:
 
 
 def stats_pass(z: torch.Tensor, bias: torch.Tensor | None, t_local: torch.Tensor, out: torch.Tensor, plan: Plan,
-               with_ce: bool) -> torch.Tensor | None:
+               with_ce: bool, e: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor | None:
     """One pass over the raw bf16 logits Z [n, ≥ n_valid] (n, n_valid > 0): the statistics
     `plan.stat_names` into out [k, n] float32, those of the stored values; with bias or softcap the
-    final logits cap·tanh((r + b)/cap) are written back into Z first. with_ce (one rank, plain
-    cross-entropy): the per-token plain cross-entropy [n] float32 is returned (else None)."""
+    final logits cap·tanh((r + b)/cap) are written back into Z first. Where the names end with
+    "glse" (e [n, D] and c [≥ n_valid, D], Z's product inputs, given): glse is the stored values'
+    lse, x the float32 correct logit and lse the stored values' with float32 values for the
+    target's and the FLOAT32_TOP_K largest (`stored_logits_stats_kernel`'s TARGET_DOT). with_ce (one rank, plain cross-entropy): the
+    per-token plain cross-entropy [n] float32 is returned (else None)."""
     n, v = z.shape[0], plan.n_valid
     sum_w = float32_sum_weights(plan)
     rows, cols, warps = (4, 16, 1) if interpreting() else (STATS_ROWS, STATS_COLS, STATS_WARPS)
     ce = torch.empty(n, dtype=torch.float32, device=z.device) if with_ce else None
     ignore_t, lo_t, hi_t = scored_bounds(plan, local=True)
+    names = plan.stat_names
+    dot = {}
+    if "glse" in names:
+        dot = dict(E=e, C=c, D=e.shape[1], stride_e=e.stride(0), stride_c=c.stride(0), GLSE_ROW=names.index("glse"),
+                   TARGET_DOT=True, BLOCK_D=16 if interpreting() else FLOAT32_BLOCK_D, TOP_K=FLOAT32_TOP_K,
+                   SLOTS=float32_slots())
     stored_logits_stats_kernel[(triton.cdiv(n, rows),)](
         z, z if bias is None else bias, t_local, out, n, v, z.stride(0), plan.softcap or 1.0,
         out if sum_w is None else sum_w,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, NEED_SUM=plan.need_sum,
         WRITE_BACK=bias is not None or plan.softcap is not None, BLOCK_R=rows, BLOCK_C=cols,
         HAS_SUMW=sum_w is not None, NEED_ARGMAX=plan.need_argmax, num_warps=warps,
-        CE=ce, ignore_t=ignore_t, lo_t=lo_t, hi_t=hi_t, NEED_CE=with_ce,
+        CE=ce, ignore_t=ignore_t, lo_t=lo_t, hi_t=hi_t, NEED_CE=with_ce, **dot,
     )
     counters["fast_bf16_logits"] += 1
     return ce

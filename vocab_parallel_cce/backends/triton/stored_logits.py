@@ -42,9 +42,11 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     bf16 with `plan.hopper`: one Hopper kernel stores Z and the statistics of its float32 tiles,
     and the statistics end with "glse", the lse of the stored bf16 logits, for their gradient.
     Other bf16: Z = cuBLAS e·cᵀ in bf16, then one pass computes the statistics and, with bias or
-    softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z (the statistics, max
-    and argmax included, are those of the stored values; "glse" is then lse). Otherwise Z is the
-    raw float32 product and the statistics apply bias and softcap on the fly.
+    softcap, writes the final logits z = cap·tanh((r + b)/cap) back into Z. The statistics, max
+    and argmax included, are those of the stored values, except that x is the float32 correct
+    logit and lse takes it and the row's largest logit in float32 in place of the stored ones
+    ("glse" is the stored values' own lse).
+    Otherwise Z is the raw float32 product and the statistics apply bias and softcap on the fly.
     """
     if plan.need_entropy:
         raise NotImplementedError("the gradient-in-forward mode has no entropy statistic")
@@ -65,9 +67,7 @@ def logits_and_stats(e, c, bias, t_local, plan: Plan, with_ce: bool = False):
     out = torch.empty(len(plan.stat_names), n, dtype=torch.float32, device=e.device)
     if sixteen:
         torch.mm(e, c[:v].T, out=z[:, :v])
-        ce = logits_bf16.stats_pass(z, bias, t_local, out, plan, with_ce)
-        if plan.hopper:  # the portable kernels took over: the stored logits' lse is lse
-            out[3] = out[0]
+        ce = logits_bf16.stats_pass(z, bias, t_local, out, plan, with_ce, e, c[:v])
         if with_ce:
             return (z, *out.unbind(0), ce)
     else:

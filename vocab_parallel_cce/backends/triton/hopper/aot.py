@@ -1,4 +1,5 @@
-"""Compile the Gluon kernels for sm_90a on a machine without a GPU.
+"""Compile the Gluon kernels for sm_90a on a machine without a GPU (and the one portable kernel
+whose loads the interpreter does not check, `_portable_fast_stats`).
 
 `python -m vocab_parallel_cce.backends.triton.hopper.aot` prints one JSON line per kernel
 configuration (name, shared memory, registers, local memory, whether wgmma and setmaxnreg are
@@ -122,7 +123,21 @@ def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
                          k_slice=0 if name.endswith("+one-slice") else None, warmup=True)
             built.append(Built(f"{name}{'+sum' if need_sum else ''}{'+entropy' if entropy else ''}",
                                k.metadata.shared, k))
+        built.append(_portable_fast_stats(e, c, z, vec, t, n, d, v))
     return built
+
+
+def _portable_fast_stats(e, c, z, vec, t, n: int, d: int, v: int) -> Built:
+    """The portable fast mode's statistics pass with its float32 logits (TARGET_DOT): a `tl` kernel,
+    but its gathered [rows, slots, D] loads are checked only by a real compilation."""
+    from .. import logits_bf16 as B
+
+    k = B.stored_logits_stats_kernel.warmup(
+        z, z, t, vec, n, v, v, 1.0, vec, HAS_BIAS=False, HAS_SOFTCAP=False, NEED_SUM=True, WRITE_BACK=False,
+        BLOCK_R=B.STATS_ROWS, BLOCK_C=B.STATS_COLS, num_warps=B.STATS_WARPS, CE=vec, ignore_t=-100, lo_t=0, hi_t=v,
+        NEED_CE=True, E=e, C=c, D=d, stride_e=d, stride_c=d, GLSE_ROW=3, TARGET_DOT=True, BLOCK_D=B.FLOAT32_BLOCK_D,
+        TOP_K=B.FLOAT32_TOP_K, SLOTS=B.float32_slots(), grid=(n,))
+    return Built("portable-fast-stats+float32", k.metadata.shared, k)
 
 
 def _resources(cubin: bytes) -> dict:

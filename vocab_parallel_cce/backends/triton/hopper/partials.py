@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import target_row_dot
+
 
 @triton.jit
 def merge_partials_kernel(PART, n_tiles, N, E, C, TGT, OUT, D, n_cols, stride_e, stride_c, inv_temp,
@@ -65,15 +67,8 @@ def merge_partials_kernel(PART, n_tiles, N, E, C, TGT, OUT, D, n_cols, stride_e,
 
     tgt = tl.load(TGT + rows, mask=ok_r, other=-1)
     has_t = ok_r & (tgt >= 0) & (tgt < n_cols)
-    c_rows = tl.where(has_t, tgt, 0).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ok = has_t[:, None] & (cols[None, :] < D)
-        ev = tl.load(E + rows[:, None].to(tl.int64) * stride_e + cols[None, :], mask=ok, other=0.0)
-        cv = tl.load(C + c_rows[:, None] * stride_c + cols[None, :], mask=ok, other=0.0)
-        acc += ev.to(tl.float32) * cv.to(tl.float32)
-    tl.store(OUT + N + rows, tl.sum(acc, axis=1) * inv_temp, mask=ok_r)
+    x = target_row_dot(E, C, rows, tgt, has_t, D, stride_e, stride_c, BLOCK_R, BLOCK_D)
+    tl.store(OUT + N + rows, x * inv_temp, mask=ok_r)
 
 
 def merge(partials: torch.Tensor, e: torch.Tensor, c: torch.Tensor, t_local: torch.Tensor, n_cols: int,
