@@ -97,10 +97,10 @@ def test_every_gluon_kernel_compiles_for_sm90a():
     built = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {b["name"] for b in built} == {"logits", "logits+sum", "stats", "stats+sum", "stats+entropy", "grad",
                                           "grad+entropy", "logits+one-slice", "stats+one-slice+entropy",
-                                          "portable-fast-stats+float32"}
+                                          "portable-fast-stats+float32", "merge-partials"}
     for b in built:
         assert b["shared"] <= 232448, b  # sm_90's per-block limit
-        if not b["name"].startswith("portable"):
+        if b["name"] not in ("portable-fast-stats+float32", "merge-partials"):  # `tl` kernels
             assert b["wgmma"] and 240 in b["setmaxnreg"], b
         assert b.get("local", 0) == 0 and b.get("stack", 0) == 0, b  # no spills
 

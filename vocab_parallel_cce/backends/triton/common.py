@@ -56,21 +56,6 @@ def tanh(x):
 
 
 @triton.jit
-def target_row_dot(E, C, rows, tgt, has_t, D, stride_e, stride_c, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_R] float32: e_i·c_{t_i} (D products, float32 sums) for the rows with has_t, else 0:
-    one gathered row of C per token."""
-    c_rows = tl.where(has_t, tgt, 0).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ok = has_t[:, None] & (cols[None, :] < D)
-        ev = tl.load(E + rows[:, None].to(tl.int64) * stride_e + cols[None, :], mask=ok, other=0.0)
-        cv = tl.load(C + c_rows[:, None] * stride_c + cols[None, :], mask=ok, other=0.0)
-        acc += ev.to(tl.float32) * cv.to(tl.float32)
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
 def gathered_row_dots(E, C, rows, cols, ok, D, stride_e, stride_c, BLOCK_R: tl.constexpr, K: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     """[BLOCK_R, K] float32: e_i·c_{cols[i, k]} (D products, float32 sums) where ok [BLOCK_R, K],

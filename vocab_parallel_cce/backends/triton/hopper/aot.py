@@ -1,5 +1,5 @@
-"""Compile the Gluon kernels for sm_90a on a machine without a GPU (and the one portable kernel
-whose loads the interpreter does not check, `_portable_fast_stats`).
+"""Compile the Gluon kernels for sm_90a on a machine without a GPU (and the `tl` kernels whose
+gathered loads of rows of C the interpreter does not check: `_portable_fast_stats`, `_merge`).
 
 `python -m vocab_parallel_cce.backends.triton.hopper.aot` prints one JSON line per kernel
 configuration (name, shared memory, registers, local memory, whether wgmma and setmaxnreg are
@@ -124,6 +124,7 @@ def compile_all(n: int = 8192, d: int = 4096, v: int = 128256) -> list[Built]:
             built.append(Built(f"{name}{'+sum' if need_sum else ''}{'+entropy' if entropy else ''}",
                                k.metadata.shared, k))
         built.append(_portable_fast_stats(e, c, z, vec, t, n, d, v))
+        built.append(_merge(e, c, vec, t, n, d, v))
     return built
 
 
@@ -138,6 +139,16 @@ def _portable_fast_stats(e, c, z, vec, t, n: int, d: int, v: int) -> Built:
         NEED_CE=True, E=e, C=c, D=d, stride_e=d, stride_c=d, GLSE_ROW=3, TARGET_DOT=True, BLOCK_D=B.FLOAT32_BLOCK_D,
         TOP_K=B.FLOAT32_TOP_K, SLOTS=B.float32_slots(), grid=(n,))
     return Built("portable-fast-stats+float32", k.metadata.shared, k)
+
+
+def _merge(e, c, vec, t, n: int, d: int, v: int) -> Built:
+    """The merge of the statistics kernel's partials (`partials.merge`), with its float32 x = e·c_t."""
+    from .partials import merge_partials_kernel
+
+    part = stand_in("float32", (3, 64, n))
+    k = merge_partials_kernel.warmup(part, 64, n, e, c, t, vec, d, v, d, d, 1.0, HAS_ROUNDED=True, NEED_SUM=False,
+                                     NEED_PZ=False, BLOCK_R=16, BLOCK_T=64, BLOCK_D=128, num_warps=4, grid=(n // 16,))
+    return Built("merge-partials", k.metadata.shared, k)
 
 
 def _resources(cubin: bytes) -> dict:

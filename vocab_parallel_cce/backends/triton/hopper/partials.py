@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import target_row_dot
+from ..common import gathered_row_dots
 
 
 @triton.jit
@@ -67,7 +67,8 @@ def merge_partials_kernel(PART, n_tiles, N, E, C, TGT, OUT, D, n_cols, stride_e,
 
     tgt = tl.load(TGT + rows, mask=ok_r, other=-1)
     has_t = ok_r & (tgt >= 0) & (tgt < n_cols)
-    x = target_row_dot(E, C, rows, tgt, has_t, D, stride_e, stride_c, BLOCK_R, BLOCK_D)
+    x = tl.sum(gathered_row_dots(E, C, rows, tgt[:, None], has_t[:, None], D, stride_e, stride_c, BLOCK_R, 1, BLOCK_D),
+               axis=1)
     tl.store(OUT + N + rows, x * inv_temp, mask=ok_r)
 
 
