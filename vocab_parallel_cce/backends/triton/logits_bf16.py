@@ -42,7 +42,7 @@ STATS_ROWS, STATS_COLS, STATS_WARPS = 1, 2048, 8
 # bf16's rounding of z_max (up to |z_max|·2^-9) would enter the loss whole; the next largest carry
 # far less weight, and each gathered row of C costs the statistics pass N·D·2 bytes of reads.
 FLOAT32_TOP_K = 1
-FLOAT32_BLOCK_D = 512  # D per step of their dot products (`gathered_row_dots`)
+FLOAT32_BLOCK_D = 2048  # D per step of their dot products (`gathered_row_dots`)
 
 
 def float32_slots() -> int:
