@@ -477,6 +477,38 @@ def test_float32_tolerances_experiment_measures_against_assert_close(runner):
     assert table_lines(text, "| bfloat16 | 80×125×64 | b | 7 (fails) |")
 
 
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", "experiments", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_float32_logits_experiment_tables(runner):
+    """The float32-logit experiments run on a GPU only: one accuracy row per case with a column per
+    K, one cost row per shape; the end-to-end race one row per shape and input kind."""
+    fl = _experiment("float32_logits")
+    by_k = {k: 0.5 + k for k in fl.TOP_KS}
+    doc = dict(machine={}, date="2026-12-07", about="probe",
+               accuracy=[dict(case="peaked 8×16×4", metric="rel", unfused=1.3e-3, by_k=by_k)],
+               cost=[dict(shape=[8, 4, 16], stats_ms=0.2, cublas_ms=2.7, added_ms=by_k)])
+    text = fl.markdown(doc)
+    assert table_lines(text, "| peaked 8×16×4 | rel | 0.0013 | 0.5 | 1.5 | 3.5 | 4.5 | 7.5 |")
+    assert table_lines(text, "| 8×4×16 | 0.200 | 2.700 | 0.500 | 1.500 | 3.500 | 4.500 | 7.500 |")
+
+    race = _experiment("float32_logits_race")
+    names = list(race.SETTINGS)
+    row = dict(shape=[8, 4, 16], kind="zipf", ms={**{k: 10.0 + i for i, k in enumerate(names)},
+                                                   "torch_compile": 10.0, "cublas_3x": 9.0},
+               vs_compile={k: 1.0 + i / 10 for i, k in enumerate(names)},
+               vs_stored={k: 1.0 + i / 100 for i, k in enumerate(names)},
+               loss_rel_err={k: 10.0 ** -(5 + i) for i, k in enumerate(names)})
+    text = race.markdown(dict(machine={}, date="2026-12-07", about="probe", rows=[row, {**row, "kind": "random"}]))
+    assert table_lines(text, "| 8×4×16 | zipf | 10.00 (1.000) | 11.00 (1.100) | 12.00 (1.200) | 10.00 | 9.00 | "
+                             "1.020 | 1.0e-05 / 1.0e-06 / 1.0e-07 |")
+    assert len(table_lines(text, "| 8×4×16 |")) == 2
+
+
 def test_write_experiment_keeps_the_record_and_its_table(tmp_path, runner, capsys):
     import machine
 
