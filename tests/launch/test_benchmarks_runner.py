@@ -408,16 +408,21 @@ def test_gpu_state_reads_nvidia_smi_and_the_race_table_shows_it(tmp_path, runner
     assert machine.gpu_state() is None and race_suite._gpu_state_text(None) == "–"
 
 
+def _experiment(name: str):
+    """benchmarks/experiments/NAME.py, imported (the experiments are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", "experiments", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_loss_bias_experiment_separates_bias_from_spread(runner):
     """The loss-bias experiment's arithmetic (it runs on a GPU only): a constant lse offset is a
     bias with no spread, a zero-mean x error a spread with no bias, the mean loss's error their
     difference, the pull k·z recovered; its table has one row per record row."""
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "loss_bias", os.path.join(REPO, "benchmarks", "experiments", "loss_bias.py"))
-    lb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lb)
+    lb = _experiment("loss_bias")
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 50, generator=g, dtype=torch.float64) * 2
     t = torch.randint(0, 50, (64,), generator=g)
@@ -437,10 +442,7 @@ def test_loss_bias_experiment_separates_bias_from_spread(runner):
 def test_k_slices_experiment_table(runner):
     """The K-slice experiment runs on a GPU only; its table has one row per record row, with '–'
     where a row has no error columns (the cuBLAS reference, the end-to-end rows' lse)."""
-    spec = importlib.util.spec_from_file_location(
-        "k_slices", os.path.join(REPO, "benchmarks", "experiments", "k_slices.py"))
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    ks = _experiment("k_slices")
     kernel = dict(shape="64×4096×50", method="statistics kernel, slices of 2048", ms_median=1.5, x_cublas=1.02,
                   lse_bias=-7.5e-6, lse_sd=4.6e-7, loss_rel=5.4e-7)
     product = dict(shape="64×4096×50", method="cuBLAS bf16 product", ms_median=1.47, x_cublas=1.0)
@@ -455,10 +457,7 @@ def test_float32_tolerances_experiment_measures_against_assert_close(runner):
     torch.testing.assert_close's float32 default passes, and its table marks only rows above 1."""
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "float32_tolerances", os.path.join(REPO, "benchmarks", "experiments", "float32_tolerances.py"))
-    ft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ft)
+    ft = _experiment("float32_tolerances")
     ref = torch.tensor([11.9, 0.0, 3.0])
     tol = 1e-5 + 1.3e-6 * ref.abs()
     for k in (0.5, 0.9, 1.5, 3.0):
@@ -475,13 +474,6 @@ def test_float32_tolerances_experiment_measures_against_assert_close(runner):
     text = ft.markdown(dict(machine={}, date="2026-12-07", about="probe", results=rows))
     assert table_lines(text, "| bfloat16 | 80×125×64 | a | 0.5 |")
     assert table_lines(text, "| bfloat16 | 80×125×64 | b | 7 (fails) |")
-
-
-def _experiment(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", "experiments", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_float32_logits_experiment_tables(runner):
