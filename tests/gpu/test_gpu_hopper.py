@@ -280,9 +280,9 @@ MEGATRON_PROBLEMS = [  # token shape, V, D
 @pytest.mark.parametrize("problem", MEGATRON_PROBLEMS, ids=lambda p: "x".join(map(str, (*p[0], p[1], p[2]))))
 def test_modes_meet_float32_tolerances_per_token(problem, ignore_index):
     """Every reduction; both modes on the Gluon kernels, and the fast mode on the portable ones (its
-    float32 correct and largest logits): the loss (per token for "none") within float32's default assert_close
-    tolerances of the float32 reference, the gradients for a random upstream gradient within 1e-3.
-    Uniform(−0.1, 0.1) inputs, as Megatron-core's own test draws."""
+    float32 correct and largest logits): the loss (per token for "none") within float32's default
+    assert_close tolerances of the float32 reference, the gradients for a random upstream gradient
+    within 1e-3. Uniform(−0.1, 0.1) inputs, as Megatron-core's own test draws."""
     tokens, v, d = problem
     g = torch.Generator(device="cuda").manual_seed(v + d)
     e = (torch.rand(*tokens, d, device="cuda", generator=g) * 0.2 - 0.1).bfloat16()

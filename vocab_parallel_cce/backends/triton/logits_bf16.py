@@ -321,8 +321,9 @@ def stats_pass(z: torch.Tensor, bias: torch.Tensor | None, t_local: torch.Tensor
     final logits cap·tanh((r + b)/cap) are written back into Z first. Where the names end with
     "glse" (e [n, D] and c [≥ n_valid, D], Z's product inputs, given): glse is the stored values'
     lse, x the float32 correct logit and lse the stored values' with float32 values for the
-    target's and the FLOAT32_TOP_K largest (`stored_logits_stats_kernel`'s TARGET_DOT). with_ce (one rank, plain cross-entropy): the
-    per-token plain cross-entropy [n] float32 is returned (else None)."""
+    target's and the FLOAT32_TOP_K largest (`stored_logits_stats_kernel`'s TARGET_DOT).
+    with_ce (one rank, plain cross-entropy): the per-token plain cross-entropy [n] float32 is
+    returned (else None)."""
     n, v = z.shape[0], plan.n_valid
     sum_w = float32_sum_weights(plan)
     rows, cols, warps = (4, 16, 1) if interpreting() else (STATS_ROWS, STATS_COLS, STATS_WARPS)
