@@ -501,6 +501,31 @@ def test_float32_logits_experiment_tables(runner):
     assert len(table_lines(text, "| 8×4×16 |")) == 2
 
 
+def test_power_bound_experiment_arithmetic(runner):
+    """The power-bound experiment runs on a GPU only: a window's clock and power are its samples'
+    means and its throttle reasons their union; the three products' floor is 6·N·D·V FLOPs at
+    SMs · 4096 FLOP per clock at cuBLAS's clock, over torch.compile's time."""
+    pb = _experiment("power_bound")
+    stats = pb.window_stats([(0.0, 1300.0, 690.0, 0x4), (0.1, 1500.0, 700.0, 0x1)])
+    assert stats == dict(sm_mhz=1400.0, watts=695.0, throttle_mask="0x5", samples=2)
+    assert pb.window_stats([])["samples"] == 0
+    n, d, v, sms = 1024, 2048, 4096, 100
+    flops = 6.0 * n * d * v
+    at_peak_ms = flops / (sms * 4096 * 1000e6) * 1e3  # the three products at 100% of 1000 MHz's peak
+    row = dict(shape=[n, d, v], methods={
+        "cublas_3x": dict(ms=2 * at_peak_ms, sm_mhz=1000.0, watts=700.0, throttle_mask="0x4", samples=9),
+        "torch_compile": dict(ms=4 * at_peak_ms, sm_mhz=500.0, watts=700.0, throttle_mask="0x4", samples=9)})
+    row = pb.summarise(row, sms, square_mhz=2000.0)
+    assert abs(row["methods"]["cublas_3x"]["utilisation"] - 0.5) < 1e-12
+    assert abs(row["methods"]["torch_compile"]["utilisation"] - 0.5) < 1e-12
+    assert abs(row["floor_ms"] - at_peak_ms) < 1e-9 and abs(row["floor_vs_compile"] - 0.25) < 1e-12
+    assert abs(row["cublas_vs_compile"] - 0.5) < 1e-12 and abs(row["floor_vs_compile_square_clock"] - 0.125) < 1e-12
+    text = pb.markdown(dict(machine={}, date="2026-12-08", about="probe", idle_mhz=None, sms=sms, rows=[row]))
+    assert table_lines(text, "| 1024×2048×4096 | cublas_3x |")
+    assert table_lines(text, "| 1024×2048×4096 | 0.500 |")[0].endswith("| 0.250 | 0.125 |")
+    assert "No square product measured." in text
+
+
 def test_write_experiment_keeps_the_record_and_its_table(tmp_path, runner, capsys):
     import machine
 
